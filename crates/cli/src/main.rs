@@ -1,1 +1,323 @@
-fn main() {}
+//! `clinflow`: the server and its administration commands.
+//!
+//! Thin by design: parses the command line, starts telemetry and calls the
+//! library. Every command that touches the store takes `--database` (or
+//! `CLINFLOW_DATABASE`) and creates and migrates the database if needed, so
+//! it works on the same database as a running server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use clinflow_server::auth::{create_token, Role};
+use clinflow_server::{Application, Config};
+use clinflow_store::{AuditRecord, DatabaseUrl, Store};
+
+/// The reference trial, built in, for `serve --demo`.
+const DEMO_PROTOCOL: &str = include_str!("../../../reference-trial/protocol.yaml");
+const DEMO_SUBJECTS: &str = include_str!("../../../reference-trial/subjects.csv");
+
+#[derive(Parser)]
+#[command(name = "clinflow", version, about = "clinflow: a clinical data platform")]
+struct Cli {
+    /// Where the data lives: sqlite://PATH or postgres://USER@HOST:PORT/DB.
+    /// Default: sqlite://DATA_DIR/clinflow.db.
+    #[arg(long, global = true, env = "CLINFLOW_DATABASE")]
+    database: Option<String>,
+    /// The data directory (the SQLite file and other local state).
+    #[arg(long, global = true, env = "CLINFLOW_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the server.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Loads the reference trial CARDIO-01 and prints an admin token.
+        #[arg(long)]
+        demo: bool,
+        /// Accepted as an admin token.
+        #[arg(long, env = "CLINFLOW_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Per-request deadline, in seconds.
+        #[arg(long, default_value_t = 30)]
+        request_timeout: u64,
+        /// Largest request body, in bytes.
+        #[arg(long, default_value_t = 32 * 1024 * 1024)]
+        body_limit: usize,
+        /// Largest number of entries in one Bundle.
+        #[arg(long, default_value_t = 10_000)]
+        max_bundle_entries: usize,
+        /// Requests served at once before answering 503.
+        #[arg(long, default_value_t = 2048)]
+        max_in_flight: usize,
+    },
+    /// Creates or migrates the database.
+    Migrate,
+    /// Trial set-up.
+    Trial {
+        #[command(subcommand)]
+        command: TrialCommand,
+    },
+    /// API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrialCommand {
+    /// Creates or amends a trial from its protocol file (and enrols subjects).
+    Load {
+        protocol: PathBuf,
+        #[arg(long)]
+        subjects: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Creates a token and prints it (only it) on stdout, once.
+    Create {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        site: Option<String>,
+        /// The subject id, for a patient token.
+        #[arg(long)]
+        patient: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Days until it expires.
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// Lists tokens (never their secrets).
+    List,
+    /// Revokes a token by its id.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Checks the hash chain; exits 1 and says where when it is broken.
+    Verify,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn database_url(cli: &Cli) -> anyhow::Result<DatabaseUrl> {
+    match &cli.database {
+        Some(u) => u.parse().map_err(|e: String| anyhow::anyhow!(e)),
+        None => Ok(DatabaseUrl::Sqlite(cli.data_dir.join("clinflow.db"))),
+    }
+}
+
+fn cli_actor(action: &str) -> AuditRecord {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    AuditRecord {
+        time: clinflow_store::now_millis(),
+        actor: format!("cli:{user}"),
+        role: "admin".into(),
+        action: action.into(),
+        outcome: "success".into(),
+        ..Default::default()
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested: finishing requests in flight");
+}
+
+async fn load_trial_text(store: &Store, protocol: &str, subjects: Option<&str>) -> anyhow::Result<clinflow_server::trials::LoadReport> {
+    let protocol = clinflow_protocol::parse_yaml(protocol).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let subjects = match subjects {
+        Some(s) => clinflow_protocol::parse_subjects_csv(s, &protocol).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => Vec::new(),
+    };
+    Ok(clinflow_server::trials::load(store, &protocol, &subjects, cli_actor("trial-load")).await?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let url = database_url(&cli)?;
+    match cli.command {
+        Command::Serve {
+            listen,
+            demo,
+            admin_token,
+            request_timeout,
+            body_limit,
+            max_bundle_entries,
+            max_in_flight,
+        } => {
+            let mut config = Config::new(url.clone());
+            config.listen = listen;
+            config.admin_token = admin_token.filter(|t| !t.is_empty());
+            config.request_timeout = Duration::from_secs(request_timeout);
+            config.body_limit = body_limit;
+            config.max_bundle_entries = max_bundle_entries;
+            config.max_in_flight = max_in_flight;
+            let app = Application::build(config).await?;
+            let addr = app.local_addr()?;
+            if demo {
+                let store = &app.state().store;
+                let report = load_trial_text(store, DEMO_PROTOCOL, Some(DEMO_SUBJECTS)).await?;
+                let token = create_token(store, "demo-admin", Role::Admin, None, None, None, "serve --demo").await?;
+                println!("clinflow demo: trial {} v{} loaded ({} resources created, {} unchanged)", report.trial, report.version, report.created, report.unchanged);
+                println!("admin token (shown once): {token}");
+            }
+            println!("clinflow listening on http://{addr} (FHIR base http://{addr}/fhir)");
+            tracing::info!(%addr, engine = app.state().store.engine(), "serving");
+            app.run_until_stopped(shutdown_signal()).await?;
+        }
+        Command::Migrate => {
+            let store = Store::open(&url).await?;
+            store.flush().await?;
+            eprintln!("database is at the current schema");
+        }
+        Command::Trial {
+            command: TrialCommand::Load { protocol, subjects },
+        } => {
+            let store = Store::open(&url).await?;
+            let p = std::fs::read_to_string(&protocol).with_context(|| format!("reading {}", protocol.display()))?;
+            let s = match &subjects {
+                Some(s) => Some(std::fs::read_to_string(s).with_context(|| format!("reading {}", s.display()))?),
+                None => None,
+            };
+            let report = load_trial_text(&store, &p, s.as_deref())
+                .await
+                .with_context(|| format!("loading {}", protocol.display()))?;
+            store.flush().await?;
+            println!(
+                "trial {} version {}{}: {} created, {} updated, {} unchanged",
+                report.trial,
+                report.version,
+                if report.new_version { " (new version)" } else { "" },
+                report.created,
+                report.updated,
+                report.unchanged
+            );
+        }
+        Command::Token { command } => {
+            let store = Store::open(&url).await?;
+            match command {
+                TokenCommand::Create {
+                    role,
+                    site,
+                    patient,
+                    name,
+                    expires_in_days,
+                } => {
+                    let role: Role = role.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+                    let name = name.unwrap_or_else(|| format!("{}-token", role.as_str()));
+                    let expires = expires_in_days.map(|d| clinflow_store::now_millis() + i64::from(d) * 86_400_000);
+                    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+                    let token = create_token(&store, &name, role, site, patient, expires, &format!("cli:{user}")).await?;
+                    println!("{token}");
+                }
+                TokenCommand::List => {
+                    for t in store.list_tokens().await? {
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}",
+                            t.id,
+                            t.name,
+                            t.role,
+                            t.site.as_deref().unwrap_or("-"),
+                            if t.revoked { "revoked" } else { "active" }
+                        );
+                    }
+                }
+                TokenCommand::Revoke { id } => {
+                    let mut rec = cli_actor("token-revoke");
+                    rec.detail = Some(format!("token {id}"));
+                    if !store.revoke_token(&id, vec![rec]).await? {
+                        eprintln!("no token with id {id}");
+                        return Ok(ExitCode::from(2));
+                    }
+                    eprintln!("token {id} revoked");
+                }
+            }
+            store.flush().await?;
+        }
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let store = Store::open(&url).await?;
+            match store.verify_audit().await? {
+                Ok(n) => println!("audit trail intact: {n} records verified"),
+                Err(b) => {
+                    println!("audit trail BROKEN: {b}");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

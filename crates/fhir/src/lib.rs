@@ -16,10 +16,13 @@
 //! - [`datetime`]: FHIR `date`/`dateTime`/`instant` values as the range of
 //!   instants they cover.
 //! - [`outcome`]: `OperationOutcome` building.
+//! - `bindings` (private): the one table of required code bindings and
+//!   calendar-checked date elements that validation adds to `fhirkit`'s checks.
 //!
 //! Invariant: nothing here panics on any input; every function that reads
 //! client input is total and returns a precise error instead.
 
+mod bindings;
 pub mod datetime;
 pub mod index;
 pub mod outcome;

@@ -1,1 +1,25 @@
-//! placeholder
+//! The clinflow server.
+//!
+//! [`Application::build`] binds the listener (port 0 in tests), opens the
+//! store and assembles the router; [`Application::run_until_stopped`] serves
+//! until the shutdown future resolves, then drains in-flight requests and
+//! commits queued audit records.
+//!
+//! Route map (everything but `/healthz` behind [`auth::require_auth`]):
+//! - `/fhir/...`: the FHIR R4 REST API ([`fhir`]).
+//! - `/trials...`: trial set-up ([`trials`]).
+//! - `/audit/export`, `/audit/verify`: the audit trail ([`audit_api`]).
+//! - `/metrics`: Prometheus metrics; `/healthz`: liveness and database.
+
+pub mod audit_api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod fhir;
+pub mod metrics;
+pub mod startup;
+pub mod state;
+pub mod trials;
+
+pub use config::Config;
+pub use startup::Application;

@@ -1,1 +1,190 @@
-//! placeholder
+//! clinflow's storage.
+//!
+//! One API ([`Store`]) over two engines with the same schema and the same
+//! behaviour: SQLite (embedded default, [`sqlite`]) and PostgreSQL
+//! ([`postgres`]). What is stored:
+//!
+//! - every version of every FHIR resource, as the JSON served back, plus the
+//!   current version's search-index rows, written in the same transaction;
+//! - which site each patient is enrolled at (for site scoping);
+//! - API tokens (hashed), trial protocol versions;
+//! - the append-only, hash-chained audit trail ([`audit`]).
+//!
+//! Write path: writes are queued to one writer per process that commits them
+//! in groups (one transaction, one savepoint per request), so many small
+//! concurrent requests cost one commit. Audit records of a write commit with
+//! it; read-audit records are queued and ride along the next group commit.
+//!
+//! Invariant: a [`Store::write`] that returned `Ok` is committed durably.
+
+pub mod audit;
+pub mod model;
+pub mod postgres;
+pub mod sql;
+pub mod sqlite;
+
+use std::path::PathBuf;
+
+pub use model::*;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Where the data lives, parsed from `--database`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `sqlite://PATH` (or `sqlite:PATH`).
+    Sqlite(PathBuf),
+    /// `postgres://...` or `postgresql://...`, passed to the driver as is.
+    Postgres(String),
+}
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(p) = s.strip_prefix("sqlite://").or_else(|| s.strip_prefix("sqlite:")) {
+            if p.is_empty() {
+                return Err("sqlite URL without a path: use sqlite://PATH".into());
+            }
+            Ok(DatabaseUrl::Sqlite(PathBuf::from(p)))
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(DatabaseUrl::Postgres(s.to_string()))
+        } else {
+            Err(format!(
+                "unsupported database URL {s:?}: use sqlite://PATH or postgres://USER@HOST:PORT/DB"
+            ))
+        }
+    }
+}
+
+/// The store: one of the engines. Cheap to clone.
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident . $m:ident ( $($a:expr),* )) => {
+        match $self {
+            Store::Sqlite(s) => s.$m($($a),*).await,
+            Store::Postgres(s) => s.$m($($a),*).await,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the database (creating and migrating it when needed).
+    pub async fn open(url: &DatabaseUrl) -> anyhow::Result<Store> {
+        Ok(match url {
+            DatabaseUrl::Sqlite(p) => Store::Sqlite(sqlite::SqliteStore::open(p).await?),
+            DatabaseUrl::Postgres(u) => Store::Postgres(postgres::PgStore::open(u).await?),
+        })
+    }
+
+    /// The engine's name, for logs and metrics.
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        dispatch!(self.ping())
+    }
+
+    /// Commits a write request atomically, with its audit records.
+    pub async fn write(&self, req: WriteRequest) -> Result<(), WriteError> {
+        dispatch!(self.write(req))
+    }
+
+    /// Queues read-audit records; they commit with the next group (see
+    /// ARCHITECTURE.md for what a crash can lose).
+    pub async fn audit(&self, records: Vec<AuditRecord>) -> anyhow::Result<()> {
+        dispatch!(self.audit(records))
+    }
+
+    /// Waits until everything queued so far is committed.
+    pub async fn flush(&self) -> anyhow::Result<()> {
+        dispatch!(self.flush())
+    }
+
+    pub async fn read_current(&self, rtype: &str, id: &str) -> anyhow::Result<Option<StoredResource>> {
+        dispatch!(self.read_current(rtype, id))
+    }
+
+    pub async fn read_version(&self, rtype: &str, id: &str, vid: u64) -> anyhow::Result<Option<StoredResource>> {
+        dispatch!(self.read_version(rtype, id, vid))
+    }
+
+    pub async fn history(
+        &self,
+        rtype: &str,
+        id: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<StoredResource>> {
+        dispatch!(self.history(rtype, id, before, limit))
+    }
+
+    pub async fn search(&self, q: clinflow_fhir::search::SearchQuery, scope: Scope) -> anyhow::Result<SearchPage> {
+        dispatch!(self.search(q, scope))
+    }
+
+    pub async fn find_by_identifier(&self, rtype: &str, system: Option<&str>, value: &str) -> anyhow::Result<Vec<String>> {
+        dispatch!(self.find_by_identifier(rtype, system, value))
+    }
+
+    pub async fn patient_site(&self, patient: &str) -> anyhow::Result<Option<String>> {
+        dispatch!(self.patient_site(patient))
+    }
+
+    pub async fn create_token(&self, rec: TokenRecord, hash: String, audit: Vec<AuditRecord>) -> anyhow::Result<()> {
+        dispatch!(self.create_token(rec, hash, audit))
+    }
+
+    pub async fn token_by_hash(&self, hash: &str) -> anyhow::Result<Option<TokenRecord>> {
+        dispatch!(self.token_by_hash(hash))
+    }
+
+    pub async fn list_tokens(&self) -> anyhow::Result<Vec<TokenRecord>> {
+        dispatch!(self.list_tokens())
+    }
+
+    pub async fn revoke_token(&self, id: &str, audit: Vec<AuditRecord>) -> anyhow::Result<bool> {
+        dispatch!(self.revoke_token(id, audit))
+    }
+
+    pub async fn put_trial(&self, rec: TrialRecord) -> anyhow::Result<bool> {
+        dispatch!(self.put_trial(rec))
+    }
+
+    pub async fn trial_versions(&self, id: &str) -> anyhow::Result<Vec<TrialRecord>> {
+        dispatch!(self.trial_versions(id))
+    }
+
+    pub async fn list_trials(&self) -> anyhow::Result<Vec<TrialRecord>> {
+        dispatch!(self.list_trials())
+    }
+
+    pub async fn audit_records(&self, q: AuditQuery) -> anyhow::Result<Vec<ChainedAudit>> {
+        dispatch!(self.audit_records(q))
+    }
+
+    pub async fn verify_audit(&self) -> anyhow::Result<Result<u64, audit::ChainBreak>> {
+        dispatch!(self.verify_audit())
+    }
+
+    /// Raw SQL on a writing connection: only for tests that tamper with the
+    /// database as an attacker with file access would.
+    pub async fn execute_raw(&self, sql: &str) -> anyhow::Result<()> {
+        dispatch!(self.execute_raw(sql))
+    }
+}

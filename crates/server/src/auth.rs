@@ -1,0 +1,317 @@
+//! Authentication (bearer tokens) and authorisation (roles, site scoping).
+//!
+//! Tokens are 256 random bits, shown once at creation; the store keeps only
+//! their SHA-256 (a fast hash is right here: the secret has full entropy, so
+//! there is nothing to brute-force). `CLINFLOW_ADMIN_TOKEN`, when set, is
+//! also accepted as an admin token, compared in constant time.
+//!
+//! Invariant: every route except `/healthz` and `/ui/` runs behind
+//! [`require_auth`], and every handler reads the caller from [`Caller`].
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use clinflow_store::{AuditRecord, Scope, TokenRecord};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::error::{ApiError, FhirError};
+use crate::state::AppState;
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Read and write every site's data.
+    DataManager,
+    /// Read every site's data.
+    Monitor,
+    /// Read and write the subjects of its own site only.
+    SiteUser,
+    /// Its own records; submits diaries.
+    Patient,
+    /// Ingest endpoints only.
+    Interface,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::DataManager => "data-manager",
+            Role::Monitor => "monitor",
+            Role::SiteUser => "site-user",
+            Role::Patient => "patient",
+            Role::Interface => "interface",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Role, String> {
+        Ok(match s {
+            "admin" => Role::Admin,
+            "data-manager" => Role::DataManager,
+            "monitor" => Role::Monitor,
+            "site-user" => Role::SiteUser,
+            "patient" => Role::Patient,
+            "interface" => Role::Interface,
+            other => {
+                return Err(format!(
+                    "unknown role {other:?}: use admin, data-manager, monitor, site-user, patient or interface"
+                ))
+            }
+        })
+    }
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The token's name (audited; never the secret).
+    pub name: String,
+    pub role: Role,
+    /// For `site-user`: its site.
+    pub site: Option<String>,
+    /// For `patient`: its Patient id.
+    pub patient: Option<String>,
+}
+
+impl Principal {
+    /// Whose data this caller may read, or `None` when it may read no
+    /// clinical data at all.
+    pub fn read_scope(&self) -> Option<Scope> {
+        match self.role {
+            Role::Admin | Role::DataManager | Role::Monitor => Some(Scope::All),
+            Role::SiteUser => Some(Scope::Sites(self.site.iter().cloned().collect())),
+            Role::Patient => self.patient.clone().map(Scope::Patient),
+            Role::Interface => None,
+        }
+    }
+
+    /// Whether this caller may write clinical data at all (further limited
+    /// to its site for `site-user`).
+    pub fn may_write(&self) -> bool {
+        matches!(self.role, Role::Admin | Role::DataManager | Role::SiteUser)
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+/// A new token's secret and its hash.
+pub fn new_secret() -> (String, String) {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let secret = format!("cf_{}", hex::encode(bytes));
+    let hash = hash_secret(&secret);
+    (secret, hash)
+}
+
+/// The stored form of a secret.
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Constant-time equality of two byte strings.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Creates a token and returns its secret (shown once).
+pub async fn create_token(
+    store: &clinflow_store::Store,
+    name: &str,
+    role: Role,
+    site: Option<String>,
+    patient: Option<String>,
+    expires: Option<i64>,
+    actor: &str,
+) -> anyhow::Result<String> {
+    if role == Role::SiteUser && site.is_none() {
+        anyhow::bail!("a site-user token needs --site");
+    }
+    if role == Role::Patient && patient.is_none() {
+        anyhow::bail!("a patient token needs --patient");
+    }
+    let (secret, hash) = new_secret();
+    let now = clinflow_store::now_millis();
+    let rec = TokenRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: name.to_string(),
+        role: role.as_str().to_string(),
+        site,
+        patient,
+        created: now,
+        expires,
+        revoked: false,
+    };
+    let audit = AuditRecord {
+        time: now,
+        actor: actor.to_string(),
+        role: "admin".into(),
+        action: "token-create".into(),
+        outcome: "success".into(),
+        detail: Some(format!("token {} ({}) role {}", rec.id, rec.name, rec.role)),
+        ..Default::default()
+    };
+    store.create_token(rec, hash, vec![audit]).await?;
+    Ok(secret)
+}
+
+/// Why a bearer token was refused (kept off the wire: clients only see 401).
+async fn authenticate(state: &AppState, header: Option<&str>) -> Result<Principal, ApiError> {
+    let token = header
+        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(ApiError::Unauthorized)?;
+    if let Some(admin) = &state.config.admin_token {
+        if ct_eq(admin.as_bytes(), token.as_bytes()) {
+            return Ok(Principal {
+                name: "admin-token".into(),
+                role: Role::Admin,
+                site: None,
+                patient: None,
+            });
+        }
+    }
+    let rec = state
+        .store
+        .token_by_hash(&hash_secret(token))
+        .await
+        .map_err(ApiError::Internal)?
+        .ok_or(ApiError::Unauthorized)?;
+    if rec.revoked || rec.expires.is_some_and(|e| e <= clinflow_store::now_millis()) {
+        return Err(ApiError::Unauthorized);
+    }
+    let role = Role::from_str(&rec.role).map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
+    Ok(Principal {
+        name: rec.name,
+        role,
+        site: rec.site,
+        patient: rec.patient,
+    })
+}
+
+/// Middleware: rejects requests without a valid token (401), and puts the
+/// [`Principal`] into the request's extensions.
+pub async fn require_auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match authenticate(&state, header).await {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        Err(e) => {
+            state.metrics.auth_failures.inc();
+            if req.uri().path().starts_with("/fhir") {
+                FhirError::from(e).into_response()
+            } else {
+                e.into_response()
+            }
+        }
+    }
+}
+
+/// The caller of a request: who, from where, and why.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub client: Option<String>,
+    /// The `X-Reason` header.
+    pub reason: Option<String>,
+}
+
+impl Caller {
+    /// An audit record of this caller doing `action`.
+    pub fn audit(&self, action: &str, outcome: &str) -> AuditRecord {
+        AuditRecord {
+            time: clinflow_store::now_millis(),
+            actor: self.principal.name.clone(),
+            role: self.principal.role.as_str().to_string(),
+            action: action.to_string(),
+            reason: self.reason.clone(),
+            outcome: outcome.to_string(),
+            client: self.client.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Caller, ApiError> {
+        let principal = parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .ok_or(ApiError::Unauthorized)?;
+        let client = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip().to_string());
+        let reason = parts
+            .headers
+            .get("x-reason")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(500).collect());
+        Ok(Caller {
+            principal,
+            client,
+            reason,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_random_and_hash_to_what_is_stored() {
+        let (a, ha) = new_secret();
+        let (b, hb) = new_secret();
+        assert_ne!(a, b);
+        assert_eq!(hash_secret(&a), ha);
+        assert_ne!(ha, hb);
+        assert!(a.starts_with("cf_") && a.len() == 67);
+    }
+
+    #[test]
+    fn roles_parse_from_their_names_only() {
+        for r in [
+            Role::Admin,
+            Role::DataManager,
+            Role::Monitor,
+            Role::SiteUser,
+            Role::Patient,
+            Role::Interface,
+        ] {
+            assert_eq!(Role::from_str(r.as_str()), Ok(r));
+        }
+        assert!(Role::from_str("root").is_err());
+    }
+
+    #[test]
+    fn constant_time_compare_is_equality() {
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,39 @@
+//! Typed server configuration, built by the CLI from flags and environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clinflow_store::DatabaseUrl;
+
+/// Everything `clinflow serve` needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP listen address; port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+    pub database: DatabaseUrl,
+    /// Accepted as an admin token when set (`CLINFLOW_ADMIN_TOKEN`).
+    pub admin_token: Option<String>,
+    /// Whole-request deadline; a request past it gets 503.
+    pub request_timeout: Duration,
+    /// Largest request body accepted (413 beyond).
+    pub body_limit: usize,
+    /// Largest number of entries in one Bundle (413 beyond).
+    pub max_bundle_entries: usize,
+    /// Requests served at once; beyond it, 503 with `Retry-After`.
+    pub max_in_flight: usize,
+}
+
+impl Config {
+    /// Defaults for everything but where the data lives.
+    pub fn new(database: DatabaseUrl) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database,
+            admin_token: None,
+            request_timeout: Duration::from_secs(30),
+            body_limit: 32 * 1024 * 1024,
+            max_bundle_entries: 10_000,
+            max_in_flight: 2048,
+        }
+    }
+}

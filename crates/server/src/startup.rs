@@ -1,0 +1,157 @@
+//! Building and running the server.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use clinflow_store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::auth::require_auth;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::metrics::{self, Metrics};
+use crate::state::AppState;
+use crate::{audit_api, fhir, trials};
+
+/// A built server, bound to its port, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+}
+
+impl Application {
+    /// Opens the store (creating and migrating it) and binds the listener.
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let store = Store::open(&config.database).await?;
+        Application::with_store(config, store).await
+    }
+
+    /// As [`Application::build`], with a store opened by the caller.
+    pub async fn with_store(config: Config, store: Store) -> anyhow::Result<Application> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let state = AppState {
+            store,
+            config: Arc::new(config),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let router = router(state.clone());
+        Ok(Application {
+            listener,
+            router,
+            state,
+        })
+    }
+
+    /// The bound address (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The shared state (for the CLI's demo set-up and for tests).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, finishes the
+    /// requests in flight, and commits queued audit records.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let app = self.router.into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
+        self.state.store.flush().await?;
+        tracing::info!("server stopped; queued audit records committed");
+        Ok(())
+    }
+}
+
+/// The whole router.
+pub fn router(state: AppState) -> Router {
+    let limit = Arc::new(Semaphore::new(state.config.max_in_flight));
+    let protected = Router::new()
+        .nest("/fhir", fhir::routes())
+        .route("/trials", get(trials::list_trials).post(trials::post_trial))
+        .route("/trials/{id}", get(trials::get_trial))
+        .route("/trials/{id}/subjects", post(trials::post_subjects))
+        .route("/audit/export", get(audit_api::export))
+        .route("/audit/verify", get(audit_api::verify))
+        .route("/metrics", get(render_metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(protected)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
+        .layer(middleware::from_fn_with_state(state.clone(), deadline))
+        .layer(middleware::from_fn_with_state(limit, shed_load))
+        .layer(DefaultBodyLimit::max(state.config.body_limit))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}
+
+/// 503 with `Retry-After` past the configured number of requests in flight,
+/// instead of queueing without bound.
+async fn shed_load(State(limit): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
+    match limit.try_acquire() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => ApiError::Unavailable(1).into_response(),
+    }
+}
+
+/// The per-request deadline: 503 when a request takes longer.
+async fn deadline(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route_is_fhir = req.uri().path().starts_with("/fhir");
+    match tokio::time::timeout(state.config.request_timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            tracing::warn!("request exceeded its deadline");
+            let e = ApiError::Unavailable(1);
+            if route_is_fhir {
+                crate::error::FhirError::from(e).into_response()
+            } else {
+                e.into_response()
+            }
+        }
+    }
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let db = tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await;
+    let (status, db_state) = match db {
+        Ok(Ok(())) => (StatusCode::OK, "ok"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "health check: database unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, "unreachable")
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({
+            "status": if status == StatusCode::OK { "ok" } else { "degraded" },
+            "database": {"engine": state.store.engine(), "status": db_state},
+        })),
+    )
+        .into_response()
+}
+
+async fn render_metrics(State(state): State<AppState>, _caller: crate::auth::Caller) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,17 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+
+use clinflow_store::Store;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Shared application state. Cheap to clone: everything is behind `Arc` or is
+/// a handle.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+}

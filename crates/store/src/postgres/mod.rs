@@ -1,0 +1,1265 @@
+//! The PostgreSQL engine: for deployments that outgrow one file.
+//!
+//! Shape: one writer task per process owns a dedicated connection and
+//! commits in groups (several requests per transaction, each inside its own
+//! savepoint, so one failing request does not undo the others); reads go
+//! through a bounded connection pool. The behaviour is the SQLite engine's
+//! ([`crate::sqlite`]), which is the reference; the search SQL is shared
+//! ([`crate::sql`]).
+//!
+//! The write path is built for bulk ingest: the rows of one request go in
+//! with one multi-row statement per table (`INSERT ... SELECT FROM UNNEST`
+//! of arrays), and the statements of a request are pipelined, so a request
+//! of many resources costs a few round trips, not one per row.
+//!
+//! `?schema=NAME` in the URL (stripped before the driver sees it) makes every
+//! connection work in that schema, creating it when needed: tests use one
+//! fresh schema each.
+//!
+//! Invariant: a write request's reply is sent only after the transaction
+//! holding it has committed.
+//!
+//! Invariant: audit appends, from any process, are serialised by the lock on
+//! the single row of `audit_head`, taken last in the transaction that appends
+//! and held until it commits.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, NoTls, Row, Statement};
+
+use crate::audit;
+use crate::model::*;
+use crate::sql::{self, Dialect, SqlValue};
+use crate::sqlite::{push_audit_filters, AUDIT_SELECT};
+use clinflow_fhir::IndexValue;
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("0001_init.sql"))];
+
+/// How many queued jobs one group commit takes at most.
+const MAX_GROUP: usize = 64;
+/// The writer's queue; senders wait when it is full (backpressure).
+const QUEUE: usize = 256;
+/// Read connections per process.
+const POOL_SIZE: usize = 8;
+/// The advisory lock that serialises migrations across processes
+/// (`clinflow` in ASCII).
+const MIGRATION_LOCK: i64 = 0x0063_6c69_6e66_6c6f;
+/// Bounds on every wait for a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const POOL_WAIT: Duration = Duration::from_secs(30);
+
+/// A write other than resource versions, done by the writer in its own
+/// savepoint. Replies with the number of rows it changed.
+enum Op {
+    CreateToken(TokenRecord, String),
+    RevokeToken(String),
+    PutTrial(TrialRecord),
+    /// Raw SQL (tests that tamper with the database).
+    Raw(String),
+}
+
+enum Job {
+    Write(WriteRequest, oneshot::Sender<Result<(), WriteError>>),
+    /// Read-audit records: group-committed, nobody waits for them.
+    Audit(Vec<AuditRecord>),
+    /// Any other write, with its audit records.
+    Op(Op, Vec<AuditRecord>, oneshot::Sender<anyhow::Result<u64>>),
+    /// Replies once everything queued before it is committed.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The PostgreSQL store. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    writer: mpsc::Sender<Job>,
+    /// Read connections; each keeps its own prepared-statement cache.
+    pool: Pool,
+}
+
+/// The driver's configuration and the schema to work in, from a
+/// `postgres://` URL with an optional `schema=NAME` query parameter.
+fn parse_url(url: &str) -> anyhow::Result<(tokio_postgres::Config, Option<String>)> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, q),
+        None => (url, ""),
+    };
+    let mut schema = None;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.strip_prefix("schema=") {
+            Some(s) => schema = Some(s.to_string()),
+            None => rest.push(pair),
+        }
+    }
+    let driver_url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    // The URL may hold a password: it is never put in an error message.
+    let mut config: tokio_postgres::Config = driver_url
+        .parse()
+        .map_err(|e| anyhow!("the PostgreSQL URL is not valid: {e}"))?;
+    if let Some(s) = &schema {
+        let valid = !s.is_empty()
+            && s.len() <= 63
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && !s.as_bytes()[0].is_ascii_digit();
+        if !valid {
+            bail!("schema {s:?} in the PostgreSQL URL: use 1 to 63 of a-z, 0-9 and '_', not starting with a digit");
+        }
+        let opt = format!("-csearch_path={s}");
+        let options = match config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} {opt}"),
+            _ => opt,
+        };
+        config.options(options);
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("clinflow");
+    }
+    Ok((config, schema))
+}
+
+async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<Client> {
+    let (client, conn) = config.connect(NoTls).await.context("connecting to PostgreSQL")?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "a PostgreSQL connection ended with an error");
+        }
+    });
+    Ok(client)
+}
+
+async fn migrate(client: &mut Client, schema: Option<&str>) -> anyhow::Result<()> {
+    let tx = client.transaction().await?;
+    // Two processes starting together: the second waits here, then finds
+    // the migrations applied.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    if let Some(s) = schema {
+        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{s}\"")).await?;
+    }
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied BIGINT NOT NULL)",
+    )
+    .await?;
+    let current: i64 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations", &[])
+        .await?
+        .try_get(0)?;
+    for (version, sql) in MIGRATIONS {
+        if *version > current {
+            tx.batch_execute(sql).await.with_context(|| format!("migration {version}"))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied) VALUES ($1, $2)",
+                &[version, &crate::now_millis()],
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://USER@HOST:PORT/DB[?schema=NAME]`, no
+    /// TLS), applies the migrations and starts the writer.
+    pub async fn open(url: &str) -> anyhow::Result<PgStore> {
+        let (config, schema) = parse_url(url)?;
+        let mut client = connect(&config).await?;
+        migrate(&mut client, schema.as_deref()).await.context("migrating the PostgreSQL schema")?;
+        let stmts = Stmts::prepare(&client).await?;
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .context("building the PostgreSQL pool")?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let writer = Writer {
+            config,
+            conn: Some((client, stmts)),
+        };
+        tokio::spawn(writer.run(rx));
+        Ok(PgStore { writer: tx, pool })
+    }
+
+    async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
+        self.pool.get().await.context("getting a PostgreSQL connection")
+    }
+
+    /// Commits a write request (with its audit records) atomically.
+    pub async fn write(&self, req: WriteRequest) -> Result<(), WriteError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send(Job::Write(req, tx)).await.map_err(|_| WriteError::Closed)?;
+        rx.await.map_err(|_| WriteError::Closed)?
+    }
+
+    /// Queues read-audit records for the next group commit.
+    pub async fn audit(&self, records: Vec<AuditRecord>) -> anyhow::Result<()> {
+        self.writer.send(Job::Audit(records)).await.map_err(|_| anyhow!("store closed"))
+    }
+
+    /// Waits until everything queued so far is committed.
+    pub async fn flush(&self) -> anyhow::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send(Job::Flush(tx)).await.map_err(|_| anyhow!("store closed"))?;
+        rx.await.map_err(|_| anyhow!("store closed"))
+    }
+
+    async fn op(&self, op: Op, audit: Vec<AuditRecord>) -> anyhow::Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(Job::Op(op, audit, tx))
+            .await
+            .map_err(|_| anyhow!("store closed"))?;
+        rx.await.map_err(|_| anyhow!("store closed"))?
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        self.client().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    pub async fn read_current(&self, rtype: &str, id: &str) -> anyhow::Result<Option<StoredResource>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT r.vid, r.last_updated, r.deleted, r.patient, v.body FROM resources r JOIN resource_versions v ON v.rtype = r.rtype AND v.id = r.id AND v.vid = r.vid WHERE r.rtype = $1 AND r.id = $2",
+            )
+            .await?;
+        c.query_opt(&st, &[&rtype, &id])
+            .await?
+            .map(|row| version_row(rtype, id, &row))
+            .transpose()
+    }
+
+    pub async fn read_version(&self, rtype: &str, id: &str, vid: u64) -> anyhow::Result<Option<StoredResource>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT v.vid, v.last_updated, v.deleted, r.patient, v.body FROM resource_versions v JOIN resources r ON r.rtype = v.rtype AND r.id = v.id WHERE v.rtype = $1 AND v.id = $2 AND v.vid = $3",
+            )
+            .await?;
+        c.query_opt(&st, &[&rtype, &id, &(vid as i64)])
+            .await?
+            .map(|row| version_row(rtype, id, &row))
+            .transpose()
+    }
+
+    /// Versions of one resource, newest first, at most `limit`, older than
+    /// `before` when given.
+    pub async fn history(
+        &self,
+        rtype: &str,
+        id: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<StoredResource>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT v.vid, v.last_updated, v.deleted, r.patient, v.body FROM resource_versions v JOIN resources r ON r.rtype = v.rtype AND r.id = v.id WHERE v.rtype = $1 AND v.id = $2 AND v.vid < $3 ORDER BY v.vid DESC LIMIT $4",
+            )
+            .await?;
+        let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+        let limit = limit.min(i64::MAX as usize) as i64;
+        c.query(&st, &[&rtype, &id, &before, &limit])
+            .await?
+            .iter()
+            .map(|row| version_row(rtype, id, row))
+            .collect()
+    }
+
+    pub async fn search(&self, q: clinflow_fhir::search::SearchQuery, scope: Scope) -> anyhow::Result<SearchPage> {
+        let c = self.client().await?;
+        let mut page = SearchPage::default();
+        if q.total || q.count == 0 {
+            let s = sql::search_count(Dialect::Postgres, &q, &scope);
+            let n: i64 = c.query_typed_one(&s.text, &typed(&s.params)).await?.try_get(0)?;
+            page.total = Some(n as u64);
+        }
+        if q.count > 0 {
+            let s = sql::search_page(Dialect::Postgres, &q, &scope)?;
+            let mut rows = run_rows(&c, &q.resource_type, &s).await?;
+            if rows.len() > q.count {
+                rows.truncate(q.count);
+                if let Some((last, sort)) = rows.last() {
+                    page.next_cursor = Some(
+                        sql::Cursor {
+                            sort_value: *sort,
+                            id: last.id.clone(),
+                        }
+                        .encode(),
+                    );
+                }
+            }
+            page.matches = rows.into_iter().map(|(r, _)| r).collect();
+            if q.include_subject && !page.matches.is_empty() {
+                let ids: Vec<String> = page.matches.iter().map(|r| r.id.clone()).collect();
+                let s = sql::include_targets(Dialect::Postgres, &q.resource_type, "subject", &ids);
+                let mut by_type: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+                for row in c.query_typed(&s.text, &typed(&s.params)).await? {
+                    by_type.entry(row.try_get(0)?).or_default().push(row.try_get(1)?);
+                }
+                for (t, ids) in by_type {
+                    let s = sql::read_many(Dialect::Postgres, &t, &ids, &scope);
+                    page.included.extend(run_rows(&c, &t, &s).await?.into_iter().map(|(r, _)| r));
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    /// Ids of `rtype` resources whose `identifier` is `system|value`.
+    pub async fn find_by_identifier(&self, rtype: &str, system: Option<&str>, value: &str) -> anyhow::Result<Vec<String>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT x.id FROM idx_token x JOIN resources r ON r.rtype = x.rtype AND r.id = x.id AND r.deleted = 0 WHERE x.rtype = $1 AND x.param = 'identifier' AND x.code = $2 AND ($3::TEXT IS NULL OR x.system = $3) LIMIT 2",
+            )
+            .await?;
+        c.query(&st, &[&rtype, &value, &system])
+            .await?
+            .iter()
+            .map(|r| Ok(r.try_get(0)?))
+            .collect()
+    }
+
+    /// The site a patient is enrolled at.
+    pub async fn patient_site(&self, patient: &str) -> anyhow::Result<Option<String>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT site FROM patient_sites WHERE patient = $1").await?;
+        Ok(match c.query_opt(&st, &[&patient]).await? {
+            Some(row) => Some(row.try_get(0)?),
+            None => None,
+        })
+    }
+
+    // ---- tokens ----
+
+    pub async fn create_token(&self, rec: TokenRecord, hash: String, audit: Vec<AuditRecord>) -> anyhow::Result<()> {
+        self.op(Op::CreateToken(rec, hash), audit).await.map(|_| ())
+    }
+
+    pub async fn token_by_hash(&self, hash: &str) -> anyhow::Result<Option<TokenRecord>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached("SELECT id, name, role, site, patient, created, expires, revoked FROM tokens WHERE hash = $1")
+            .await?;
+        c.query_opt(&st, &[&hash]).await?.as_ref().map(token_row).transpose()
+    }
+
+    pub async fn list_tokens(&self) -> anyhow::Result<Vec<TokenRecord>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT id, name, role, site, patient, created, expires, revoked FROM tokens ORDER BY created, id",
+            )
+            .await?;
+        c.query(&st, &[]).await?.iter().map(token_row).collect()
+    }
+
+    /// Revokes a token; `false` when there is none with that id.
+    pub async fn revoke_token(&self, id: &str, audit: Vec<AuditRecord>) -> anyhow::Result<bool> {
+        Ok(self.op(Op::RevokeToken(id.to_string()), audit).await? > 0)
+    }
+
+    // ---- trials ----
+
+    /// Records a protocol version; `false` when that version was already there.
+    pub async fn put_trial(&self, rec: TrialRecord) -> anyhow::Result<bool> {
+        Ok(self.op(Op::PutTrial(rec), Vec::new()).await? > 0)
+    }
+
+    /// Every version of a trial, newest first.
+    pub async fn trial_versions(&self, id: &str) -> anyhow::Result<Vec<TrialRecord>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached("SELECT id, version, protocol, loaded_at FROM trials WHERE id = $1 ORDER BY version DESC")
+            .await?;
+        c.query(&st, &[&id]).await?.iter().map(trial_row).collect()
+    }
+
+    /// The newest version of every trial.
+    pub async fn list_trials(&self) -> anyhow::Result<Vec<TrialRecord>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT t.id, t.version, t.protocol, t.loaded_at FROM trials t WHERE t.version = (SELECT MAX(version) FROM trials u WHERE u.id = t.id) ORDER BY t.id",
+            )
+            .await?;
+        c.query(&st, &[]).await?.iter().map(trial_row).collect()
+    }
+
+    // ---- audit ----
+
+    pub async fn audit_records(&self, q: AuditQuery) -> anyhow::Result<Vec<ChainedAudit>> {
+        let mut s = sql::Sql::new(Dialect::Postgres);
+        s.push(AUDIT_SELECT).push(" WHERE seq > ").int(q.after_seq.unwrap_or(0));
+        push_audit_filters(&mut s, &q);
+        s.push(" ORDER BY seq LIMIT ").int(q.limit.min(i64::MAX as usize) as i64);
+        let c = self.client().await?;
+        c.query_typed(&s.text, &typed(&s.params)).await?.iter().map(audit_row).collect()
+    }
+
+    /// Reads the whole trail in order and checks the chain. Rows are
+    /// streamed (the driver's buffer is bounded), so memory stays flat
+    /// however long the trail is.
+    pub async fn verify_audit(&self) -> anyhow::Result<Result<u64, audit::ChainBreak>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached(&format!("{AUDIT_SELECT} ORDER BY seq")).await?;
+        let no_params: [&(dyn ToSql + Sync); 0] = [];
+        let mut rows = std::pin::pin!(c.query_raw(&st, no_params).await?);
+        let mut v = audit::Verifier::new();
+        while let Some(row) = rows.next().await {
+            let rec = audit_row(&row?)?;
+            if let Err(b) = v.feed(&rec) {
+                return Ok(Err(b));
+            }
+        }
+        Ok(Ok(v.checked))
+    }
+
+    /// Runs raw SQL on the writer's connection, inside its transaction. For
+    /// tests that play an attacker with direct database access.
+    pub async fn execute_raw(&self, sql: &str) -> anyhow::Result<()> {
+        self.op(Op::Raw(sql.to_string()), Vec::new()).await.map(|_| ())
+    }
+}
+
+// ---- rows ----
+
+/// The parameters of a built query with their PostgreSQL types, so that a
+/// dynamic query costs one round trip and no cached statement.
+fn typed(params: &[SqlValue]) -> Vec<(&(dyn ToSql + Sync), Type)> {
+    params
+        .iter()
+        .map(|v| match v {
+            SqlValue::Text(s) => (s as &(dyn ToSql + Sync), Type::TEXT),
+            SqlValue::Int(i) => (i as &(dyn ToSql + Sync), Type::INT8),
+            SqlValue::Real(f) => (f as &(dyn ToSql + Sync), Type::FLOAT8),
+        })
+        .collect()
+}
+
+/// `vid, last_updated, deleted, patient, body` of a version.
+fn version_row(rtype: &str, id: &str, row: &Row) -> anyhow::Result<StoredResource> {
+    Ok(StoredResource {
+        resource_type: rtype.to_string(),
+        id: id.to_string(),
+        version: row.try_get::<_, i64>(0)? as u64,
+        last_updated: row.try_get(1)?,
+        deleted: row.try_get::<_, i64>(2)? != 0,
+        patient: row.try_get(3)?,
+        body: row.try_get(4)?,
+    })
+}
+
+/// A row of [`sql::search_page`] or [`sql::read_many`], with its sort value
+/// (a literal `0`, an INTEGER, when the order is by id).
+fn stored_row(rtype: &str, row: &Row) -> anyhow::Result<(StoredResource, i64)> {
+    let sort = if *row.columns()[4].type_() == Type::INT4 {
+        i64::from(row.try_get::<_, i32>(4)?)
+    } else {
+        row.try_get(4)?
+    };
+    Ok((
+        StoredResource {
+            resource_type: rtype.to_string(),
+            id: row.try_get(0)?,
+            version: row.try_get::<_, i64>(1)? as u64,
+            last_updated: row.try_get(2)?,
+            patient: row.try_get(3)?,
+            deleted: false,
+            body: row.try_get(5)?,
+        },
+        sort,
+    ))
+}
+
+async fn run_rows(c: &Client, rtype: &str, s: &sql::Sql) -> anyhow::Result<Vec<(StoredResource, i64)>> {
+    c.query_typed(&s.text, &typed(&s.params))
+        .await?
+        .iter()
+        .map(|r| stored_row(rtype, r))
+        .collect()
+}
+
+fn audit_row(row: &Row) -> anyhow::Result<ChainedAudit> {
+    Ok(ChainedAudit {
+        seq: row.try_get(0)?,
+        record: AuditRecord {
+            time: row.try_get(1)?,
+            actor: row.try_get(2)?,
+            role: row.try_get(3)?,
+            action: row.try_get(4)?,
+            resource_type: row.try_get(5)?,
+            resource_id: row.try_get(6)?,
+            version: row.try_get::<_, Option<i64>>(7)?.map(|v| v as u64),
+            reason: row.try_get(8)?,
+            outcome: row.try_get(9)?,
+            client: row.try_get(10)?,
+            detail: row.try_get(11)?,
+        },
+        prev_hash: row.try_get(12)?,
+        hash: row.try_get(13)?,
+    })
+}
+
+fn token_row(row: &Row) -> anyhow::Result<TokenRecord> {
+    Ok(TokenRecord {
+        id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        role: row.try_get(2)?,
+        site: row.try_get(3)?,
+        patient: row.try_get(4)?,
+        created: row.try_get(5)?,
+        expires: row.try_get(6)?,
+        revoked: row.try_get::<_, i64>(7)? != 0,
+    })
+}
+
+fn trial_row(row: &Row) -> anyhow::Result<TrialRecord> {
+    let version: i64 = row.try_get(1)?;
+    Ok(TrialRecord {
+        id: row.try_get(0)?,
+        version: u32::try_from(version).context("a trial version out of range")?,
+        protocol: row.try_get(2)?,
+        loaded_at: row.try_get(3)?,
+    })
+}
+
+// ---- the writer ----
+
+const INDEX_TABLES: [&str; 5] = ["idx_token", "idx_string", "idx_date", "idx_reference", "idx_quantity"];
+
+/// The writer's statements, prepared once per connection.
+struct Stmts {
+    insert_resources: Statement,
+    update_resource: Statement,
+    current_vid: Statement,
+    insert_versions: Statement,
+    /// `DELETE FROM {table} WHERE rtype = $1 AND id = ANY($2)`, in
+    /// [`INDEX_TABLES`] order.
+    delete_index: Vec<Statement>,
+    insert_token: Statement,
+    insert_string: Statement,
+    insert_date: Statement,
+    insert_reference: Statement,
+    insert_quantity: Statement,
+    upsert_sites: Statement,
+    lock_head: Statement,
+    insert_audit: Statement,
+    update_head: Statement,
+    insert_token_record: Statement,
+    revoke_token: Statement,
+    insert_trial: Statement,
+}
+
+impl Stmts {
+    async fn prepare(c: &Client) -> anyhow::Result<Stmts> {
+        let mut delete_index = Vec::with_capacity(INDEX_TABLES.len());
+        for table in INDEX_TABLES {
+            delete_index.push(
+                c.prepare(&format!("DELETE FROM {table} WHERE rtype = $1 AND id = ANY($2::TEXT[])"))
+                    .await?,
+            );
+        }
+        Ok(Stmts {
+            insert_resources: c
+                .prepare(
+                    "INSERT INTO resources (rtype, id, vid, last_updated, deleted, patient, sort_date) SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::BIGINT[]) ON CONFLICT (rtype, id) DO NOTHING RETURNING rtype, id",
+                )
+                .await?,
+            update_resource: c
+                .prepare(
+                    "UPDATE resources SET vid = $1, last_updated = $2, deleted = $3, patient = $4, sort_date = $5 WHERE rtype = $6 AND id = $7 AND vid = $8",
+                )
+                .await?,
+            current_vid: c.prepare("SELECT vid FROM resources WHERE rtype = $1 AND id = $2").await?,
+            insert_versions: c
+                .prepare(
+                    "INSERT INTO resource_versions (rtype, id, vid, last_updated, deleted, body) SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::TEXT[])",
+                )
+                .await?,
+            delete_index,
+            insert_token: c
+                .prepare(
+                    "INSERT INTO idx_token (rtype, id, param, system, code) SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) ON CONFLICT DO NOTHING",
+                )
+                .await?,
+            insert_string: c
+                .prepare(
+                    "INSERT INTO idx_string (rtype, id, param, value) SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[]) ON CONFLICT DO NOTHING",
+                )
+                .await?,
+            insert_date: c
+                .prepare(
+                    "INSERT INTO idx_date (rtype, id, param, low, high) SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[]) ON CONFLICT DO NOTHING",
+                )
+                .await?,
+            insert_reference: c
+                .prepare(
+                    "INSERT INTO idx_reference (rtype, id, param, target_type, target_id) SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) ON CONFLICT DO NOTHING",
+                )
+                .await?,
+            insert_quantity: c
+                .prepare(
+                    "INSERT INTO idx_quantity (rtype, id, param, value, system, code) SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::DOUBLE PRECISION[], $5::TEXT[], $6::TEXT[]) ON CONFLICT DO NOTHING",
+                )
+                .await?,
+            upsert_sites: c
+                .prepare(
+                    "INSERT INTO patient_sites (patient, site) SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[]) ON CONFLICT (patient) DO UPDATE SET site = excluded.site",
+                )
+                .await?,
+            lock_head: c.prepare("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE").await?,
+            insert_audit: c
+                .prepare(
+                    "INSERT INTO audit_log (seq, time, actor, role, action, rtype, rid, vid, reason, outcome, client, detail, prev_hash, hash) SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[], $13::TEXT[], $14::TEXT[])",
+                )
+                .await?,
+            update_head: c.prepare("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1").await?,
+            insert_token_record: c
+                .prepare(
+                    "INSERT INTO tokens (id, name, role, site, patient, hash, created, expires, revoked) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
+                )
+                .await?,
+            revoke_token: c.prepare("UPDATE tokens SET revoked = 1 WHERE id = $1").await?,
+            insert_trial: c
+                .prepare(
+                    "INSERT INTO trials (id, version, protocol, loaded_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                )
+                .await?,
+        })
+    }
+}
+
+/// The writer task's state: its connection, re-made when it breaks.
+struct Writer {
+    config: tokio_postgres::Config,
+    conn: Option<(Client, Stmts)>,
+}
+
+enum Outcome {
+    Write(oneshot::Sender<Result<(), WriteError>>, Result<(), WriteError>),
+    Op(oneshot::Sender<anyhow::Result<u64>>, anyhow::Result<u64>),
+    Flush(oneshot::Sender<()>),
+}
+
+impl Outcome {
+    /// The outcome of a job the group did not get to: the group failed, so
+    /// its reply will be the group's error.
+    fn not_run(job: Job) -> Option<Outcome> {
+        match job {
+            Job::Write(_, reply) => Some(Outcome::Write(reply, Ok(()))),
+            Job::Op(_, _, reply) => Some(Outcome::Op(reply, Ok(0))),
+            Job::Flush(reply) => Some(Outcome::Flush(reply)),
+            Job::Audit(_) => None,
+        }
+    }
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(first) = rx.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(jobs).await;
+        }
+        tracing::debug!("postgres writer stopped: every sender is gone");
+    }
+
+    /// The connection, reconnecting when the last one broke.
+    async fn connection(&mut self) -> anyhow::Result<(&Client, &Stmts)> {
+        if self.conn.as_ref().is_some_and(|(c, _)| c.is_closed()) {
+            tracing::warn!("the PostgreSQL writer connection is closed; reconnecting");
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            let client = connect(&self.config).await?;
+            let stmts = Stmts::prepare(&client).await?;
+            self.conn = Some((client, stmts));
+        }
+        let (c, s) = self.conn.as_ref().ok_or_else(|| anyhow!("no writer connection"))?;
+        Ok((c, s))
+    }
+
+    async fn commit_group(&mut self, jobs: Vec<Job>) {
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        let mut jobs = jobs.into_iter();
+        let result = match self.connection().await {
+            Ok((c, st)) => {
+                let r = run_group(c, st, &mut jobs, &mut outcomes).await;
+                if r.is_err() {
+                    let _ = c.batch_execute("ROLLBACK").await;
+                }
+                r
+            }
+            Err(e) => Err(e),
+        };
+        outcomes.extend(jobs.filter_map(Outcome::not_run));
+        if let Err(e) = &result {
+            tracing::error!(error = %format!("{e:#}"), "group commit failed; every request in it fails");
+        }
+        for o in outcomes {
+            match o {
+                Outcome::Write(reply, r) => {
+                    let r = match &result {
+                        Ok(()) => r,
+                        Err(e) => Err(WriteError::Db(anyhow!("commit failed: {e:#}"))),
+                    };
+                    let _ = reply.send(r);
+                }
+                Outcome::Op(reply, r) => {
+                    let r = match &result {
+                        Ok(()) => r,
+                        Err(e) => Err(anyhow!("commit failed: {e:#}")),
+                    };
+                    let _ = reply.send(r);
+                }
+                Outcome::Flush(reply) => {
+                    let _ = reply.send(());
+                }
+            }
+        }
+    }
+}
+
+/// Runs the jobs in one transaction. An `Err` means the transaction is lost
+/// (every job in it fails); a request that fails on its own is rolled back
+/// to its savepoint and the others go on.
+async fn run_group(
+    c: &Client,
+    st: &Stmts,
+    jobs: &mut std::vec::IntoIter<Job>,
+    outcomes: &mut Vec<Outcome>,
+) -> anyhow::Result<()> {
+    c.batch_execute("BEGIN").await?;
+    let mut audit_records = Vec::new();
+    for job in jobs.by_ref() {
+        match job {
+            Job::Write(req, reply) => {
+                if req.ops.is_empty() {
+                    audit_records.extend(req.audit);
+                    outcomes.push(Outcome::Write(reply, Ok(())));
+                    continue;
+                }
+                let r = apply_ops(c, st, &req.ops).await;
+                let r = match settle(c, r).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        outcomes.push(Outcome::Write(reply, Ok(())));
+                        return Err(e);
+                    }
+                };
+                if r.is_ok() {
+                    audit_records.extend(req.audit);
+                }
+                outcomes.push(Outcome::Write(reply, r));
+            }
+            Job::Op(op, audit, reply) => {
+                let r = apply_op(c, st, &op).await;
+                let r = match settle(c, r).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        outcomes.push(Outcome::Op(reply, Ok(0)));
+                        return Err(e);
+                    }
+                };
+                if r.is_ok() {
+                    audit_records.extend(audit);
+                }
+                outcomes.push(Outcome::Op(reply, r.map_err(anyhow::Error::from)));
+            }
+            Job::Audit(records) => audit_records.extend(records),
+            Job::Flush(reply) => outcomes.push(Outcome::Flush(reply)),
+        }
+    }
+    if !audit_records.is_empty() {
+        append_audit(c, st, audit_records).await.context("appending to the audit trail")?;
+    }
+    c.batch_execute("COMMIT").await.context("committing")?;
+    Ok(())
+}
+
+/// After a request ran inside `SAVEPOINT req` (released on success): on
+/// failure, undoes it. `Err` when even that failed: the transaction is lost.
+async fn settle<T>(c: &Client, r: Result<T, WriteError>) -> anyhow::Result<Result<T, WriteError>> {
+    if r.is_err() {
+        c.batch_execute("ROLLBACK TO SAVEPOINT req; RELEASE SAVEPOINT req")
+            .await
+            .context("rolling a failed request back")?;
+    }
+    Ok(r)
+}
+
+fn db(e: tokio_postgres::Error) -> WriteError {
+    WriteError::Db(e.into())
+}
+
+type PgFuture<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Runs the statements pipelined (sent together, executed in order by the
+/// server) and returns the first error, after every reply has come back.
+async fn pipeline(futures: Vec<PgFuture<'_>>) -> Result<Vec<u64>, WriteError> {
+    futures::future::join_all(futures).await.into_iter().map(|r| r.map_err(db)).collect()
+}
+
+/// Does a token, trial or raw-SQL write in its own savepoint.
+async fn apply_op(c: &Client, st: &Stmts, op: &Op) -> Result<u64, WriteError> {
+    c.batch_execute("SAVEPOINT req").await.map_err(db)?;
+    let n = match op {
+        Op::CreateToken(rec, hash) => {
+            c.execute(
+                &st.insert_token_record,
+                &[&rec.id, &rec.name, &rec.role, &rec.site, &rec.patient, hash, &rec.created, &rec.expires],
+            )
+            .await
+        }
+        Op::RevokeToken(id) => c.execute(&st.revoke_token, &[id]).await,
+        Op::PutTrial(rec) => {
+            c.execute(
+                &st.insert_trial,
+                &[&rec.id, &i64::from(rec.version), &rec.protocol, &rec.loaded_at],
+            )
+            .await
+        }
+        Op::Raw(sql) => c.batch_execute(sql).await.map(|()| 0),
+    }
+    .map_err(db)?;
+    c.batch_execute("RELEASE SAVEPOINT req").await.map_err(db)?;
+    Ok(n)
+}
+
+/// The `resources` columns of a batch of ops.
+#[derive(Default)]
+struct ResourceCols<'a> {
+    rtype: Vec<&'a str>,
+    id: Vec<&'a str>,
+    vid: Vec<i64>,
+    last_updated: Vec<i64>,
+    deleted: Vec<i64>,
+    patient: Vec<Option<&'a str>>,
+    sort_date: Vec<i64>,
+}
+
+/// The first three columns of every index table.
+#[derive(Default)]
+struct IndexKeys<'a> {
+    rtype: Vec<&'a str>,
+    id: Vec<&'a str>,
+    param: Vec<&'a str>,
+}
+
+impl<'a> IndexKeys<'a> {
+    fn push(&mut self, rtype: &'a str, id: &'a str, param: &'a str) {
+        self.rtype.push(rtype);
+        self.id.push(id);
+        self.param.push(param);
+    }
+}
+
+/// The index rows of a request, column by column.
+#[derive(Default)]
+struct IndexRows<'a> {
+    token: IndexKeys<'a>,
+    token_system: Vec<&'a str>,
+    token_code: Vec<&'a str>,
+    string: IndexKeys<'a>,
+    string_value: Vec<&'a str>,
+    date: IndexKeys<'a>,
+    date_low: Vec<i64>,
+    date_high: Vec<i64>,
+    reference: IndexKeys<'a>,
+    reference_type: Vec<&'a str>,
+    reference_id: Vec<&'a str>,
+    quantity: IndexKeys<'a>,
+    quantity_value: Vec<f64>,
+    quantity_system: Vec<&'a str>,
+    quantity_code: Vec<&'a str>,
+}
+
+impl<'a> IndexRows<'a> {
+    fn add(&mut self, rtype: &'a str, id: &'a str, entries: &'a [clinflow_fhir::IndexEntry]) {
+        for e in entries {
+            match &e.value {
+                IndexValue::Token { system, code } => {
+                    self.token.push(rtype, id, e.param);
+                    self.token_system.push(system.as_deref().unwrap_or(""));
+                    self.token_code.push(code);
+                }
+                IndexValue::String { value } => {
+                    self.string.push(rtype, id, e.param);
+                    self.string_value.push(value);
+                }
+                IndexValue::Date { low, high } => {
+                    self.date.push(rtype, id, e.param);
+                    self.date_low.push(*low);
+                    self.date_high.push(*high);
+                }
+                IndexValue::Reference { target_type, target_id } => {
+                    self.reference.push(rtype, id, e.param);
+                    self.reference_type.push(target_type);
+                    self.reference_id.push(target_id);
+                }
+                IndexValue::Quantity { value, system, code } => {
+                    self.quantity.push(rtype, id, e.param);
+                    self.quantity_value.push(*value);
+                    self.quantity_system.push(system.as_deref().unwrap_or(""));
+                    self.quantity_code.push(code.as_deref().unwrap_or(""));
+                }
+            }
+        }
+    }
+
+    /// One multi-row insert per table that has rows.
+    fn statements<'s>(&'s self, c: &'s Client, st: &'s Stmts, out: &mut Vec<PgFuture<'s>>) {
+        let t = &self.token;
+        if !t.id.is_empty() {
+            out.push(Box::pin(async move {
+                c.execute(
+                    &st.insert_token,
+                    &[&t.rtype, &t.id, &t.param, &self.token_system, &self.token_code],
+                )
+                .await
+            }));
+        }
+        let s = &self.string;
+        if !s.id.is_empty() {
+            out.push(Box::pin(async move {
+                c.execute(&st.insert_string, &[&s.rtype, &s.id, &s.param, &self.string_value])
+                    .await
+            }));
+        }
+        let d = &self.date;
+        if !d.id.is_empty() {
+            out.push(Box::pin(async move {
+                c.execute(
+                    &st.insert_date,
+                    &[&d.rtype, &d.id, &d.param, &self.date_low, &self.date_high],
+                )
+                .await
+            }));
+        }
+        let r = &self.reference;
+        if !r.id.is_empty() {
+            out.push(Box::pin(async move {
+                c.execute(
+                    &st.insert_reference,
+                    &[&r.rtype, &r.id, &r.param, &self.reference_type, &self.reference_id],
+                )
+                .await
+            }));
+        }
+        let q = &self.quantity;
+        if !q.id.is_empty() {
+            out.push(Box::pin(async move {
+                c.execute(
+                    &st.insert_quantity,
+                    &[
+                        &q.rtype,
+                        &q.id,
+                        &q.param,
+                        &self.quantity_value,
+                        &self.quantity_system,
+                        &self.quantity_code,
+                    ],
+                )
+                .await
+            }));
+        }
+    }
+}
+
+/// Applies one write request inside `SAVEPOINT req`, releasing it on
+/// success. On error the savepoint is left for the caller to roll back.
+///
+/// Same outcome as applying the ops one by one in order (the SQLite
+/// engine's way), in few round trips: phase 1 pipelines the savepoint, one
+/// insert of every created resource and the compare-and-set update of each
+/// updated one, and checks the `Expect`s; phase 2 pipelines the version
+/// rows, the index rows of each resource's last op and the site upserts.
+async fn apply_ops(c: &Client, st: &Stmts, ops: &[WriteOp]) -> Result<(), WriteError> {
+    fn sort_date(op: &WriteOp) -> i64 {
+        op.extracted.sort_date.unwrap_or(sql::NO_SORT_DATE)
+    }
+    /// A deleted resource is in no compartment.
+    fn patient(op: &WriteOp) -> Option<&str> {
+        op.body.as_ref().and(op.extracted.patient.as_deref())
+    }
+
+    // ---- phase 1: the rows of `resources`, with the Expect checks ----
+    let mut creates = Vec::new();
+    let mut new = ResourceCols::default();
+    let mut updates = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        match op.expect {
+            Expect::Absent => {
+                creates.push(i);
+                new.rtype.push(&op.resource_type);
+                new.id.push(&op.id);
+                new.vid.push(op.new_version as i64);
+                new.last_updated.push(op.last_updated);
+                new.deleted.push(i64::from(op.body.is_none()));
+                new.patient.push(patient(op));
+                new.sort_date.push(sort_date(op));
+            }
+            Expect::Version(v) => updates.push((
+                i,
+                op.new_version as i64,
+                i64::from(op.body.is_none()),
+                patient(op),
+                sort_date(op),
+                v as i64,
+            )),
+        }
+    }
+    let savepoint = c.batch_execute("SAVEPOINT req");
+    let inserted = async {
+        if creates.is_empty() {
+            return Ok(Vec::new());
+        }
+        c.query(
+            &st.insert_resources,
+            &[&new.rtype, &new.id, &new.vid, &new.last_updated, &new.deleted, &new.patient, &new.sort_date],
+        )
+        .await
+    };
+    let updated = futures::future::join_all(updates.iter().map(|(i, vid, deleted, patient, sort, expected)| {
+        let op = &ops[*i];
+        async move {
+            c.execute(
+                &st.update_resource,
+                &[vid, &op.last_updated, deleted, patient, sort, &op.resource_type, &op.id, expected],
+            )
+            .await
+        }
+    }));
+    let (savepoint, inserted, updated) = futures::join!(savepoint, inserted, updated);
+    savepoint.map_err(db)?;
+    let inserted = inserted.map_err(db)?;
+
+    // The first op whose Expect failed, in request order.
+    let mut conflict: Option<usize> = None;
+    let mut returned: HashMap<(&str, &str), usize> = HashMap::with_capacity(inserted.len());
+    for row in &inserted {
+        let key = (row.try_get(0).map_err(db)?, row.try_get(1).map_err(db)?);
+        *returned.entry(key).or_default() += 1;
+    }
+    for &i in &creates {
+        // A key sent twice comes back once: the second op conflicts.
+        match returned.get_mut(&(ops[i].resource_type.as_str(), ops[i].id.as_str())) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => {
+                conflict = Some(i);
+                break;
+            }
+        }
+    }
+    for ((i, ..), n) in updates.iter().zip(updated) {
+        if n.map_err(db)? != 1 {
+            conflict = Some(conflict.map_or(*i, |c| c.min(*i)));
+            break;
+        }
+    }
+    if let Some(i) = conflict {
+        let op = &ops[i];
+        let found = c
+            .query_opt(&st.current_vid, &[&op.resource_type, &op.id])
+            .await
+            .map_err(db)?
+            .map(|r| r.try_get::<_, i64>(0))
+            .transpose()
+            .map_err(db)?
+            .map(|v| v as u64);
+        return Err(WriteError::Conflict {
+            resource_type: op.resource_type.clone(),
+            id: op.id.clone(),
+            expected: op.expect,
+            found,
+        });
+    }
+
+    // ---- phase 2: versions, index rows, sites ----
+    let mut versions = ResourceCols::default();
+    let mut bodies: Vec<Option<&str>> = Vec::with_capacity(ops.len());
+    for op in ops {
+        versions.rtype.push(&op.resource_type);
+        versions.id.push(&op.id);
+        versions.vid.push(op.new_version as i64);
+        versions.last_updated.push(op.last_updated);
+        versions.deleted.push(i64::from(op.body.is_none()));
+        bodies.push(op.body.as_deref());
+    }
+    // Updated resources lose their old index rows (by type, then ids).
+    let mut stale: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (i, ..) in &updates {
+        let op = &ops[*i];
+        match stale.iter_mut().find(|(t, _)| *t == op.resource_type) {
+            Some((_, ids)) => ids.push(&op.id),
+            None => stale.push((&op.resource_type, vec![&op.id])),
+        }
+    }
+    // Only the last op on a resource leaves index rows (an earlier one's
+    // rows would be deleted by the later update); the last site wins.
+    let mut index = IndexRows::default();
+    let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(ops.len());
+    let mut sites: HashMap<&str, &str> = HashMap::new();
+    let (mut site_patients, mut site_sites) = (Vec::new(), Vec::new());
+    for op in ops.iter().rev() {
+        if !seen.insert((&op.resource_type, &op.id)) || op.body.is_none() {
+            continue;
+        }
+        index.add(&op.resource_type, &op.id, &op.extracted.entries);
+    }
+    for op in ops.iter().filter(|op| op.body.is_some()) {
+        if let (Some(site), Some(p)) = (&op.extracted.subject_site, &op.extracted.patient) {
+            sites.insert(p, site);
+        }
+    }
+    for (p, s) in sites {
+        site_patients.push(p);
+        site_sites.push(s);
+    }
+
+    let mut statements: Vec<PgFuture<'_>> = Vec::new();
+    for (rtype, ids) in &stale {
+        for delete in &st.delete_index {
+            statements.push(Box::pin(async move { c.execute(delete, &[rtype, ids]).await }));
+        }
+    }
+    let (v, b) = (&versions, &bodies);
+    statements.push(Box::pin(async move {
+        c.execute(
+            &st.insert_versions,
+            &[&v.rtype, &v.id, &v.vid, &v.last_updated, &v.deleted, b],
+        )
+        .await
+    }));
+    index.statements(c, st, &mut statements);
+    if !site_patients.is_empty() {
+        let (p, s) = (&site_patients, &site_sites);
+        statements.push(Box::pin(async move { c.execute(&st.upsert_sites, &[p, s]).await }));
+    }
+    statements.push(Box::pin(async move {
+        c.batch_execute("RELEASE SAVEPOINT req").await.map(|()| 0)
+    }));
+    pipeline(statements).await?;
+    Ok(())
+}
+
+/// Appends records to the chain, after the head locked for this transaction.
+async fn append_audit(c: &Client, st: &Stmts, records: Vec<AuditRecord>) -> anyhow::Result<()> {
+    let head = c.query_one(&st.lock_head, &[]).await?;
+    let head: (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+    let chained = audit::chain(Some(head), records);
+    let Some(last) = chained.last() else {
+        return Ok(());
+    };
+    let n = chained.len();
+    let mut seq = Vec::with_capacity(n);
+    let mut time = Vec::with_capacity(n);
+    let mut actor = Vec::with_capacity(n);
+    let mut role = Vec::with_capacity(n);
+    let mut action = Vec::with_capacity(n);
+    let mut rtype = Vec::with_capacity(n);
+    let mut rid = Vec::with_capacity(n);
+    let mut vid = Vec::with_capacity(n);
+    let mut reason = Vec::with_capacity(n);
+    let mut outcome = Vec::with_capacity(n);
+    let mut client = Vec::with_capacity(n);
+    let mut detail = Vec::with_capacity(n);
+    let mut prev_hash = Vec::with_capacity(n);
+    let mut hash = Vec::with_capacity(n);
+    for a in &chained {
+        let r = &a.record;
+        seq.push(a.seq);
+        time.push(r.time);
+        actor.push(r.actor.as_str());
+        role.push(r.role.as_str());
+        action.push(r.action.as_str());
+        rtype.push(r.resource_type.as_deref());
+        rid.push(r.resource_id.as_deref());
+        vid.push(r.version.map(|v| v as i64));
+        reason.push(r.reason.as_deref());
+        outcome.push(r.outcome.as_str());
+        client.push(r.client.as_deref());
+        detail.push(r.detail.as_deref());
+        prev_hash.push(a.prev_hash.as_str());
+        hash.push(a.hash.as_str());
+    }
+    let insert = async {
+        c.execute(
+            &st.insert_audit,
+            &[
+                &seq, &time, &actor, &role, &action, &rtype, &rid, &vid, &reason, &outcome, &client, &detail,
+                &prev_hash, &hash,
+            ],
+        )
+        .await
+    };
+    let move_head = async { c.execute(&st.update_head, &[&last.seq, &last.hash]).await };
+    let (inserted, moved) = futures::join!(insert, move_head);
+    inserted?;
+    if moved? != 1 {
+        bail!("the audit head row is missing");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schema_parameter_is_taken_out_of_the_url() {
+        let (config, schema) = parse_url("postgres://postgres@127.0.0.1:5432/test?schema=t_abc").unwrap();
+        assert_eq!(schema.as_deref(), Some("t_abc"));
+        assert_eq!(config.get_dbname(), Some("test"));
+        assert_eq!(config.get_options(), Some("-csearch_path=t_abc"));
+
+        let (config, schema) =
+            parse_url("postgres://u@h/db?connect_timeout=3&schema=s1&application_name=x").unwrap();
+        assert_eq!(schema.as_deref(), Some("s1"));
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(config.get_application_name(), Some("x"));
+
+        let (config, schema) = parse_url("postgres://u@h/db").unwrap();
+        assert_eq!(schema, None);
+        assert_eq!(config.get_options(), None);
+    }
+
+    #[test]
+    fn schema_names_that_would_need_quoting_are_refused() {
+        for bad in ["", "A", "a-b", "1a", "a;drop", "a\"b"] {
+            assert!(parse_url(&format!("postgres://u@h/db?schema={bad}")).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,848 @@
+//! The SQLite engine: the embedded default.
+//!
+//! Shape: one writer thread owns the only writing connection and commits in
+//! groups (several requests per transaction, each inside its own savepoint,
+//! so one failing request does not undo the others); a small pool of
+//! read-only connections serves reads on the blocking thread pool. The
+//! database is in WAL mode, so readers never wait for the writer.
+//!
+//! Invariant: a write request's reply is sent only after the transaction
+//! holding it has committed (with `synchronous=FULL`, after the WAL is on
+//! disk).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, Context};
+use rusqlite::{params, Connection, OptionalExtension, ToSql};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::audit;
+use crate::model::*;
+use crate::sql::{self, Dialect, SqlValue};
+use clinflow_fhir::IndexValue;
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("0001_init.sql"))];
+
+/// How many queued jobs one group commit takes at most.
+const MAX_GROUP: usize = 64;
+/// The writer's queue; senders wait when it is full (backpressure).
+const QUEUE: usize = 256;
+
+type CustomFn = Box<dyn FnOnce(&Connection) -> anyhow::Result<()> + Send>;
+
+enum Job {
+    Write(WriteRequest, oneshot::Sender<Result<(), WriteError>>),
+    /// Read-audit records: group-committed, nobody waits for them.
+    Audit(Vec<AuditRecord>),
+    /// Any other write (tokens, trials), with its audit records.
+    Custom(CustomFn, Vec<AuditRecord>, oneshot::Sender<anyhow::Result<()>>),
+    /// Replies once everything queued before it is committed.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The SQLite store. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: mpsc::Sender<Job>,
+    readers: Arc<ReaderPool>,
+    path: PathBuf,
+}
+
+struct ReaderPool {
+    conns: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+}
+
+fn open_conn(path: &Path, read_only: bool) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA cache_size=-65536; PRAGMA temp_store=MEMORY;",
+    )?;
+    if read_only {
+        conn.execute_batch("PRAGMA query_only=1;")?;
+    }
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied INTEGER NOT NULL)")?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let current: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
+    for (version, sql) in MIGRATIONS {
+        if *version > current {
+            tx.execute_batch(sql).with_context(|| format!("migration {version}"))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied) VALUES (?, ?)",
+                params![version, crate::now_millis()],
+            )?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating) the database at `path`.
+    pub async fn open(path: &Path) -> anyhow::Result<SqliteStore> {
+        let path = path.to_path_buf();
+        let p = path.clone();
+        let (writer_conn, readers) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            if let Some(dir) = p.parent() {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                }
+            }
+            let mut w = open_conn(&p, false)?;
+            migrate(&mut w)?;
+            let readers = (0..4).map(|_| open_conn(&p, true)).collect::<anyhow::Result<Vec<_>>>()?;
+            Ok((w, readers))
+        })
+        .await??;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx))?;
+        let n = readers.len();
+        Ok(SqliteStore {
+            writer: tx,
+            readers: Arc::new(ReaderPool {
+                conns: Mutex::new(readers),
+                permits: Semaphore::new(n),
+            }),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let _permit = self.readers.permits.acquire().await.map_err(|_| anyhow!("store closed"))?;
+        let pool = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            // The semaphore guarantees a connection is free; the lock is held
+            // only to pop and push, never across the query.
+            let conn = pool
+                .conns
+                .lock()
+                .map_err(|_| anyhow!("reader pool poisoned"))?
+                .pop()
+                .ok_or_else(|| anyhow!("no free reader"))?;
+            let r = f(&conn);
+            if let Ok(mut conns) = pool.conns.lock() {
+                conns.push(conn);
+            }
+            r
+        })
+        .await?
+    }
+
+    /// Commits a write request (with its audit records) atomically.
+    pub async fn write(&self, req: WriteRequest) -> Result<(), WriteError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send(Job::Write(req, tx)).await.map_err(|_| WriteError::Closed)?;
+        rx.await.map_err(|_| WriteError::Closed)?
+    }
+
+    /// Queues read-audit records for the next group commit.
+    pub async fn audit(&self, records: Vec<AuditRecord>) -> anyhow::Result<()> {
+        self.writer.send(Job::Audit(records)).await.map_err(|_| anyhow!("store closed"))
+    }
+
+    /// Waits until everything queued so far is committed.
+    pub async fn flush(&self) -> anyhow::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send(Job::Flush(tx)).await.map_err(|_| anyhow!("store closed"))?;
+        rx.await.map_err(|_| anyhow!("store closed"))
+    }
+
+    async fn custom(
+        &self,
+        audit: Vec<AuditRecord>,
+        f: impl FnOnce(&Connection) -> anyhow::Result<()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(Job::Custom(Box::new(f), audit, tx))
+            .await
+            .map_err(|_| anyhow!("store closed"))?;
+        rx.await.map_err(|_| anyhow!("store closed"))?
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        self.read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).map(|_| ())?)).await
+    }
+
+    pub async fn read_current(&self, rtype: &str, id: &str) -> anyhow::Result<Option<StoredResource>> {
+        let (rtype, id) = (rtype.to_string(), id.to_string());
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT r.vid, r.last_updated, r.deleted, r.patient, v.body FROM resources r JOIN resource_versions v ON v.rtype = r.rtype AND v.id = r.id AND v.vid = r.vid WHERE r.rtype = ? AND r.id = ?",
+            )?;
+            Ok(st
+                .query_row(params![rtype, id], |row| {
+                    Ok(StoredResource {
+                        resource_type: rtype.clone(),
+                        id: id.clone(),
+                        version: row.get::<_, i64>(0)? as u64,
+                        last_updated: row.get(1)?,
+                        deleted: row.get::<_, i64>(2)? != 0,
+                        patient: row.get(3)?,
+                        body: row.get(4)?,
+                    })
+                })
+                .optional()?)
+        })
+        .await
+    }
+
+    pub async fn read_version(&self, rtype: &str, id: &str, vid: u64) -> anyhow::Result<Option<StoredResource>> {
+        let (rtype, id) = (rtype.to_string(), id.to_string());
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT v.vid, v.last_updated, v.deleted, r.patient, v.body FROM resource_versions v JOIN resources r ON r.rtype = v.rtype AND r.id = v.id WHERE v.rtype = ? AND v.id = ? AND v.vid = ?",
+            )?;
+            Ok(st
+                .query_row(params![rtype, id, vid as i64], |row| {
+                    Ok(StoredResource {
+                        resource_type: rtype.clone(),
+                        id: id.clone(),
+                        version: row.get::<_, i64>(0)? as u64,
+                        last_updated: row.get(1)?,
+                        deleted: row.get::<_, i64>(2)? != 0,
+                        patient: row.get(3)?,
+                        body: row.get(4)?,
+                    })
+                })
+                .optional()?)
+        })
+        .await
+    }
+
+    /// Versions of one resource, newest first, at most `limit`, older than
+    /// `before` when given.
+    pub async fn history(
+        &self,
+        rtype: &str,
+        id: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<StoredResource>> {
+        let (rtype, id) = (rtype.to_string(), id.to_string());
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT v.vid, v.last_updated, v.deleted, r.patient, v.body FROM resource_versions v JOIN resources r ON r.rtype = v.rtype AND r.id = v.id WHERE v.rtype = ? AND v.id = ? AND v.vid < ? ORDER BY v.vid DESC LIMIT ?",
+            )?;
+            let rows = st.query_map(
+                params![rtype, id, before.map_or(i64::MAX, |b| b as i64), limit as i64],
+                |row| {
+                    Ok(StoredResource {
+                        resource_type: rtype.clone(),
+                        id: id.clone(),
+                        version: row.get::<_, i64>(0)? as u64,
+                        last_updated: row.get(1)?,
+                        deleted: row.get::<_, i64>(2)? != 0,
+                        patient: row.get(3)?,
+                        body: row.get(4)?,
+                    })
+                },
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn search(&self, q: clinflow_fhir::search::SearchQuery, scope: Scope) -> anyhow::Result<SearchPage> {
+        self.read(move |c| search_blocking(c, &q, &scope)).await
+    }
+
+    /// Ids of `rtype` resources whose `identifier` is `system|value`.
+    pub async fn find_by_identifier(&self, rtype: &str, system: Option<&str>, value: &str) -> anyhow::Result<Vec<String>> {
+        let (rtype, system, value) = (rtype.to_string(), system.map(str::to_string), value.to_string());
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT x.id FROM idx_token x JOIN resources r ON r.rtype = x.rtype AND r.id = x.id AND r.deleted = 0 WHERE x.rtype = ? AND x.param = 'identifier' AND x.code = ? AND (? IS NULL OR x.system = ?) LIMIT 2",
+            )?;
+            let rows = st.query_map(params![rtype, value, system, system], |r| r.get::<_, String>(0))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// The site a patient is enrolled at.
+    pub async fn patient_site(&self, patient: &str) -> anyhow::Result<Option<String>> {
+        let patient = patient.to_string();
+        self.read(move |c| {
+            Ok(c.prepare_cached("SELECT site FROM patient_sites WHERE patient = ?")?
+                .query_row([patient], |r| r.get(0))
+                .optional()?)
+        })
+        .await
+    }
+
+    // ---- tokens ----
+
+    pub async fn create_token(&self, rec: TokenRecord, hash: String, audit: Vec<AuditRecord>) -> anyhow::Result<()> {
+        self.custom(audit, move |c| {
+            c.execute(
+                "INSERT INTO tokens (id, name, role, site, patient, hash, created, expires, revoked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                params![rec.id, rec.name, rec.role, rec.site, rec.patient, hash, rec.created, rec.expires],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn token_by_hash(&self, hash: &str) -> anyhow::Result<Option<TokenRecord>> {
+        let hash = hash.to_string();
+        self.read(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT id, name, role, site, patient, created, expires, revoked FROM tokens WHERE hash = ?",
+            )?
+            .query_row([hash], token_row)
+            .optional()?)
+        })
+        .await
+    }
+
+    pub async fn list_tokens(&self) -> anyhow::Result<Vec<TokenRecord>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, name, role, site, patient, created, expires, revoked FROM tokens ORDER BY created, id",
+            )?;
+            let rows = st.query_map([], token_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Revokes a token; `false` when there is none with that id.
+    pub async fn revoke_token(&self, id: &str, audit: Vec<AuditRecord>) -> anyhow::Result<bool> {
+        let id = id.to_string();
+        let found = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f2 = found.clone();
+        self.custom(audit, move |c| {
+            let n = c.execute("UPDATE tokens SET revoked = 1 WHERE id = ?", [id])?;
+            f2.store(n > 0, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
+        .await?;
+        Ok(found.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    // ---- trials ----
+
+    /// Records a protocol version; `false` when that version was already there.
+    pub async fn put_trial(&self, rec: TrialRecord) -> anyhow::Result<bool> {
+        let inserted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let i2 = inserted.clone();
+        self.custom(Vec::new(), move |c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO trials (id, version, protocol, loaded_at) VALUES (?, ?, ?, ?)",
+                params![rec.id, rec.version, rec.protocol, rec.loaded_at],
+            )?;
+            i2.store(n > 0, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
+        .await?;
+        Ok(inserted.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Every version of a trial, newest first.
+    pub async fn trial_versions(&self, id: &str) -> anyhow::Result<Vec<TrialRecord>> {
+        let id = id.to_string();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, version, protocol, loaded_at FROM trials WHERE id = ? ORDER BY version DESC",
+            )?;
+            let rows = st.query_map([id], trial_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// The newest version of every trial.
+    pub async fn list_trials(&self) -> anyhow::Result<Vec<TrialRecord>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT t.id, t.version, t.protocol, t.loaded_at FROM trials t WHERE t.version = (SELECT MAX(version) FROM trials u WHERE u.id = t.id) ORDER BY t.id",
+            )?;
+            let rows = st.query_map([], trial_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    // ---- audit ----
+
+    pub async fn audit_records(&self, q: AuditQuery) -> anyhow::Result<Vec<ChainedAudit>> {
+        self.read(move |c| {
+            let mut s = sql::Sql::new(Dialect::Sqlite);
+            s.push(AUDIT_SELECT).push(" WHERE seq > ").int(q.after_seq.unwrap_or(0));
+            push_audit_filters(&mut s, &q);
+            s.push(" ORDER BY seq LIMIT ").int(q.limit as i64);
+            let mut st = c.prepare(&s.text)?;
+            let rows = st.query_map(rusqlite::params_from_iter(s.params.iter().map(to_sql)), audit_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Reads the whole trail in order and checks the chain.
+    pub async fn verify_audit(&self) -> anyhow::Result<Result<u64, audit::ChainBreak>> {
+        self.read(|c| {
+            let mut st = c.prepare(&format!("{AUDIT_SELECT} ORDER BY seq"))?;
+            let mut rows = st.query([])?;
+            let mut v = audit::Verifier::new();
+            while let Some(row) = rows.next()? {
+                let rec = audit_row(row)?;
+                if let Err(b) = v.feed(&rec) {
+                    return Ok(Err(b));
+                }
+            }
+            Ok(Ok(v.checked))
+        })
+        .await
+    }
+
+    /// Runs raw SQL on the writer's connection. For tests that play an
+    /// attacker with direct database access (audit tampering).
+    pub async fn execute_raw(&self, sql: &str) -> anyhow::Result<()> {
+        let sql = sql.to_string();
+        self.custom(Vec::new(), move |c| Ok(c.execute_batch(&sql)?)).await
+    }
+}
+
+pub(crate) const AUDIT_SELECT: &str =
+    "SELECT seq, time, actor, role, action, rtype, rid, vid, reason, outcome, client, detail, prev_hash, hash FROM audit_log";
+
+pub(crate) fn push_audit_filters(s: &mut sql::Sql, q: &AuditQuery) {
+    if let Some(t) = q.since {
+        s.push(" AND time >= ").int(t);
+    }
+    if let Some(t) = q.until {
+        s.push(" AND time <= ").int(t);
+    }
+    if let Some(a) = &q.actor {
+        s.push(" AND actor = ").text(a);
+    }
+    if let Some(e) = &q.entity {
+        match e.split_once('/') {
+            Some((t, id)) => {
+                s.push(" AND rtype = ").text(t).push(" AND rid = ").text(id);
+            }
+            None => {
+                s.push(" AND rtype = ").text(e);
+            }
+        }
+    }
+}
+
+fn audit_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChainedAudit> {
+    Ok(ChainedAudit {
+        seq: row.get(0)?,
+        record: AuditRecord {
+            time: row.get(1)?,
+            actor: row.get(2)?,
+            role: row.get(3)?,
+            action: row.get(4)?,
+            resource_type: row.get(5)?,
+            resource_id: row.get(6)?,
+            version: row.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+            reason: row.get(8)?,
+            outcome: row.get(9)?,
+            client: row.get(10)?,
+            detail: row.get(11)?,
+        },
+        prev_hash: row.get(12)?,
+        hash: row.get(13)?,
+    })
+}
+
+fn token_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        role: row.get(2)?,
+        site: row.get(3)?,
+        patient: row.get(4)?,
+        created: row.get(5)?,
+        expires: row.get(6)?,
+        revoked: row.get::<_, i64>(7)? != 0,
+    })
+}
+
+fn trial_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TrialRecord> {
+    Ok(TrialRecord {
+        id: row.get(0)?,
+        version: row.get(1)?,
+        protocol: row.get(2)?,
+        loaded_at: row.get(3)?,
+    })
+}
+
+fn to_sql(v: &SqlValue) -> &dyn ToSql {
+    match v {
+        SqlValue::Text(s) => s,
+        SqlValue::Int(i) => i,
+        SqlValue::Real(f) => f,
+    }
+}
+
+fn stored_row(rtype: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<(StoredResource, i64)> {
+    Ok((
+        StoredResource {
+            resource_type: rtype.to_string(),
+            id: row.get(0)?,
+            version: row.get::<_, i64>(1)? as u64,
+            last_updated: row.get(2)?,
+            patient: row.get(3)?,
+            deleted: false,
+            body: row.get(5)?,
+        },
+        row.get(4)?,
+    ))
+}
+
+fn run_rows(c: &Connection, rtype: &str, s: &sql::Sql) -> anyhow::Result<Vec<(StoredResource, i64)>> {
+    let mut st = c.prepare_cached(&s.text)?;
+    let rows = st.query_map(rusqlite::params_from_iter(s.params.iter().map(to_sql)), |r| stored_row(rtype, r))?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+fn search_blocking(
+    c: &Connection,
+    q: &clinflow_fhir::search::SearchQuery,
+    scope: &Scope,
+) -> anyhow::Result<SearchPage> {
+    let mut page = SearchPage::default();
+    if q.total || q.count == 0 {
+        let s = sql::search_count(Dialect::Sqlite, q, scope);
+        let n: i64 = c
+            .prepare_cached(&s.text)?
+            .query_row(rusqlite::params_from_iter(s.params.iter().map(to_sql)), |r| r.get(0))?;
+        page.total = Some(n as u64);
+    }
+    if q.count > 0 {
+        let s = sql::search_page(Dialect::Sqlite, q, scope)?;
+        let mut rows = run_rows(c, &q.resource_type, &s)?;
+        if rows.len() > q.count {
+            rows.truncate(q.count);
+            if let Some((last, sort)) = rows.last() {
+                page.next_cursor = Some(
+                    sql::Cursor {
+                        sort_value: *sort,
+                        id: last.id.clone(),
+                    }
+                    .encode(),
+                );
+            }
+        }
+        page.matches = rows.into_iter().map(|(r, _)| r).collect();
+        if q.include_subject && !page.matches.is_empty() {
+            let ids: Vec<String> = page.matches.iter().map(|r| r.id.clone()).collect();
+            let s = sql::include_targets(Dialect::Sqlite, &q.resource_type, "subject", &ids);
+            let mut st = c.prepare(&s.text)?;
+            let targets = st
+                .query_map(rusqlite::params_from_iter(s.params.iter().map(to_sql)), |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut by_type: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for (t, id) in targets {
+                by_type.entry(t).or_default().push(id);
+            }
+            for (t, ids) in by_type {
+                let s = sql::read_many(Dialect::Sqlite, &t, &ids, scope);
+                page.included.extend(run_rows(c, &t, &s)?.into_iter().map(|(r, _)| r));
+            }
+        }
+    }
+    Ok(page)
+}
+
+// ---- the writer ----
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        commit_group(&mut conn, jobs);
+    }
+    tracing::debug!("sqlite writer stopped: every sender is gone");
+}
+
+enum Outcome {
+    Write(oneshot::Sender<Result<(), WriteError>>, Result<(), WriteError>),
+    Custom(oneshot::Sender<anyhow::Result<()>>, anyhow::Result<()>),
+    Flush(oneshot::Sender<()>),
+}
+
+fn commit_group(conn: &mut Connection, jobs: Vec<Job>) {
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    let result = (|| -> anyhow::Result<()> {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let mut audit_records = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Write(req, reply) => {
+                    let r = in_savepoint(conn, |c| apply_ops(c, &req.ops));
+                    if r.is_ok() {
+                        audit_records.extend(req.audit);
+                    }
+                    outcomes.push(Outcome::Write(reply, r));
+                }
+                Job::Custom(f, audit, reply) => {
+                    let r = in_savepoint(conn, |c| f(c).map_err(WriteError::Db)).map_err(|e| anyhow!(e));
+                    if r.is_ok() {
+                        audit_records.extend(audit);
+                    }
+                    outcomes.push(Outcome::Custom(reply, r));
+                }
+                Job::Audit(records) => audit_records.extend(records),
+                Job::Flush(reply) => outcomes.push(Outcome::Flush(reply)),
+            }
+        }
+        if !audit_records.is_empty() {
+            append_audit(conn, audit_records)?;
+        }
+        conn.execute_batch("COMMIT")?;
+        Ok(())
+    })();
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "group commit failed; every request in it fails");
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for o in outcomes {
+        match o {
+            Outcome::Write(reply, r) => {
+                let r = match (&result, r) {
+                    (Ok(()), r) => r,
+                    (Err(e), _) => Err(WriteError::Db(anyhow!("commit failed: {e}"))),
+                };
+                let _ = reply.send(r);
+            }
+            Outcome::Custom(reply, r) => {
+                let r = match (&result, r) {
+                    (Ok(()), r) => r,
+                    (Err(e), _) => Err(anyhow!("commit failed: {e}")),
+                };
+                let _ = reply.send(r);
+            }
+            Outcome::Flush(reply) => {
+                let _ = reply.send(());
+            }
+        }
+    }
+}
+
+fn in_savepoint(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<(), WriteError>,
+) -> Result<(), WriteError> {
+    conn.execute_batch("SAVEPOINT req").map_err(|e| WriteError::Db(e.into()))?;
+    match f(conn) {
+        Ok(()) => {
+            conn.execute_batch("RELEASE req").map_err(|e| WriteError::Db(e.into()))?;
+            Ok(())
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO req; RELEASE req")
+                .map_err(|e| WriteError::Db(e.into()))?;
+            Err(e)
+        }
+    }
+}
+
+fn db(e: rusqlite::Error) -> WriteError {
+    WriteError::Db(e.into())
+}
+
+fn apply_ops(c: &Connection, ops: &[WriteOp]) -> Result<(), WriteError> {
+    for op in ops {
+        apply_op(c, op)?;
+    }
+    Ok(())
+}
+
+fn current_version(c: &Connection, rtype: &str, id: &str) -> Result<Option<u64>, WriteError> {
+    c.prepare_cached("SELECT vid FROM resources WHERE rtype = ? AND id = ?")
+        .map_err(db)?
+        .query_row(params![rtype, id], |r| r.get::<_, i64>(0))
+        .optional()
+        .map(|v| v.map(|v| v as u64))
+        .map_err(db)
+}
+
+fn apply_op(c: &Connection, op: &WriteOp) -> Result<(), WriteError> {
+    let deleted = op.body.is_none();
+    let patient = if deleted { None } else { op.extracted.patient.as_deref() };
+    let sort_date = op.extracted.sort_date.unwrap_or(sql::NO_SORT_DATE);
+    let conflict = |found| WriteError::Conflict {
+        resource_type: op.resource_type.clone(),
+        id: op.id.clone(),
+        expected: op.expect,
+        found,
+    };
+    match op.expect {
+        Expect::Absent => {
+            let r = c
+                .prepare_cached(
+                    "INSERT INTO resources (rtype, id, vid, last_updated, deleted, patient, sort_date) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .map_err(db)?
+                .execute(params![
+                    op.resource_type,
+                    op.id,
+                    op.new_version as i64,
+                    op.last_updated,
+                    deleted as i64,
+                    patient,
+                    sort_date
+                ]);
+            match r {
+                Ok(_) => {}
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    return Err(conflict(current_version(c, &op.resource_type, &op.id)?));
+                }
+                Err(e) => return Err(db(e)),
+            }
+        }
+        Expect::Version(v) => {
+            let n = c
+                .prepare_cached(
+                    "UPDATE resources SET vid = ?, last_updated = ?, deleted = ?, patient = ?, sort_date = ? WHERE rtype = ? AND id = ? AND vid = ?",
+                )
+                .map_err(db)?
+                .execute(params![
+                    op.new_version as i64,
+                    op.last_updated,
+                    deleted as i64,
+                    patient,
+                    sort_date,
+                    op.resource_type,
+                    op.id,
+                    v as i64
+                ])
+                .map_err(db)?;
+            if n != 1 {
+                return Err(conflict(current_version(c, &op.resource_type, &op.id)?));
+            }
+            for table in ["idx_token", "idx_string", "idx_date", "idx_reference", "idx_quantity"] {
+                c.prepare_cached(&format!("DELETE FROM {table} WHERE rtype = ? AND id = ?"))
+                    .map_err(db)?
+                    .execute(params![op.resource_type, op.id])
+                    .map_err(db)?;
+            }
+        }
+    }
+    c.prepare_cached(
+        "INSERT INTO resource_versions (rtype, id, vid, last_updated, deleted, body) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .map_err(db)?
+    .execute(params![
+        op.resource_type,
+        op.id,
+        op.new_version as i64,
+        op.last_updated,
+        deleted as i64,
+        op.body
+    ])
+    .map_err(db)?;
+    if deleted {
+        return Ok(());
+    }
+    write_index(c, &op.resource_type, &op.id, &op.extracted.entries).map_err(db)?;
+    if let (Some(site), Some(p)) = (&op.extracted.subject_site, &op.extracted.patient) {
+        c.prepare_cached("INSERT INTO patient_sites (patient, site) VALUES (?, ?) ON CONFLICT (patient) DO UPDATE SET site = excluded.site")
+            .map_err(db)?
+            .execute(params![p, site])
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
+fn write_index(c: &Connection, rtype: &str, id: &str, entries: &[clinflow_fhir::IndexEntry]) -> rusqlite::Result<()> {
+    for e in entries {
+        match &e.value {
+            IndexValue::Token { system, code } => {
+                c.prepare_cached("INSERT OR IGNORE INTO idx_token (rtype, id, param, system, code) VALUES (?, ?, ?, ?, ?)")?
+                    .execute(params![rtype, id, e.param, system.as_deref().unwrap_or(""), code])?;
+            }
+            IndexValue::String { value } => {
+                c.prepare_cached("INSERT OR IGNORE INTO idx_string (rtype, id, param, value) VALUES (?, ?, ?, ?)")?
+                    .execute(params![rtype, id, e.param, value])?;
+            }
+            IndexValue::Date { low, high } => {
+                c.prepare_cached("INSERT OR IGNORE INTO idx_date (rtype, id, param, low, high) VALUES (?, ?, ?, ?, ?)")?
+                    .execute(params![rtype, id, e.param, low, high])?;
+            }
+            IndexValue::Reference { target_type, target_id } => {
+                c.prepare_cached(
+                    "INSERT OR IGNORE INTO idx_reference (rtype, id, param, target_type, target_id) VALUES (?, ?, ?, ?, ?)",
+                )?
+                .execute(params![rtype, id, e.param, target_type, target_id])?;
+            }
+            IndexValue::Quantity { value, system, code } => {
+                c.prepare_cached(
+                    "INSERT OR IGNORE INTO idx_quantity (rtype, id, param, value, system, code) VALUES (?, ?, ?, ?, ?, ?)",
+                )?
+                .execute(params![
+                    rtype,
+                    id,
+                    e.param,
+                    value,
+                    system.as_deref().unwrap_or(""),
+                    code.as_deref().unwrap_or("")
+                ])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn append_audit(c: &Connection, records: Vec<AuditRecord>) -> anyhow::Result<()> {
+    // The writer holds the database's write lock (BEGIN IMMEDIATE), so the
+    // head read here is the head this append follows, even when another
+    // process (the CLI) writes to the same file.
+    let head: Option<(i64, String)> = c
+        .prepare_cached("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let mut st = c.prepare_cached(
+        "INSERT INTO audit_log (seq, time, actor, role, action, rtype, rid, vid, reason, outcome, client, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )?;
+    for a in audit::chain(head, records) {
+        let r = &a.record;
+        st.execute(params![
+            a.seq,
+            r.time,
+            r.actor,
+            r.role,
+            r.action,
+            r.resource_type,
+            r.resource_id,
+            r.version.map(|v| v as i64),
+            r.reason,
+            r.outcome,
+            r.client,
+            r.detail,
+            a.prev_hash,
+            a.hash
+        ])?;
+    }
+    Ok(())
+}
