@@ -21,7 +21,11 @@ const DEMO_PROTOCOL: &str = include_str!("../../../reference-trial/protocol.yaml
 const DEMO_SUBJECTS: &str = include_str!("../../../reference-trial/subjects.csv");
 
 #[derive(Parser)]
-#[command(name = "clinflow", version, about = "clinflow: a clinical data platform")]
+#[command(
+    name = "clinflow",
+    version,
+    about = "clinflow: a clinical data platform"
+)]
 struct Cli {
     /// Where the data lives: sqlite://PATH or postgres://USER@HOST:PORT/DB.
     /// Default: sqlite://DATA_DIR/clinflow.db.
@@ -129,7 +133,9 @@ enum AuditCommand {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -177,10 +183,15 @@ async fn shutdown_signal() {
     tracing::info!("shutdown requested: finishing requests in flight");
 }
 
-async fn load_trial_text(store: &Store, protocol: &str, subjects: Option<&str>) -> anyhow::Result<clinflow_server::trials::LoadReport> {
+async fn load_trial_text(
+    store: &Store,
+    protocol: &str,
+    subjects: Option<&str>,
+) -> anyhow::Result<clinflow_server::trials::LoadReport> {
     let protocol = clinflow_protocol::parse_yaml(protocol).map_err(|e| anyhow::anyhow!("{e}"))?;
     let subjects = match subjects {
-        Some(s) => clinflow_protocol::parse_subjects_csv(s, &protocol).map_err(|e| anyhow::anyhow!("{e}"))?,
+        Some(s) => clinflow_protocol::parse_subjects_csv(s, &protocol)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
         None => Vec::new(),
     };
     Ok(clinflow_server::trials::load(store, &protocol, &subjects, cli_actor("trial-load")).await?)
@@ -210,8 +221,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if demo {
                 let store = &app.state().store;
                 let report = load_trial_text(store, DEMO_PROTOCOL, Some(DEMO_SUBJECTS)).await?;
-                let token = create_token(store, "demo-admin", Role::Admin, None, None, None, "serve --demo").await?;
-                println!("clinflow demo: trial {} v{} loaded ({} resources created, {} unchanged)", report.trial, report.version, report.created, report.unchanged);
+                let token = create_token(
+                    store,
+                    "demo-admin",
+                    Role::Admin,
+                    None,
+                    None,
+                    None,
+                    "serve --demo",
+                )
+                .await?;
+                println!(
+                    "clinflow demo: trial {} v{} loaded ({} resources created, {} unchanged)",
+                    report.trial, report.version, report.created, report.unchanged
+                );
                 println!("admin token (shown once): {token}");
             }
             println!("clinflow listening on http://{addr} (FHIR base http://{addr}/fhir)");
@@ -227,9 +250,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: TrialCommand::Load { protocol, subjects },
         } => {
             let store = Store::open(&url).await?;
-            let p = std::fs::read_to_string(&protocol).with_context(|| format!("reading {}", protocol.display()))?;
+            let p = std::fs::read_to_string(&protocol)
+                .with_context(|| format!("reading {}", protocol.display()))?;
             let s = match &subjects {
-                Some(s) => Some(std::fs::read_to_string(s).with_context(|| format!("reading {}", s.display()))?),
+                Some(s) => Some(
+                    std::fs::read_to_string(s)
+                        .with_context(|| format!("reading {}", s.display()))?,
+                ),
                 None => None,
             };
             let report = load_trial_text(&store, &p, s.as_deref())
@@ -240,7 +267,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "trial {} version {}{}: {} created, {} updated, {} unchanged",
                 report.trial,
                 report.version,
-                if report.new_version { " (new version)" } else { "" },
+                if report.new_version {
+                    " (new version)"
+                } else {
+                    ""
+                },
                 report.created,
                 report.updated,
                 report.unchanged
@@ -258,9 +289,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } => {
                     let role: Role = role.parse().map_err(|e: String| anyhow::anyhow!(e))?;
                     let name = name.unwrap_or_else(|| format!("{}-token", role.as_str()));
-                    let expires = expires_in_days.map(|d| clinflow_store::now_millis() + i64::from(d) * 86_400_000);
+                    let expires = expires_in_days
+                        .map(|d| clinflow_store::now_millis() + i64::from(d) * 86_400_000);
                     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-                    let token = create_token(&store, &name, role, site, patient, expires, &format!("cli:{user}")).await?;
+                    let token = create_token(
+                        &store,
+                        &name,
+                        role,
+                        site,
+                        patient,
+                        expires,
+                        &format!("cli:{user}"),
+                    )
+                    .await?;
                     println!("{token}");
                 }
                 TokenCommand::List => {
@@ -306,7 +347,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -14,6 +14,7 @@
 //! reaches `item.item.type`).
 
 use crate::datetime;
+use crate::outcome::IssueCode;
 use fhirkit::Json;
 use std::fmt::Write as _;
 
@@ -32,6 +33,9 @@ pub(crate) enum Rule {
     /// A date, dateTime or instant that must name a real calendar date and
     /// time (days in month, leap years, zone range).
     Date,
+    /// A Period whose `start` must not be after its `end` (R4 invariant
+    /// `per-1`); an inverted range would never match a date search.
+    Period,
 }
 
 /// One checked element.
@@ -151,6 +155,9 @@ const IMAGING_STUDY_STATUS: &[&str] = &[
 const QUANTITY_COMPARATOR: &[&str] = &["<", "<=", ">=", ">"];
 
 /// Every checked element. R4 binding strength `required` for all codes.
+///
+/// Keep the `Date` and `Period` entries in step with the date parameters
+/// of `index`: those are the values search depends on.
 pub(crate) static BINDINGS: &[Binding] = &[
     // Patient, Practitioner
     b("Patient.gender", Rule::Code(ADMINISTRATIVE_GENDER)),
@@ -182,6 +189,7 @@ pub(crate) static BINDINGS: &[Binding] = &[
     b("Observation.effectiveInstant", Rule::Date),
     b("Observation.effectivePeriod.start", Rule::Date),
     b("Observation.effectivePeriod.end", Rule::Date),
+    b("Observation.effectivePeriod", Rule::Period),
     b("Observation.issued", Rule::Date),
     // DiagnosticReport
     b(
@@ -191,6 +199,7 @@ pub(crate) static BINDINGS: &[Binding] = &[
     b("DiagnosticReport.effectiveDateTime", Rule::Date),
     b("DiagnosticReport.effectivePeriod.start", Rule::Date),
     b("DiagnosticReport.effectivePeriod.end", Rule::Date),
+    b("DiagnosticReport.effectivePeriod", Rule::Period),
     // AdverseEvent
     b(
         "AdverseEvent.actuality",
@@ -244,6 +253,7 @@ pub(crate) static BINDINGS: &[Binding] = &[
     ),
     b("Encounter.period.start", Rule::Date),
     b("Encounter.period.end", Rule::Date),
+    b("Encounter.period", Rule::Period),
     // Condition
     b(
         "Condition.clinicalStatus",
@@ -276,6 +286,7 @@ pub(crate) static BINDINGS: &[Binding] = &[
     b("Condition.onsetDateTime", Rule::Date),
     b("Condition.onsetPeriod.start", Rule::Date),
     b("Condition.onsetPeriod.end", Rule::Date),
+    b("Condition.onsetPeriod", Rule::Period),
     b("Condition.recordedDate", Rule::Date),
     // ImagingStudy
     b("ImagingStudy.status", Rule::Code(IMAGING_STUDY_STATUS)),
@@ -287,6 +298,7 @@ pub(crate) static BINDINGS: &[Binding] = &[
     ),
     b("ResearchSubject.period.start", Rule::Date),
     b("ResearchSubject.period.end", Rule::Date),
+    b("ResearchSubject.period", Rule::Period),
     b("ResearchStudy.status", Rule::Code(RESEARCH_STUDY_STATUS)),
     // Questionnaire, QuestionnaireResponse
     b("Questionnaire.status", Rule::Code(PUBLICATION_STATUS)),
@@ -317,6 +329,8 @@ const fn b(path: &'static str, rule: Rule) -> Binding {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Violation {
     pub path: String,
+    /// `value` for codes and dates, `invariant` for inverted periods.
+    pub code: IssueCode,
     pub message: String,
 }
 
@@ -378,19 +392,27 @@ fn walk(node: &Json, rest: &str, path: &mut String, f: &mut dyn FnMut(&Json, &st
 fn check_value(binding: &Binding, value: &Json, path: &str, out: &mut Vec<Violation>) {
     // Only built for a message: checking must not allocate.
     let element = || binding.path.replace('*', "");
+    let mut report = |path: String, code: IssueCode, message: String| {
+        out.push(Violation {
+            path,
+            code,
+            message,
+        })
+    };
     match binding.rule {
         Rule::Code(codes) => {
             // A non-string is a type error fhirkit already reports.
             if let Json::String(s) = value {
                 if !codes.contains(&s.as_str()) {
-                    out.push(Violation {
-                        path: path.to_string(),
-                        message: format!(
+                    report(
+                        path.to_string(),
+                        IssueCode::Value,
+                        format!(
                             "{s:?} is not a valid code for {}; allowed: {}",
                             element(),
                             codes.join(", ")
                         ),
-                    });
+                    );
                 }
             }
         }
@@ -405,39 +427,65 @@ fn check_value(binding: &Binding, value: &Json, path: &str, out: &mut Vec<Violat
                     found = true;
                     match coding.get("code").and_then(Json::as_str) {
                         Some(c) if codes.contains(&c) => {}
-                        Some(c) => out.push(Violation {
-                            path: format!("{path}.coding[{i}].code"),
-                            message: format!(
+                        Some(c) => report(
+                            format!("{path}.coding[{i}].code"),
+                            IssueCode::Value,
+                            format!(
                                 "{c:?} is not a valid code for {} in {system}; allowed: {}",
                                 element(),
                                 codes.join(", ")
                             ),
-                        }),
-                        None => out.push(Violation {
-                            path: format!("{path}.coding[{i}]"),
-                            message: format!("a coding from {system} needs a code"),
-                        }),
+                        ),
+                        None => report(
+                            format!("{path}.coding[{i}]"),
+                            IssueCode::Required,
+                            format!("a coding from {system} needs a code"),
+                        ),
                     }
                 }
             }
             if !found {
-                out.push(Violation {
-                    path: path.to_string(),
-                    message: format!(
+                report(
+                    path.to_string(),
+                    IssueCode::Value,
+                    format!(
                         "{} has a required binding: it needs a coding from {system} ({})",
                         element(),
                         codes.join(", ")
                     ),
-                });
+                );
             }
         }
         Rule::Date => {
             if let Json::String(s) = value {
                 if let Err(e) = datetime::parse_range(s) {
-                    out.push(Violation {
-                        path: path.to_string(),
-                        message: format!("{s:?} is not a valid date/time: {e}"),
-                    });
+                    report(
+                        path.to_string(),
+                        IssueCode::Value,
+                        format!("{s:?} is not a valid date/time: {e}"),
+                    );
+                }
+            }
+        }
+        Rule::Period => {
+            let bound = |k: &str| {
+                value
+                    .get(k)
+                    .and_then(Json::as_str)
+                    .and_then(|s| datetime::parse_range(s).ok())
+            };
+            // Compared as ranges: `2026-03` to `2026-03-01` is fine, as the
+            // start's first instant is not after the end's last.
+            if let (Some(start), Some(end)) = (bound("start"), bound("end")) {
+                if start.low > end.high {
+                    report(
+                        path.to_string(),
+                        IssueCode::Invariant,
+                        format!(
+                            "{} starts after it ends (per-1: start SHALL NOT be after end)",
+                            element()
+                        ),
+                    );
                 }
             }
         }
@@ -464,7 +512,7 @@ mod tests {
             assert!(crate::validate::is_resource_type(rt), "{}", binding.path);
             let codes = match binding.rule {
                 Rule::Code(c) | Rule::Concept { codes: c, .. } => c,
-                Rule::Date => continue,
+                Rule::Date | Rule::Period => continue,
             };
             for c in codes {
                 assert!(fhirkit::primitive::is_code(c), "{c}");
@@ -514,5 +562,19 @@ mod tests {
         assert_eq!(v[0].0, "Patient.birthDate");
         assert!(v[0].1.contains("does not exist"), "{}", v[0].1);
         assert!(violations(r#"{"resourceType":"Patient","birthDate":"2024-02-29"}"#).is_empty());
+    }
+
+    #[test]
+    fn periods_must_not_be_inverted() {
+        let enc = |start: &str, end: &str| {
+            violations(&format!(
+                r#"{{"resourceType":"Encounter","period":{{"start":"{start}","end":"{end}"}}}}"#
+            ))
+        };
+        let v = enc("2026-03-02T10:00:00Z", "2026-03-02T09:00:00Z");
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].0, "Encounter.period");
+        assert!(enc("2026-03", "2026-03-01").is_empty());
+        assert!(enc("2026-03-02T10:00:00+01:00", "2026-03-02T09:30:00Z").is_empty());
     }
 }

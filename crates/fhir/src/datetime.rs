@@ -51,7 +51,7 @@ pub fn parse_range(text: &str) -> Result<Range, String> {
             high: civil_to_millis(year + 1, 1, 1) - 1,
         });
     }
-    p.expect(b'-', "'-' after the year")?;
+    p.eat(b'-', "'-' after the year")?;
     let month = p.digits(2, "a two-digit month")?;
     if !(1..=12).contains(&month) {
         return Err(format!("month {month:02} is not between 01 and 12"));
@@ -67,7 +67,7 @@ pub fn parse_range(text: &str) -> Result<Range, String> {
             high: civil_to_millis(ny, nm, 1) - 1,
         });
     }
-    p.expect(b'-', "'-' after the month")?;
+    p.eat(b'-', "'-' after the month")?;
     let day = p.digits(2, "a two-digit day")?;
     let dim = days_in_month(year, month);
     if day < 1 || day > dim {
@@ -82,12 +82,12 @@ pub fn parse_range(text: &str) -> Result<Range, String> {
             high: midnight + MS_PER_DAY - 1,
         });
     }
-    p.expect(b'T', "'T' between the date and the time")?;
+    p.eat(b'T', "'T' between the date and the time")?;
     let hour = p.digits(2, "a two-digit hour")?;
     if hour > 23 {
         return Err(format!("hour {hour:02} is not between 00 and 23"));
     }
-    p.expect(b':', "':' after the hour")?;
+    p.eat(b':', "':' after the hour")?;
     let minute = p.digits(2, "two-digit minutes")?;
     if minute > 59 {
         return Err(format!("minute {minute:02} is not between 00 and 59"));
@@ -128,7 +128,7 @@ pub fn parse_range(text: &str) -> Result<Range, String> {
         Some(sign @ (b'+' | b'-')) => {
             p.pos += 1;
             let oh = p.digits(2, "a two-digit zone hour")?;
-            p.expect(b':', "':' in the zone offset")?;
+            p.eat(b':', "':' in the zone offset")?;
             let om = p.digits(2, "two-digit zone minutes")?;
             if oh > 14 || om > 59 || (oh == 14 && om > 0) {
                 return Err(format!("zone offset {oh:02}:{om:02} is out of range"));
@@ -140,11 +140,13 @@ pub fn parse_range(text: &str) -> Result<Range, String> {
                 o
             }
         }
-        Some(_) => return Err(format!(
+        Some(_) => {
+            return Err(format!(
             "unexpected {:?} at position {}; expected seconds, a fraction or a zone (Z or +hh:mm)",
             p.rest(),
             p.pos + 1
-        )),
+        ))
+        }
     };
     if !p.done() {
         return Err(format!(
@@ -247,7 +249,7 @@ impl Cursor<'_> {
         String::from_utf8_lossy(self.b.get(self.pos..).unwrap_or_default()).into_owned()
     }
 
-    fn expect(&mut self, want: u8, what: &str) -> Result<(), String> {
+    fn eat(&mut self, want: u8, what: &str) -> Result<(), String> {
         match self.peek() {
             Some(b) if b == want => {
                 self.pos += 1;

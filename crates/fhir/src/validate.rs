@@ -139,7 +139,7 @@ pub fn validate_json(
         }
     }
     for v in bindings::check(&rtype, &json) {
-        extra(v.path, IssueCode::Value, v.message);
+        extra(v.path, v.code, v.message);
     }
 
     if outcome.has_errors() {

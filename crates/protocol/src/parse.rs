@@ -6,9 +6,10 @@
 //! the checked types refuse (a LOINC code with a wrong check digit) fail
 //! here, with serde's line and key path. Then the rules run on the model:
 //! unique ids, ordered and nested ranges, positive conversion factors and
-//! so on. Their errors get a line from [`crate::locate`], which maps a key
-//! path back to the text. Either way the caller gets one [`ProtocolError`],
-//! the first problem in document order.
+//! so on. Their errors get a line from the private `locate` module, which
+//! maps a key path back to the text. Either way the caller gets one
+//! [`ProtocolError`]: the first problem serde meets, or the broken rule that
+//! comes first in the document.
 
 use crate::locate::SpanIndex;
 use crate::model::{Protocol, Range};
@@ -47,7 +48,8 @@ pub struct ProtocolError {
     pub kind: ProtocolErrorKind,
     /// 1-based line, when known.
     pub line: Option<usize>,
-    /// 1-based column (in characters; in bytes for JSON syntax errors), when known.
+    /// 1-based column, when known: characters, except for errors serde_json
+    /// finds in JSON, where it counts bytes.
     pub column: Option<usize>,
     /// Key path of the offending value, spelled as in the document
     /// (`measurements[3].soft`); `""` for the document as a whole. For
@@ -149,15 +151,14 @@ fn json_error(text: &str, e: &serde_json::Error) -> ProtocolError {
     } else {
         String::new()
     };
-    let mut err = ProtocolError {
+    // serde_json's position is on an unknown key itself, so `path` names it.
+    ProtocolError {
         kind,
         line: known.then_some(e.line()),
         column: known.then_some(e.column()),
         path,
         message,
-    };
-    refine_unknown_field(&mut err, &index);
-    err
+    }
 }
 
 /// `path: message` as serde_yaml_ng writes it, split. The model's keys and
@@ -176,7 +177,8 @@ fn split_path(message: &str) -> (Option<&str>, &str) {
     (None, message)
 }
 
-/// An unknown key is reported at its mapping; point at the key itself.
+/// serde_yaml_ng reports an unknown key with its mapping's path; name the
+/// key itself, and point at it.
 fn refine_unknown_field(err: &mut ProtocolError, index: &SpanIndex<'_>) {
     let Some(rest) = err.message.strip_prefix("unknown field `") else {
         return;
@@ -184,38 +186,41 @@ fn refine_unknown_field(err: &mut ProtocolError, index: &SpanIndex<'_>) {
     let Some((key, _)) = rest.split_once('`') else {
         return;
     };
-    let base = if index.find(&err.path).is_some() || err.path.is_empty() {
-        err.path.clone()
-    } else {
-        // JSON: the located path is the unknown key itself already.
-        crate::locate::parent(&err.path).to_string()
-    };
-    let path = if base.is_empty() {
+    let path = if err.path.is_empty() {
         key.to_string()
     } else {
-        format!("{base}.{key}")
+        format!("{}.{key}", err.path)
     };
     if let Some(pos) = index.find(&path) {
         err.line = Some(pos.line);
         err.column = Some(pos.column);
-        err.path = path;
     }
+    err.path = path;
 }
 
-/// Run the rules; the first violation becomes the error, located in `text`.
+/// Run the rules; the violation first in the text becomes the error.
 fn check(protocol: &Protocol, text: &str) -> Result<(), ProtocolError> {
-    let Some(v) = rules(protocol).into_iter().next() else {
+    let found = rules(protocol);
+    if found.is_empty() {
         return Ok(());
-    };
+    }
     let index = SpanIndex::new(text);
-    let pos = index.find_nearest(&v.path).map(|(p, _)| p);
-    Err(ProtocolError {
-        kind: ProtocolErrorKind::Rule,
-        line: pos.map(|p| p.line),
-        column: pos.map(|p| p.column),
-        path: v.path,
-        message: v.message,
-    })
+    let located = found.into_iter().map(|v| {
+        let pos = index.find_nearest(&v.path).map(|(p, _)| p);
+        ProtocolError {
+            kind: ProtocolErrorKind::Rule,
+            line: pos.map(|p| p.line),
+            column: pos.map(|p| p.column),
+            path: v.path,
+            message: v.message,
+        }
+    });
+    // Unlocated ones (not expected) sort last; `min_by_key` keeps the
+    // earlier-found of equals.
+    match located.min_by_key(|e| (e.line.is_none(), e.line, e.column)) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// A broken rule: where (key path) and what.

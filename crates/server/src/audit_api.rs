@@ -18,7 +18,9 @@ fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     if caller.principal.is_admin() {
         Ok(())
     } else {
-        Err(ApiError::Forbidden("only admins read the audit trail".into()))
+        Err(ApiError::Forbidden(
+            "only admins read the audit trail".into(),
+        ))
     }
 }
 
@@ -139,16 +141,17 @@ fn audit_query(pairs: &[(String, String)]) -> Result<AuditQuery, FhirError> {
                     .clamp(1, 1000)
             }
             "_cursor" => {
-                q.after_seq = Some(
-                    v.parse()
-                        .map_err(|_| FhirError::bad_request("the _cursor parameter is not one this server made"))?,
-                )
+                q.after_seq = Some(v.parse().map_err(|_| {
+                    FhirError::bad_request("the _cursor parameter is not one this server made")
+                })?)
             }
             other => {
                 return Err(FhirError::of(
                     StatusCode::BAD_REQUEST,
                     IssueCode::NotSupported,
-                    format!("AuditEvent search supports date, agent, entity and _count, not {other:?}"),
+                    format!(
+                        "AuditEvent search supports date, agent, entity and _count, not {other:?}"
+                    ),
                 ))
             }
         }
@@ -179,7 +182,10 @@ pub async fn search_fhir(
     let mut links = vec![("self", format!("{base}/AuditEvent?{qs}"))];
     if more {
         if let Some(last) = recs.last() {
-            links.push(("next", format!("{base}/AuditEvent?{qs}&_cursor={}", last.seq)));
+            links.push((
+                "next",
+                format!("{base}/AuditEvent?{qs}&_cursor={}", last.seq),
+            ));
         }
     }
     let mut b = BundleWriter::new("searchset", None, &links);
@@ -240,7 +246,14 @@ pub async fn export(
             out.push('\n');
         }
     }
-    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"))], out).into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        )],
+        out,
+    )
+        .into_response())
 }
 
 /// `GET /audit/verify`: checks the chain, as `clinflow audit verify` does.

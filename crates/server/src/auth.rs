@@ -173,7 +173,10 @@ pub async fn create_token(
 /// Why a bearer token was refused (kept off the wire: clients only see 401).
 async fn authenticate(state: &AppState, header: Option<&str>) -> Result<Principal, ApiError> {
     let token = header
-        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or(ApiError::Unauthorized)?;
@@ -193,7 +196,11 @@ async fn authenticate(state: &AppState, header: Option<&str>) -> Result<Principa
         .await
         .map_err(ApiError::Internal)?
         .ok_or(ApiError::Unauthorized)?;
-    if rec.revoked || rec.expires.is_some_and(|e| e <= clinflow_store::now_millis()) {
+    if rec.revoked
+        || rec
+            .expires
+            .is_some_and(|e| e <= clinflow_store::now_millis())
+    {
         return Err(ApiError::Unauthorized);
     }
     let role = Role::from_str(&rec.role).map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;

@@ -85,7 +85,10 @@ impl IntoResponse for ApiError {
         });
         let mut resp = (
             status,
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            )],
             body.to_string(),
         )
             .into_response();
@@ -172,7 +175,10 @@ impl IntoResponse for FhirError {
         }
         let mut resp = (
             self.status,
-            [(header::CONTENT_TYPE, HeaderValue::from_static(crate::fhir::FHIR_JSON))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::fhir::FHIR_JSON),
+            )],
             self.outcome.to_json_string(),
         )
             .into_response();

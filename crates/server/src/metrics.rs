@@ -53,9 +53,21 @@ impl Metrics {
         let auth_failures = Counter::default();
         let resources_written = Counter::default();
         registry.register("http_requests", "HTTP requests answered", requests.clone());
-        registry.register("http_request_duration_seconds", "HTTP request latency", latency.clone());
-        registry.register("auth_failures", "Requests refused for a missing or invalid token", auth_failures.clone());
-        registry.register("fhir_resources_written", "FHIR resource versions committed", resources_written.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            latency.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Requests refused for a missing or invalid token",
+            auth_failures.clone(),
+        );
+        registry.register(
+            "fhir_resources_written",
+            "FHIR resource versions committed",
+            resources_written.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -88,7 +100,9 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
     state
         .metrics
         .latency
-        .get_or_create(&RouteLabels { route: route.clone() })
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+        })
         .observe(start.elapsed().as_secs_f64());
     state
         .metrics

@@ -56,7 +56,9 @@ impl From<LoadError> for ApiError {
 fn same_content(a: &Json, b: &Json) -> bool {
     fn strip(j: &Json) -> Json {
         match j {
-            Json::Object(m) => Json::Object(m.iter().filter(|(k, _)| k != "meta").cloned().collect()),
+            Json::Object(m) => {
+                Json::Object(m.iter().filter(|(k, _)| k != "meta").cloned().collect())
+            }
             other => other.clone(),
         }
     }
@@ -65,7 +67,12 @@ fn same_content(a: &Json, b: &Json) -> bool {
 
 /// Loads (or amends) a trial. `audit` is the template of the audit record
 /// (who, from where, why); its action and detail are filled in here.
-pub async fn load(store: &Store, protocol: &Protocol, subjects: &[Subject], audit: AuditRecord) -> Result<LoadReport, LoadError> {
+pub async fn load(
+    store: &Store,
+    protocol: &Protocol,
+    subjects: &[Subject],
+    audit: AuditRecord,
+) -> Result<LoadReport, LoadError> {
     let trial_id = protocol.id.as_str().to_string();
     let version = protocol.version;
     let protocol_json = protocol.to_json();
@@ -104,8 +111,12 @@ pub async fn load(store: &Store, protocol: &Protocol, subjects: &[Subject], audi
     };
     let mut ops = Vec::new();
     for json in clinflow_protocol::trial_resources(protocol, subjects) {
-        let res = clinflow_fhir::validate::validate_json(json, None, "")
-            .map_err(|o| anyhow::anyhow!("the trial produced an invalid resource: {}", o.to_json_string()))?;
+        let res = clinflow_fhir::validate::validate_json(json, None, "").map_err(|o| {
+            anyhow::anyhow!(
+                "the trial produced an invalid resource: {}",
+                o.to_json_string()
+            )
+        })?;
         let rtype = res.resource_type().to_string();
         let id = res
             .id()
@@ -144,12 +155,15 @@ pub async fn load(store: &Store, protocol: &Protocol, subjects: &[Subject], audi
     ));
     if !ops.is_empty() || new_version {
         store
-            .write(WriteRequest { ops, audit: vec![rec] })
+            .write(WriteRequest {
+                ops,
+                audit: vec![rec],
+            })
             .await
             .map_err(|e| match e {
-                clinflow_store::WriteError::Conflict { .. } => {
-                    LoadError::Conflict(format!("trial {trial_id} changed during the load; retry: {e}"))
-                }
+                clinflow_store::WriteError::Conflict { .. } => LoadError::Conflict(format!(
+                    "trial {trial_id} changed during the load; retry: {e}"
+                )),
                 other => LoadError::Internal(anyhow::anyhow!(other)),
             })?;
     }
@@ -169,7 +183,10 @@ pub async fn load(store: &Store, protocol: &Protocol, subjects: &[Subject], audi
 fn require_writer(caller: &Caller) -> Result<(), ApiError> {
     match caller.principal.role {
         Role::Admin | Role::DataManager => Ok(()),
-        r => Err(ApiError::Forbidden(format!("the {} role may not set up trials", r.as_str()))),
+        r => Err(ApiError::Forbidden(format!(
+            "the {} role may not set up trials",
+            r.as_str()
+        ))),
     }
 }
 
@@ -192,10 +209,13 @@ pub async fn post_trial(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require_writer(&caller)?;
-    let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the protocol is not UTF-8".into()))?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::BadRequest("the protocol is not UTF-8".into()))?;
     let protocol = match media_type(&headers).as_str() {
         "application/json" => clinflow_protocol::parse_json(text),
-        "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml" => clinflow_protocol::parse_yaml(text),
+        "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml" => {
+            clinflow_protocol::parse_yaml(text)
+        }
         other => {
             return Err(ApiError::UnsupportedMediaType(format!(
                 "Content-Type {other:?}: send the protocol as application/yaml or application/json"
@@ -203,7 +223,13 @@ pub async fn post_trial(
         }
     }
     .map_err(|e| ApiError::Unprocessable(format!("the protocol is invalid: {e}")))?;
-    let report = load(&state.store, &protocol, &[], caller.audit("trial-load", "success")).await?;
+    let report = load(
+        &state.store,
+        &protocol,
+        &[],
+        caller.audit("trial-load", "success"),
+    )
+    .await?;
     let status = if report.new_version || report.created > 0 {
         StatusCode::CREATED
     } else {
@@ -230,10 +256,17 @@ pub async fn post_subjects(
         .ok_or_else(|| ApiError::NotFound(format!("no trial {id:?}")))?;
     let protocol = clinflow_protocol::parse_json(&latest.protocol)
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored protocol does not parse: {e}")))?;
-    let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the CSV is not UTF-8".into()))?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::BadRequest("the CSV is not UTF-8".into()))?;
     let subjects = clinflow_protocol::parse_subjects_csv(text, &protocol)
         .map_err(|e| ApiError::Unprocessable(format!("the subjects file is invalid: {e}")))?;
-    let report = load(&state.store, &protocol, &subjects, caller.audit("trial-load", "success")).await?;
+    let report = load(
+        &state.store,
+        &protocol,
+        &subjects,
+        caller.audit("trial-load", "success"),
+    )
+    .await?;
     Ok(AxumJson(report).into_response())
 }
 
@@ -247,8 +280,17 @@ fn trial_json(t: &TrialRecord) -> serde_json::Value {
 }
 
 /// `GET /trials`: every trial at its newest version.
-pub async fn list_trials(State(state): State<AppState>, _caller: Caller) -> Result<Response, ApiError> {
-    let items: Vec<_> = state.store.list_trials().await?.iter().map(trial_json).collect();
+pub async fn list_trials(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<Response, ApiError> {
+    let items: Vec<_> = state
+        .store
+        .list_trials()
+        .await?
+        .iter()
+        .map(trial_json)
+        .collect();
     Ok(AxumJson(json!({"items": items, "next": null})).into_response())
 }
 

@@ -189,7 +189,10 @@ mod tests {
     fn a_removed_record_is_found() {
         let mut c = chain(None, (0..5).map(rec).collect());
         c.remove(1);
-        assert_eq!(verify_all(&c), Err(ChainBreak::Removed { after: 1, next: 3 }));
+        assert_eq!(
+            verify_all(&c),
+            Err(ChainBreak::Removed { after: 1, next: 3 })
+        );
     }
 
     #[test]

@@ -48,7 +48,10 @@ impl std::str::FromStr for DatabaseUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(p) = s.strip_prefix("sqlite://").or_else(|| s.strip_prefix("sqlite:")) {
+        if let Some(p) = s
+            .strip_prefix("sqlite://")
+            .or_else(|| s.strip_prefix("sqlite:"))
+        {
             if p.is_empty() {
                 return Err("sqlite URL without a path: use sqlite://PATH".into());
             }
@@ -116,11 +119,20 @@ impl Store {
         dispatch!(self.flush())
     }
 
-    pub async fn read_current(&self, rtype: &str, id: &str) -> anyhow::Result<Option<StoredResource>> {
+    pub async fn read_current(
+        &self,
+        rtype: &str,
+        id: &str,
+    ) -> anyhow::Result<Option<StoredResource>> {
         dispatch!(self.read_current(rtype, id))
     }
 
-    pub async fn read_version(&self, rtype: &str, id: &str, vid: u64) -> anyhow::Result<Option<StoredResource>> {
+    pub async fn read_version(
+        &self,
+        rtype: &str,
+        id: &str,
+        vid: u64,
+    ) -> anyhow::Result<Option<StoredResource>> {
         dispatch!(self.read_version(rtype, id, vid))
     }
 
@@ -134,11 +146,20 @@ impl Store {
         dispatch!(self.history(rtype, id, before, limit))
     }
 
-    pub async fn search(&self, q: clinflow_fhir::search::SearchQuery, scope: Scope) -> anyhow::Result<SearchPage> {
+    pub async fn search(
+        &self,
+        q: clinflow_fhir::search::SearchQuery,
+        scope: Scope,
+    ) -> anyhow::Result<SearchPage> {
         dispatch!(self.search(q, scope))
     }
 
-    pub async fn find_by_identifier(&self, rtype: &str, system: Option<&str>, value: &str) -> anyhow::Result<Vec<String>> {
+    pub async fn find_by_identifier(
+        &self,
+        rtype: &str,
+        system: Option<&str>,
+        value: &str,
+    ) -> anyhow::Result<Vec<String>> {
         dispatch!(self.find_by_identifier(rtype, system, value))
     }
 
@@ -146,7 +167,12 @@ impl Store {
         dispatch!(self.patient_site(patient))
     }
 
-    pub async fn create_token(&self, rec: TokenRecord, hash: String, audit: Vec<AuditRecord>) -> anyhow::Result<()> {
+    pub async fn create_token(
+        &self,
+        rec: TokenRecord,
+        hash: String,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<()> {
         dispatch!(self.create_token(rec, hash, audit))
     }
 

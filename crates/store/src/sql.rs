@@ -168,10 +168,24 @@ fn push_clauses(sql: &mut Sql, q: &SearchQuery) {
 fn push_date_cmp(sql: &mut Sql, lo: &str, hi: &str, prefix: Prefix, low: i64, high: i64) {
     match prefix {
         Prefix::Eq | Prefix::Ap => {
-            sql.push(lo).push(" >= ").int(low).push(" AND ").push(hi).push(" <= ").int(high);
+            sql.push(lo)
+                .push(" >= ")
+                .int(low)
+                .push(" AND ")
+                .push(hi)
+                .push(" <= ")
+                .int(high);
         }
         Prefix::Ne => {
-            sql.push("(").push(lo).push(" < ").int(low).push(" OR ").push(hi).push(" > ").int(high).push(")");
+            sql.push("(")
+                .push(lo)
+                .push(" < ")
+                .int(low)
+                .push(" OR ")
+                .push(hi)
+                .push(" > ")
+                .int(high)
+                .push(")");
         }
         Prefix::Gt => {
             sql.push(hi).push(" > ").int(high);
@@ -211,7 +225,14 @@ fn push_predicate(sql: &mut Sql, rtype: &str, param: &str, p: &Predicate) {
         }
         Predicate::Date { prefix, low, high } if param == "_lastUpdated" => {
             sql.push("(");
-            push_date_cmp(sql, "r.last_updated", "r.last_updated", *prefix, *low, *high);
+            push_date_cmp(
+                sql,
+                "r.last_updated",
+                "r.last_updated",
+                *prefix,
+                *low,
+                *high,
+            );
             sql.push(")");
         }
         Predicate::Date { prefix, low, high } => {
@@ -248,10 +269,16 @@ fn push_predicate(sql: &mut Sql, rtype: &str, param: &str, p: &Predicate) {
                     // (the PostgreSQL column is COLLATE "C").
                     let mut upper = v.clone();
                     upper.push(char::MAX);
-                    sql.push(" AND x.value >= ").text(&v).push(" AND x.value < ").text(&upper);
+                    sql.push(" AND x.value >= ")
+                        .text(&v)
+                        .push(" AND x.value < ")
+                        .text(&upper);
                 }
                 StringMode::Contains => {
-                    let escaped = v.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+                    let escaped = v
+                        .replace('\\', "\\\\")
+                        .replace('%', "\\%")
+                        .replace('_', "\\_");
                     sql.push(" AND x.value LIKE ")
                         .text(&format!("%{escaped}%"))
                         .push(" ESCAPE '\\'");
@@ -259,7 +286,10 @@ fn push_predicate(sql: &mut Sql, rtype: &str, param: &str, p: &Predicate) {
             }
             sql.push(")");
         }
-        Predicate::Reference { target_type, target_id } => {
+        Predicate::Reference {
+            target_type,
+            target_id,
+        } => {
             open_index(sql, "idx_reference", rtype, param);
             sql.push(" AND x.target_id = ").text(target_id);
             if let Some(t) = target_type {
@@ -294,10 +324,17 @@ fn push_predicate(sql: &mut Sql, rtype: &str, param: &str, p: &Predicate) {
             sql.push(" AND ");
             match prefix {
                 Prefix::Eq => {
-                    sql.push("x.value >= ").real(*low).push(" AND x.value < ").real(*high);
+                    sql.push("x.value >= ")
+                        .real(*low)
+                        .push(" AND x.value < ")
+                        .real(*high);
                 }
                 Prefix::Ne => {
-                    sql.push("(x.value < ").real(*low).push(" OR x.value >= ").real(*high).push(")");
+                    sql.push("(x.value < ")
+                        .real(*low)
+                        .push(" OR x.value >= ")
+                        .real(*high)
+                        .push(")");
                 }
                 Prefix::Ap => {
                     let margin = (value.abs() * 0.1).max(high - low);

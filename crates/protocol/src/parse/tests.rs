@@ -293,6 +293,19 @@ fn rules_name_line_and_key_path() {
 }
 
 #[test]
+fn the_broken_rule_first_in_the_text_is_reported() {
+    let text = edit("id: hba1c", "id: glucose").replacen("hard: [20, 400]", "hard: [400, 20]", 1);
+    let e = parse_yaml(&text).unwrap_err();
+    assert_eq!(e.path, "measurements[4].id", "{e}");
+    let text = edit("serious_report_hours: 24", "serious_report_hours: 0").replacen(
+        "version: 3",
+        "version: 0",
+        1,
+    );
+    assert_eq!(parse_yaml(&text).unwrap_err().path, "version");
+}
+
+#[test]
 fn a_rule_error_points_at_the_key_in_a_flow_entry() {
     let text = edit("soft: [90, 180]", "soft: [90, 350]");
     let e = parse_yaml(&text).unwrap_err();

@@ -17,8 +17,8 @@ use clinflow_store::{Expect, WriteOp, WriteRequest};
 
 use super::write::{build_op, check_writable_type, conflict_error, invalid, stored_of};
 use super::{
-    base_url, body_text, bundle_response, check_may_write, check_write_scope, in_scope, json_str, parse_etag,
-    read_scope, BundleWriter, FhirBody,
+    base_url, body_text, bundle_response, check_may_write, check_write_scope, in_scope, json_str,
+    parse_etag, read_scope, BundleWriter, FhirBody,
 };
 use crate::auth::Caller;
 use crate::error::FhirError;
@@ -68,9 +68,13 @@ fn read_entries(mut bundle: Json, max: usize) -> Result<(String, Vec<Entry>), Fh
         return Err(FhirError::bad_request("the body is not a JSON object"));
     };
     if take(obj, "resourceType").as_ref().and_then(Json::as_str) != Some("Bundle") {
-        return Err(FhirError::bad_request("POST /fhir takes a Bundle of type transaction or batch"));
+        return Err(FhirError::bad_request(
+            "POST /fhir takes a Bundle of type transaction or batch",
+        ));
     }
-    let kind = take(obj, "type").and_then(|t| t.as_str().map(str::to_string)).unwrap_or_default();
+    let kind = take(obj, "type")
+        .and_then(|t| t.as_str().map(str::to_string))
+        .unwrap_or_default();
     if kind != "transaction" && kind != "batch" {
         return Err(FhirError::bad_request(format!(
             "Bundle.type {kind:?} cannot be posted here: use transaction or batch"
@@ -85,7 +89,10 @@ fn read_entries(mut bundle: Json, max: usize) -> Result<(String, Vec<Entry>), Fh
         return Err(FhirError::of(
             StatusCode::PAYLOAD_TOO_LARGE,
             IssueCode::TooCostly,
-            format!("the Bundle has {} entries; this server takes at most {max} in one Bundle", raw.len()),
+            format!(
+                "the Bundle has {} entries; this server takes at most {max} in one Bundle",
+                raw.len()
+            ),
         ));
     }
     let mut entries = Vec::with_capacity(raw.len());
@@ -96,19 +103,22 @@ fn read_entries(mut bundle: Json, max: usize) -> Result<(String, Vec<Entry>), Fh
         let full_url = take(&mut e, "fullUrl").and_then(|u| u.as_str().map(str::to_string));
         let resource = take(&mut e, "resource");
         let Some(Json::Object(mut req)) = take(&mut e, "request") else {
-            return Err(entry_error(index, "entry.request (method and url) is required"));
+            return Err(entry_error(
+                index,
+                "entry.request (method and url) is required",
+            ));
         };
         let method = match take(&mut req, "method").as_ref().and_then(Json::as_str) {
             Some("GET") => Method::Get,
             Some("POST") => Method::Post,
             Some("PUT") => Method::Put,
             Some("DELETE") => Method::Delete,
-            other => {
-                return Err(entry_error(
-                    index,
-                    format!("entry.request.method {other:?} is not supported: use GET, POST, PUT or DELETE"),
-                ))
-            }
+            other => return Err(entry_error(
+                index,
+                format!(
+                    "entry.request.method {other:?} is not supported: use GET, POST, PUT or DELETE"
+                ),
+            )),
         };
         let url = take(&mut req, "url")
             .and_then(|u| u.as_str().map(|s| s.trim_start_matches('/').to_string()))
@@ -116,11 +126,9 @@ fn read_entries(mut bundle: Json, max: usize) -> Result<(String, Vec<Entry>), Fh
             .ok_or_else(|| entry_error(index, "entry.request.url is required"))?;
         let if_match = match take(&mut req, "ifMatch") {
             None => None,
-            Some(v) => Some(
-                v.as_str()
-                    .and_then(parse_etag)
-                    .ok_or_else(|| entry_error(index, "entry.request.ifMatch is not a version ETag"))?,
-            ),
+            Some(v) => Some(v.as_str().and_then(parse_etag).ok_or_else(|| {
+                entry_error(index, "entry.request.ifMatch is not a version ETag")
+            })?),
         };
         if matches!(method, Method::Post | Method::Put) && resource.is_none() {
             return Err(entry_error(index, "a POST or PUT entry needs a resource"));
@@ -172,13 +180,21 @@ pub async fn post_bundle(
                     .and_then(|mut v| v.pop().ok_or_else(|| entry_error(index, "no result")))
             };
             match r {
-                Ok(r) => b.entry(r.full_url(&base).as_deref(), r.resource.as_deref(), &[r.response_json()]),
+                Ok(r) => b.entry(
+                    r.full_url(&base).as_deref(),
+                    r.resource.as_deref(),
+                    &[r.response_json()],
+                ),
                 Err(err) => b.entry(
                     None,
                     None,
                     &[format!(
                         "\"response\":{{\"status\":{},\"outcome\":{}}}",
-                        json_str(&format!("{} {}", err.status.as_u16(), err.status.canonical_reason().unwrap_or(""))),
+                        json_str(&format!(
+                            "{} {}",
+                            err.status.as_u16(),
+                            err.status.canonical_reason().unwrap_or("")
+                        )),
                         err.outcome.to_json_string()
                     )],
                 ),
@@ -229,8 +245,13 @@ fn type_and_id(index: usize, url: &str) -> Result<(String, String), FhirError> {
     let url = url.split('?').next().unwrap_or(url);
     let mut parts = url.split('/');
     match (parts.next(), parts.next(), parts.next()) {
-        (Some(t), Some(id), None) if clinflow_fhir::validate::is_valid_id(id) => Ok((t.to_string(), id.to_string())),
-        _ => Err(entry_error(index, format!("entry.request.url {url:?} must be Type/id"))),
+        (Some(t), Some(id), None) if clinflow_fhir::validate::is_valid_id(id) => {
+            Ok((t.to_string(), id.to_string()))
+        }
+        _ => Err(entry_error(
+            index,
+            format!("entry.request.url {url:?} must be Type/id"),
+        )),
     }
 }
 
@@ -263,9 +284,15 @@ fn identifier_ref(obj: &[(String, Json)]) -> Option<(String, Option<String>, Str
     if obj.iter().any(|(k, _)| k == "reference") {
         return None;
     }
-    let ident = obj.iter().find(|(k, _)| k == "identifier").map(|(_, v)| v)?;
+    let ident = obj
+        .iter()
+        .find(|(k, _)| k == "identifier")
+        .map(|(_, v)| v)?;
     let value = ident.get("value").and_then(Json::as_str)?.to_string();
-    let system = ident.get("system").and_then(Json::as_str).map(str::to_string);
+    let system = ident
+        .get("system")
+        .and_then(Json::as_str)
+        .map(str::to_string);
     let rtype = obj
         .iter()
         .find(|(k, _)| k == "type")
@@ -314,7 +341,10 @@ async fn transaction(
             Method::Post => {
                 let rtype = e.url.split(['?', '/']).next().unwrap_or("").to_string();
                 if !clinflow_fhir::validate::is_resource_type(&rtype) {
-                    return Err(entry_error(e.index, format!("{rtype:?} is not an R4 resource type")));
+                    return Err(entry_error(
+                        e.index,
+                        format!("{rtype:?} is not an R4 resource type"),
+                    ));
                 }
                 (rtype, uuid::Uuid::new_v4().to_string())
             }
@@ -322,7 +352,10 @@ async fn transaction(
         };
         check_writable_type(&rtype)?;
         if !seen.insert((rtype.clone(), id.clone())) {
-            return Err(entry_error(e.index, format!("{rtype}/{id} appears twice in this transaction")));
+            return Err(entry_error(
+                e.index,
+                format!("{rtype}/{id} appears twice in this transaction"),
+            ));
         }
         if let Some(u) = &e.full_url {
             rewrite.insert(u.clone(), format!("{rtype}/{id}"));
@@ -364,9 +397,15 @@ async fn transaction(
         }
         let (rtype, system, value) = key;
         if !clinflow_fhir::validate::is_resource_type(rtype) {
-            return Err(entry_error(*index, format!("Reference.type {rtype:?} is not a resource type")));
+            return Err(entry_error(
+                *index,
+                format!("Reference.type {rtype:?} is not a resource type"),
+            ));
         }
-        let ids = state.store.find_by_identifier(rtype, system.as_deref(), value).await?;
+        let ids = state
+            .store
+            .find_by_identifier(rtype, system.as_deref(), value)
+            .await?;
         match ids.as_slice() {
             [one] => {
                 by_identifier.insert(key.clone(), one.clone());
@@ -381,16 +420,14 @@ async fn transaction(
                     ),
                 ))
             }
-            _ => {
-                return Err(FhirError::of(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    IssueCode::Duplicate,
-                    format!(
-                        "Bundle.entry[{index}]: more than one {rtype} has the identifier {}|{value}",
-                        system.as_deref().unwrap_or("")
-                    ),
-                ))
-            }
+            _ => return Err(FhirError::of(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                IssueCode::Duplicate,
+                format!(
+                    "Bundle.entry[{index}]: more than one {rtype} has the identifier {}|{value}",
+                    system.as_deref().unwrap_or("")
+                ),
+            )),
         }
     }
     if !wanted.is_empty() {
@@ -399,7 +436,13 @@ async fn transaction(
                 for_each_object(r, &mut |obj| {
                     if let Some(key) = identifier_ref(obj) {
                         if let Some(id) = by_identifier.get(&key) {
-                            obj.insert(0, ("reference".to_string(), Json::String(format!("{}/{id}", key.0))));
+                            obj.insert(
+                                0,
+                                (
+                                    "reference".to_string(),
+                                    Json::String(format!("{}/{id}", key.0)),
+                                ),
+                            );
                         }
                     }
                 });
@@ -422,7 +465,9 @@ async fn transaction(
                     problems.issues.push(OutcomeIssue {
                         severity: clinflow_fhir::IssueSeverity::Error,
                         code: IssueCode::Invalid,
-                        diagnostics: format!("the resource's id must be {id:?}, as in entry.request.url"),
+                        diagnostics: format!(
+                            "the resource's id must be {id:?}, as in entry.request.url"
+                        ),
                         expression: vec![format!("{path}.id")],
                     });
                 }
@@ -460,7 +505,10 @@ async fn transaction(
                 return Err(FhirError::of(
                     StatusCode::PRECONDITION_FAILED,
                     IssueCode::Conflict,
-                    format!("Bundle.entry[{}]: {rtype}/{id} is not at version {v}", e.index),
+                    format!(
+                        "Bundle.entry[{}]: {rtype}/{id} is not at version {v}",
+                        e.index
+                    ),
                 ))
             }
             (None, Some(c)) => Expect::Version(c.version),
@@ -517,7 +565,10 @@ async fn transaction(
                     (false, 1) => "201 Created",
                     _ => "200 OK",
                 },
-                location: Some(format!("{}/{}/_history/{}", s.resource_type, s.id, s.version)),
+                location: Some(format!(
+                    "{}/{}/_history/{}",
+                    s.resource_type, s.id, s.version
+                )),
                 version: Some(s.version),
                 last_updated: Some(s.last_updated),
                 resource: None,
@@ -535,7 +586,12 @@ async fn transaction(
 }
 
 /// A GET entry of a batch: a read (`Type/id`).
-async fn batch_get(state: &AppState, caller: &Caller, _headers: &HeaderMap, e: Entry) -> Result<EntryResult, FhirError> {
+async fn batch_get(
+    state: &AppState,
+    caller: &Caller,
+    _headers: &HeaderMap,
+    e: Entry,
+) -> Result<EntryResult, FhirError> {
     let (rtype, id) = type_and_id(e.index, &e.url)?;
     let scope = read_scope(caller)?;
     let mut rec = caller.audit("read", "success");

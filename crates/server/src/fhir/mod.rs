@@ -11,7 +11,7 @@
 
 pub mod bundle;
 pub mod capability;
-mod write;
+pub mod write;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, Query, RawQuery, Request, State};
@@ -37,7 +37,10 @@ pub fn routes() -> Router<AppState> {
         .route("/", post(bundle::post_bundle))
         .route("/{rtype}", get(search_get).post(write::create))
         .route("/{rtype}/_search", post(search_post))
-        .route("/{rtype}/{id}", get(read).put(write::update).delete(write::delete))
+        .route(
+            "/{rtype}/{id}",
+            get(read).put(write::update).delete(write::delete),
+        )
         .route("/{rtype}/{id}/_history", get(history))
         .route("/{rtype}/{id}/_history/{vid}", get(vread))
         .method_not_allowed_fallback(method_not_allowed)
@@ -72,7 +75,12 @@ impl<S: Send + Sync> FromRequest<S> for FhirBody {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if !matches!(mime.as_str(), "application/fhir+json" | "application/json") {
             return Err(ApiError::UnsupportedMediaType(format!(
                 "Content-Type {ct:?} is not supported: send application/fhir+json"
@@ -86,7 +94,9 @@ impl<S: Send + Sync> FromRequest<S> for FhirBody {
                 IssueCode::TooCostly,
                 "the request body is larger than this server accepts",
             )),
-            Err(e) => Err(FhirError::bad_request(format!("could not read the request body: {e}"))),
+            Err(e) => Err(FhirError::bad_request(format!(
+                "could not read the request body: {e}"
+            ))),
         }
     }
 }
@@ -117,14 +127,20 @@ pub fn check_type(rtype: &str) -> Result<(), FhirError> {
 
 /// The scope of what the caller may read, or 403.
 pub fn read_scope(caller: &Caller) -> Result<Scope, FhirError> {
-    caller
-        .principal
-        .read_scope()
-        .ok_or_else(|| FhirError::forbidden(format!("the {} role may not read clinical data", caller.principal.role.as_str())))
+    caller.principal.read_scope().ok_or_else(|| {
+        FhirError::forbidden(format!(
+            "the {} role may not read clinical data",
+            caller.principal.role.as_str()
+        ))
+    })
 }
 
 /// Whether a resource in compartment `patient` is inside `scope`.
-pub async fn in_scope(state: &AppState, scope: &Scope, patient: Option<&str>) -> Result<bool, FhirError> {
+pub async fn in_scope(
+    state: &AppState,
+    scope: &Scope,
+    patient: Option<&str>,
+) -> Result<bool, FhirError> {
     Ok(match (scope, patient) {
         (Scope::All, _) | (_, None) => true,
         (Scope::Patient(p), Some(q)) => p == q,
@@ -140,14 +156,18 @@ pub fn base_url(headers: &HeaderMap) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .filter(|h| h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c)))
+        .filter(|h| {
+            h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+        })
         .unwrap_or("localhost");
     format!("http://{host}/fhir")
 }
 
 /// `W/"n"`.
 pub fn etag(version: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("W/\"{version}\"")).unwrap_or(HeaderValue::from_static("W/\"0\""))
+    HeaderValue::from_str(&format!("W/\"{version}\""))
+        .unwrap_or(HeaderValue::from_static("W/\"0\""))
 }
 
 /// Parses `If-Match: W/"n"` (or `"n"`, or `n`).
@@ -156,9 +176,11 @@ pub fn parse_if_match(headers: &HeaderMap) -> Result<Option<u64>, FhirError> {
         return Ok(None);
     };
     let s = v.to_str().unwrap_or("");
-    parse_etag(s)
-        .map(Some)
-        .ok_or_else(|| FhirError::bad_request(format!("If-Match {s:?} is not a version ETag such as W/\"3\"")))
+    parse_etag(s).map(Some).ok_or_else(|| {
+        FhirError::bad_request(format!(
+            "If-Match {s:?} is not a version ETag such as W/\"3\""
+        ))
+    })
 }
 
 /// `W/"3"` -> 3.
@@ -210,7 +232,9 @@ impl BundleWriter {
         out.push_str("{\"resourceType\":\"Bundle\",\"id\":");
         out.push_str(&json_str(&uuid::Uuid::new_v4().to_string()));
         out.push_str(",\"meta\":{\"lastUpdated\":");
-        out.push_str(&json_str(&clinflow_fhir::datetime::format_instant(clinflow_store::now_millis())));
+        out.push_str(&json_str(&clinflow_fhir::datetime::format_instant(
+            clinflow_store::now_millis(),
+        )));
         out.push_str("},\"type\":");
         out.push_str(&json_str(kind));
         if let Some(t) = total {
@@ -281,7 +305,11 @@ impl BundleWriter {
 
 /// A response with a Bundle body.
 pub fn bundle_response(body: String) -> Response {
-    ([(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))], body).into_response()
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
+        body,
+    )
+        .into_response()
 }
 
 async fn read(
@@ -310,7 +338,12 @@ async fn read(
     if r.deleted {
         rec.outcome = "410".into();
         state.store.audit(vec![rec]).await?;
-        let mut resp = FhirError::of(StatusCode::GONE, IssueCode::Deleted, format!("{rtype}/{id} was deleted")).into_response();
+        let mut resp = FhirError::of(
+            StatusCode::GONE,
+            IssueCode::Deleted,
+            format!("{rtype}/{id} was deleted"),
+        )
+        .into_response();
         resp.headers_mut().insert(header::ETAG, etag(r.version));
         return Ok(resp);
     }
@@ -387,17 +420,26 @@ async fn history(
         return Err(FhirError::not_found(&rtype, &id));
     }
     let count = p.count.unwrap_or(50).clamp(1, 1000);
-    let versions = state.store.history(&rtype, &id, p.cursor, count + 1).await?;
+    let versions = state
+        .store
+        .history(&rtype, &id, p.cursor, count + 1)
+        .await?;
     state.store.audit(vec![rec]).await?;
     let base = base_url(&headers);
-    let mut links = vec![("self", format!("{base}/{rtype}/{id}/_history?_count={count}"))];
+    let mut links = vec![(
+        "self",
+        format!("{base}/{rtype}/{id}/_history?_count={count}"),
+    )];
     let more = versions.len() > count;
     let versions = &versions[..versions.len().min(count)];
     if more {
         if let Some(last) = versions.last() {
             links.push((
                 "next",
-                format!("{base}/{rtype}/{id}/_history?_count={count}&_cursor={}", last.version),
+                format!(
+                    "{base}/{rtype}/{id}/_history?_count={count}&_cursor={}",
+                    last.version
+                ),
             ));
         }
     }
@@ -427,7 +469,9 @@ async fn history(
 
 /// Decodes a query string into pairs, keeping repeated keys.
 pub fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, FhirError> {
-    let Some(raw) = raw else { return Ok(Vec::new()) };
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
     serde_urlencoded_pairs(raw)
 }
 
@@ -444,7 +488,11 @@ fn serde_urlencoded_pairs(raw: &str) -> Result<Vec<(String, String)>, FhirError>
                         .get(i + 1..i + 3)
                         .and_then(|h| std::str::from_utf8(h).ok())
                         .and_then(|h| u8::from_str_radix(h, 16).ok())
-                        .ok_or_else(|| FhirError::bad_request(format!("bad percent-encoding in query near {s:?}")))?;
+                        .ok_or_else(|| {
+                            FhirError::bad_request(format!(
+                                "bad percent-encoding in query near {s:?}"
+                            ))
+                        })?;
                     out.push(hex);
                     i += 2;
                 }
@@ -483,7 +531,8 @@ async fn search_post(
     body: Bytes,
 ) -> Result<Response, FhirError> {
     let mut pairs = query_pairs(raw.as_deref())?;
-    let form = std::str::from_utf8(&body).map_err(|_| FhirError::bad_request("the form body is not UTF-8"))?;
+    let form = std::str::from_utf8(&body)
+        .map_err(|_| FhirError::bad_request("the form body is not UTF-8"))?;
     pairs.extend(serde_urlencoded_pairs(form)?);
     search(&state, &caller, &headers, &rtype, pairs).await
 }
@@ -516,7 +565,9 @@ pub async fn search(
     let q: SearchQuery = clinflow_fhir::search::parse_query(rtype, &pairs)
         .map_err(|o| FhirError::new(StatusCode::BAD_REQUEST, o))?;
     let page = state.store.search(q.clone(), scope).await.map_err(|e| {
-        if e.downcast_ref::<clinflow_store::sql::SearchError>().is_some() {
+        if e.downcast_ref::<clinflow_store::sql::SearchError>()
+            .is_some()
+        {
             FhirError::bad_request(e.to_string())
         } else {
             FhirError::internal(e)
@@ -532,23 +583,38 @@ pub async fn search(
     let mut links = vec![("self", format!("{base}/{rtype}?{qs}"))];
     if let Some(c) = &page.next_cursor {
         let sep = if qs.is_empty() { "" } else { "&" };
-        links.push(("next", format!("{base}/{rtype}?{qs}{sep}_cursor={}", encode_component(c))));
+        links.push((
+            "next",
+            format!("{base}/{rtype}?{qs}{sep}_cursor={}", encode_component(c)),
+        ));
     }
     let mut rec = caller.audit("search", "success");
     rec.resource_type = Some(rtype.to_string());
     let ids: Vec<&str> = page.matches.iter().map(|r| r.id.as_str()).collect();
-    rec.detail = Some(format!("?{qs} -> {} match(es): {}", ids.len(), ids.join(",")));
+    rec.detail = Some(format!(
+        "?{qs} -> {} match(es): {}",
+        ids.len(),
+        ids.join(",")
+    ));
     state.store.audit(vec![rec]).await?;
     let mut b = BundleWriter::new("searchset", page.total, &links);
     let mode_match = "\"search\":{\"mode\":\"match\"}".to_string();
     let mode_include = "\"search\":{\"mode\":\"include\"}".to_string();
     for r in &page.matches {
         let url = format!("{base}/{rtype}/{}", r.id);
-        b.entry(Some(&url), r.body.as_deref(), std::slice::from_ref(&mode_match));
+        b.entry(
+            Some(&url),
+            r.body.as_deref(),
+            std::slice::from_ref(&mode_match),
+        );
     }
     for r in &page.included {
         let url = format!("{base}/{}/{}", r.resource_type, r.id);
-        b.entry(Some(&url), r.body.as_deref(), std::slice::from_ref(&mode_include));
+        b.entry(
+            Some(&url),
+            r.body.as_deref(),
+            std::slice::from_ref(&mode_include),
+        );
     }
     Ok(bundle_response(b.finish()))
 }
@@ -566,7 +632,11 @@ pub fn check_may_write(caller: &Caller) -> Result<(), FhirError> {
 }
 
 /// For a site user: a write must stay inside its site's patients.
-pub async fn check_write_scope(state: &AppState, caller: &Caller, patient: Option<&str>) -> Result<(), FhirError> {
+pub async fn check_write_scope(
+    state: &AppState,
+    caller: &Caller,
+    patient: Option<&str>,
+) -> Result<(), FhirError> {
     if caller.principal.role != Role::SiteUser {
         return Ok(());
     }
@@ -579,6 +649,8 @@ pub async fn check_write_scope(state: &AppState, caller: &Caller, patient: Optio
     if in_scope(state, &scope, Some(p)).await? {
         Ok(())
     } else {
-        Err(FhirError::forbidden("this subject is not enrolled at your site"))
+        Err(FhirError::forbidden(
+            "this subject is not enrolled at your site",
+        ))
     }
 }

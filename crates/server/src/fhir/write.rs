@@ -7,8 +7,8 @@ use clinflow_fhir::{IssueCode, OperationOutcome, Resource};
 use clinflow_store::{Expect, StoredResource, WriteError, WriteOp, WriteRequest};
 
 use super::{
-    body_text, check_may_write, check_type, check_write_scope, etag, in_scope, parse_if_match, read_scope,
-    resource_response, FhirBody,
+    body_text, check_may_write, check_type, check_write_scope, etag, in_scope, parse_if_match,
+    read_scope, resource_response, FhirBody,
 };
 use crate::auth::Caller;
 use crate::error::FhirError;
@@ -96,7 +96,9 @@ pub fn conflict_error(e: WriteError, if_match: bool) -> FhirError {
             } else {
                 (
                     StatusCode::CONFLICT,
-                    format!("{resource_type}/{id} was changed by someone else at the same time; retry"),
+                    format!(
+                        "{resource_type}/{id} was changed by someone else at the same time; retry"
+                    ),
                 )
             };
             let code = if if_match {
@@ -124,7 +126,8 @@ pub async fn create(
     check_type(&rtype)?;
     check_writable_type(&rtype)?;
     check_may_write(&caller)?;
-    let res = clinflow_fhir::validate::parse_resource(body_text(&body)?, Some(&rtype)).map_err(invalid)?;
+    let res = clinflow_fhir::validate::parse_resource(body_text(&body)?, Some(&rtype))
+        .map_err(invalid)?;
     let id = uuid::Uuid::new_v4().to_string();
     let op = build_op(res, &id, Expect::Absent, clinflow_store::now_millis());
     check_write_scope(&state, &caller, op.extracted.patient.as_deref()).await?;
@@ -160,10 +163,13 @@ pub async fn update(
     check_writable_type(&rtype)?;
     check_may_write(&caller)?;
     if !clinflow_fhir::validate::is_valid_id(&id) {
-        return Err(FhirError::bad_request(format!("{id:?} is not a valid FHIR id")));
+        return Err(FhirError::bad_request(format!(
+            "{id:?} is not a valid FHIR id"
+        )));
     }
     let if_match = parse_if_match(&headers)?;
-    let res = clinflow_fhir::validate::parse_resource(body_text(&body)?, Some(&rtype)).map_err(invalid)?;
+    let res = clinflow_fhir::validate::parse_resource(body_text(&body)?, Some(&rtype))
+        .map_err(invalid)?;
     match res.id() {
         Some(body_id) if body_id == id => {}
         Some(body_id) => {
@@ -171,14 +177,20 @@ pub async fn update(
                 "the resource's id {body_id:?} differs from the id in the URL {id:?}"
             )))
         }
-        None => return Err(FhirError::bad_request("an update needs the resource's id in the body")),
+        None => {
+            return Err(FhirError::bad_request(
+                "an update needs the resource's id in the body",
+            ))
+        }
     }
     let scope = read_scope(&caller)?;
     for _ in 0..UPDATE_RETRIES {
         let current = state.store.read_current(&rtype, &id).await?;
         if let Some(c) = &current {
             if !in_scope(&state, &scope, c.patient.as_deref()).await? {
-                return Err(FhirError::forbidden("this resource belongs to a subject outside your scope"));
+                return Err(FhirError::forbidden(
+                    "this resource belongs to a subject outside your scope",
+                ));
             }
             check_write_scope(&state, &caller, c.patient.as_deref()).await?;
         }
@@ -190,7 +202,8 @@ pub async fn update(
                     IssueCode::Conflict,
                     format!(
                         "{rtype}/{id} is at version {}, not {v}",
-                        c.as_ref().map_or("none".to_string(), |c| c.version.to_string())
+                        c.as_ref()
+                            .map_or("none".to_string(), |c| c.version.to_string())
                     ),
                 ))
             }
@@ -221,7 +234,9 @@ pub async fn update(
                 };
                 return Ok(resource_response(status, &stored));
             }
-            Err(e @ WriteError::Conflict { .. }) if if_match.is_some() => return Err(conflict_error(e, true)),
+            Err(e @ WriteError::Conflict { .. }) if if_match.is_some() => {
+                return Err(conflict_error(e, true))
+            }
             Err(WriteError::Conflict { .. }) => continue,
             Err(e) => return Err(conflict_error(e, false)),
         }
@@ -260,7 +275,8 @@ pub async fn delete(
     }
     if current.deleted {
         let mut resp = StatusCode::NO_CONTENT.into_response();
-        resp.headers_mut().insert(header::ETAG, etag(current.version));
+        resp.headers_mut()
+            .insert(header::ETAG, etag(current.version));
         return Ok(resp);
     }
     let op = WriteOp {

@@ -111,7 +111,8 @@ fn parse_url(url: &str) -> anyhow::Result<(tokio_postgres::Config, Option<String
     if let Some(s) = &schema {
         let valid = !s.is_empty()
             && s.len() <= 63
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
             && !s.as_bytes()[0].is_ascii_digit();
         if !valid {
             bail!("schema {s:?} in the PostgreSQL URL: use 1 to 63 of a-z, 0-9 and '_', not starting with a digit");
@@ -133,7 +134,10 @@ fn parse_url(url: &str) -> anyhow::Result<(tokio_postgres::Config, Option<String
 }
 
 async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<Client> {
-    let (client, conn) = config.connect(NoTls).await.context("connecting to PostgreSQL")?;
+    let (client, conn) = config
+        .connect(NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::warn!(error = %e, "a PostgreSQL connection ended with an error");
@@ -146,21 +150,28 @@ async fn migrate(client: &mut Client, schema: Option<&str>) -> anyhow::Result<()
     let tx = client.transaction().await?;
     // Two processes starting together: the second waits here, then finds
     // the migrations applied.
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
     if let Some(s) = schema {
-        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{s}\"")).await?;
+        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{s}\""))
+            .await?;
     }
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied BIGINT NOT NULL)",
     )
     .await?;
     let current: i64 = tx
-        .query_one("SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations", &[])
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations",
+            &[],
+        )
         .await?
         .try_get(0)?;
     for (version, sql) in MIGRATIONS {
         if *version > current {
-            tx.batch_execute(sql).await.with_context(|| format!("migration {version}"))?;
+            tx.batch_execute(sql)
+                .await
+                .with_context(|| format!("migration {version}"))?;
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied) VALUES ($1, $2)",
                 &[version, &crate::now_millis()],
@@ -178,7 +189,9 @@ impl PgStore {
     pub async fn open(url: &str) -> anyhow::Result<PgStore> {
         let (config, schema) = parse_url(url)?;
         let mut client = connect(&config).await?;
-        migrate(&mut client, schema.as_deref()).await.context("migrating the PostgreSQL schema")?;
+        migrate(&mut client, schema.as_deref())
+            .await
+            .context("migrating the PostgreSQL schema")?;
         let stmts = Stmts::prepare(&client).await?;
         let manager = Manager::from_config(
             config.clone(),
@@ -205,25 +218,37 @@ impl PgStore {
     }
 
     async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
-        self.pool.get().await.context("getting a PostgreSQL connection")
+        self.pool
+            .get()
+            .await
+            .context("getting a PostgreSQL connection")
     }
 
     /// Commits a write request (with its audit records) atomically.
     pub async fn write(&self, req: WriteRequest) -> Result<(), WriteError> {
         let (tx, rx) = oneshot::channel();
-        self.writer.send(Job::Write(req, tx)).await.map_err(|_| WriteError::Closed)?;
+        self.writer
+            .send(Job::Write(req, tx))
+            .await
+            .map_err(|_| WriteError::Closed)?;
         rx.await.map_err(|_| WriteError::Closed)?
     }
 
     /// Queues read-audit records for the next group commit.
     pub async fn audit(&self, records: Vec<AuditRecord>) -> anyhow::Result<()> {
-        self.writer.send(Job::Audit(records)).await.map_err(|_| anyhow!("store closed"))
+        self.writer
+            .send(Job::Audit(records))
+            .await
+            .map_err(|_| anyhow!("store closed"))
     }
 
     /// Waits until everything queued so far is committed.
     pub async fn flush(&self) -> anyhow::Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.writer.send(Job::Flush(tx)).await.map_err(|_| anyhow!("store closed"))?;
+        self.writer
+            .send(Job::Flush(tx))
+            .await
+            .map_err(|_| anyhow!("store closed"))?;
         rx.await.map_err(|_| anyhow!("store closed"))
     }
 
@@ -241,7 +266,11 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn read_current(&self, rtype: &str, id: &str) -> anyhow::Result<Option<StoredResource>> {
+    pub async fn read_current(
+        &self,
+        rtype: &str,
+        id: &str,
+    ) -> anyhow::Result<Option<StoredResource>> {
         let c = self.client().await?;
         let st = c
             .prepare_cached(
@@ -254,7 +283,12 @@ impl PgStore {
             .transpose()
     }
 
-    pub async fn read_version(&self, rtype: &str, id: &str, vid: u64) -> anyhow::Result<Option<StoredResource>> {
+    pub async fn read_version(
+        &self,
+        rtype: &str,
+        id: &str,
+        vid: u64,
+    ) -> anyhow::Result<Option<StoredResource>> {
         let c = self.client().await?;
         let st = c
             .prepare_cached(
@@ -291,12 +325,19 @@ impl PgStore {
             .collect()
     }
 
-    pub async fn search(&self, q: clinflow_fhir::search::SearchQuery, scope: Scope) -> anyhow::Result<SearchPage> {
+    pub async fn search(
+        &self,
+        q: clinflow_fhir::search::SearchQuery,
+        scope: Scope,
+    ) -> anyhow::Result<SearchPage> {
         let c = self.client().await?;
         let mut page = SearchPage::default();
         if q.total || q.count == 0 {
             let s = sql::search_count(Dialect::Postgres, &q, &scope);
-            let n: i64 = c.query_typed_one(&s.text, &typed(&s.params)).await?.try_get(0)?;
+            let n: i64 = c
+                .query_typed_one(&s.text, &typed(&s.params))
+                .await?
+                .try_get(0)?;
             page.total = Some(n as u64);
         }
         if q.count > 0 {
@@ -318,13 +359,18 @@ impl PgStore {
             if q.include_subject && !page.matches.is_empty() {
                 let ids: Vec<String> = page.matches.iter().map(|r| r.id.clone()).collect();
                 let s = sql::include_targets(Dialect::Postgres, &q.resource_type, "subject", &ids);
-                let mut by_type: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+                let mut by_type: std::collections::BTreeMap<String, Vec<String>> =
+                    Default::default();
                 for row in c.query_typed(&s.text, &typed(&s.params)).await? {
-                    by_type.entry(row.try_get(0)?).or_default().push(row.try_get(1)?);
+                    by_type
+                        .entry(row.try_get(0)?)
+                        .or_default()
+                        .push(row.try_get(1)?);
                 }
                 for (t, ids) in by_type {
                     let s = sql::read_many(Dialect::Postgres, &t, &ids, &scope);
-                    page.included.extend(run_rows(&c, &t, &s).await?.into_iter().map(|(r, _)| r));
+                    page.included
+                        .extend(run_rows(&c, &t, &s).await?.into_iter().map(|(r, _)| r));
                 }
             }
         }
@@ -332,7 +378,12 @@ impl PgStore {
     }
 
     /// Ids of `rtype` resources whose `identifier` is `system|value`.
-    pub async fn find_by_identifier(&self, rtype: &str, system: Option<&str>, value: &str) -> anyhow::Result<Vec<String>> {
+    pub async fn find_by_identifier(
+        &self,
+        rtype: &str,
+        system: Option<&str>,
+        value: &str,
+    ) -> anyhow::Result<Vec<String>> {
         let c = self.client().await?;
         let st = c
             .prepare_cached(
@@ -349,7 +400,9 @@ impl PgStore {
     /// The site a patient is enrolled at.
     pub async fn patient_site(&self, patient: &str) -> anyhow::Result<Option<String>> {
         let c = self.client().await?;
-        let st = c.prepare_cached("SELECT site FROM patient_sites WHERE patient = $1").await?;
+        let st = c
+            .prepare_cached("SELECT site FROM patient_sites WHERE patient = $1")
+            .await?;
         Ok(match c.query_opt(&st, &[&patient]).await? {
             Some(row) => Some(row.try_get(0)?),
             None => None,
@@ -358,7 +411,12 @@ impl PgStore {
 
     // ---- tokens ----
 
-    pub async fn create_token(&self, rec: TokenRecord, hash: String, audit: Vec<AuditRecord>) -> anyhow::Result<()> {
+    pub async fn create_token(
+        &self,
+        rec: TokenRecord,
+        hash: String,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<()> {
         self.op(Op::CreateToken(rec, hash), audit).await.map(|_| ())
     }
 
@@ -367,7 +425,11 @@ impl PgStore {
         let st = c
             .prepare_cached("SELECT id, name, role, site, patient, created, expires, revoked FROM tokens WHERE hash = $1")
             .await?;
-        c.query_opt(&st, &[&hash]).await?.as_ref().map(token_row).transpose()
+        c.query_opt(&st, &[&hash])
+            .await?
+            .as_ref()
+            .map(token_row)
+            .transpose()
     }
 
     pub async fn list_tokens(&self) -> anyhow::Result<Vec<TokenRecord>> {
@@ -416,11 +478,18 @@ impl PgStore {
 
     pub async fn audit_records(&self, q: AuditQuery) -> anyhow::Result<Vec<ChainedAudit>> {
         let mut s = sql::Sql::new(Dialect::Postgres);
-        s.push(AUDIT_SELECT).push(" WHERE seq > ").int(q.after_seq.unwrap_or(0));
+        s.push(AUDIT_SELECT)
+            .push(" WHERE seq > ")
+            .int(q.after_seq.unwrap_or(0));
         push_audit_filters(&mut s, &q);
-        s.push(" ORDER BY seq LIMIT ").int(q.limit.min(i64::MAX as usize) as i64);
+        s.push(" ORDER BY seq LIMIT ")
+            .int(q.limit.min(i64::MAX as usize) as i64);
         let c = self.client().await?;
-        c.query_typed(&s.text, &typed(&s.params)).await?.iter().map(audit_row).collect()
+        c.query_typed(&s.text, &typed(&s.params))
+            .await?
+            .iter()
+            .map(audit_row)
+            .collect()
     }
 
     /// Reads the whole trail in order and checks the chain. Rows are
@@ -428,7 +497,9 @@ impl PgStore {
     /// however long the trail is.
     pub async fn verify_audit(&self) -> anyhow::Result<Result<u64, audit::ChainBreak>> {
         let c = self.client().await?;
-        let st = c.prepare_cached(&format!("{AUDIT_SELECT} ORDER BY seq")).await?;
+        let st = c
+            .prepare_cached(&format!("{AUDIT_SELECT} ORDER BY seq"))
+            .await?;
         let no_params: [&(dyn ToSql + Sync); 0] = [];
         let mut rows = std::pin::pin!(c.query_raw(&st, no_params).await?);
         let mut v = audit::Verifier::new();
@@ -444,7 +515,9 @@ impl PgStore {
     /// Runs raw SQL on the writer's connection, inside its transaction. For
     /// tests that play an attacker with direct database access.
     pub async fn execute_raw(&self, sql: &str) -> anyhow::Result<()> {
-        self.op(Op::Raw(sql.to_string()), Vec::new()).await.map(|_| ())
+        self.op(Op::Raw(sql.to_string()), Vec::new())
+            .await
+            .map(|_| ())
     }
 }
 
@@ -498,7 +571,11 @@ fn stored_row(rtype: &str, row: &Row) -> anyhow::Result<(StoredResource, i64)> {
     ))
 }
 
-async fn run_rows(c: &Client, rtype: &str, s: &sql::Sql) -> anyhow::Result<Vec<(StoredResource, i64)>> {
+async fn run_rows(
+    c: &Client,
+    rtype: &str,
+    s: &sql::Sql,
+) -> anyhow::Result<Vec<(StoredResource, i64)>> {
     c.query_typed(&s.text, &typed(&s.params))
         .await?
         .iter()
@@ -552,7 +629,13 @@ fn trial_row(row: &Row) -> anyhow::Result<TrialRecord> {
 
 // ---- the writer ----
 
-const INDEX_TABLES: [&str; 5] = ["idx_token", "idx_string", "idx_date", "idx_reference", "idx_quantity"];
+const INDEX_TABLES: [&str; 5] = [
+    "idx_token",
+    "idx_string",
+    "idx_date",
+    "idx_reference",
+    "idx_quantity",
+];
 
 /// The writer's statements, prepared once per connection.
 struct Stmts {
@@ -582,8 +665,10 @@ impl Stmts {
         let mut delete_index = Vec::with_capacity(INDEX_TABLES.len());
         for table in INDEX_TABLES {
             delete_index.push(
-                c.prepare(&format!("DELETE FROM {table} WHERE rtype = $1 AND id = ANY($2::TEXT[])"))
-                    .await?,
+                c.prepare(&format!(
+                    "DELETE FROM {table} WHERE rtype = $1 AND id = ANY($2::TEXT[])"
+                ))
+                .await?,
             );
         }
         Ok(Stmts {
@@ -663,7 +748,10 @@ struct Writer {
 }
 
 enum Outcome {
-    Write(oneshot::Sender<Result<(), WriteError>>, Result<(), WriteError>),
+    Write(
+        oneshot::Sender<Result<(), WriteError>>,
+        Result<(), WriteError>,
+    ),
     Op(oneshot::Sender<anyhow::Result<u64>>, anyhow::Result<u64>),
     Flush(oneshot::Sender<()>),
 }
@@ -707,7 +795,10 @@ impl Writer {
             let stmts = Stmts::prepare(&client).await?;
             self.conn = Some((client, stmts));
         }
-        let (c, s) = self.conn.as_ref().ok_or_else(|| anyhow!("no writer connection"))?;
+        let (c, s) = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| anyhow!("no writer connection"))?;
         Ok((c, s))
     }
 
@@ -803,7 +894,9 @@ async fn run_group(
         }
     }
     if !audit_records.is_empty() {
-        append_audit(c, st, audit_records).await.context("appending to the audit trail")?;
+        append_audit(c, st, audit_records)
+            .await
+            .context("appending to the audit trail")?;
     }
     c.batch_execute("COMMIT").await.context("committing")?;
     Ok(())
@@ -829,7 +922,11 @@ type PgFuture<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Erro
 /// Runs the statements pipelined (sent together, executed in order by the
 /// server) and returns the first error, after every reply has come back.
 async fn pipeline(futures: Vec<PgFuture<'_>>) -> Result<Vec<u64>, WriteError> {
-    futures::future::join_all(futures).await.into_iter().map(|r| r.map_err(db)).collect()
+    futures::future::join_all(futures)
+        .await
+        .into_iter()
+        .map(|r| r.map_err(db))
+        .collect()
 }
 
 /// Does a token, trial or raw-SQL write in its own savepoint.
@@ -839,7 +936,16 @@ async fn apply_op(c: &Client, st: &Stmts, op: &Op) -> Result<u64, WriteError> {
         Op::CreateToken(rec, hash) => {
             c.execute(
                 &st.insert_token_record,
-                &[&rec.id, &rec.name, &rec.role, &rec.site, &rec.patient, hash, &rec.created, &rec.expires],
+                &[
+                    &rec.id,
+                    &rec.name,
+                    &rec.role,
+                    &rec.site,
+                    &rec.patient,
+                    hash,
+                    &rec.created,
+                    &rec.expires,
+                ],
             )
             .await
         }
@@ -847,7 +953,12 @@ async fn apply_op(c: &Client, st: &Stmts, op: &Op) -> Result<u64, WriteError> {
         Op::PutTrial(rec) => {
             c.execute(
                 &st.insert_trial,
-                &[&rec.id, &i64::from(rec.version), &rec.protocol, &rec.loaded_at],
+                &[
+                    &rec.id,
+                    &i64::from(rec.version),
+                    &rec.protocol,
+                    &rec.loaded_at,
+                ],
             )
             .await
         }
@@ -924,12 +1035,19 @@ impl<'a> IndexRows<'a> {
                     self.date_low.push(*low);
                     self.date_high.push(*high);
                 }
-                IndexValue::Reference { target_type, target_id } => {
+                IndexValue::Reference {
+                    target_type,
+                    target_id,
+                } => {
                     self.reference.push(rtype, id, e.param);
                     self.reference_type.push(target_type);
                     self.reference_id.push(target_id);
                 }
-                IndexValue::Quantity { value, system, code } => {
+                IndexValue::Quantity {
+                    value,
+                    system,
+                    code,
+                } => {
                     self.quantity.push(rtype, id, e.param);
                     self.quantity_value.push(*value);
                     self.quantity_system.push(system.as_deref().unwrap_or(""));
@@ -946,7 +1064,13 @@ impl<'a> IndexRows<'a> {
             out.push(Box::pin(async move {
                 c.execute(
                     &st.insert_token,
-                    &[&t.rtype, &t.id, &t.param, &self.token_system, &self.token_code],
+                    &[
+                        &t.rtype,
+                        &t.id,
+                        &t.param,
+                        &self.token_system,
+                        &self.token_code,
+                    ],
                 )
                 .await
             }));
@@ -954,8 +1078,11 @@ impl<'a> IndexRows<'a> {
         let s = &self.string;
         if !s.id.is_empty() {
             out.push(Box::pin(async move {
-                c.execute(&st.insert_string, &[&s.rtype, &s.id, &s.param, &self.string_value])
-                    .await
+                c.execute(
+                    &st.insert_string,
+                    &[&s.rtype, &s.id, &s.param, &self.string_value],
+                )
+                .await
             }));
         }
         let d = &self.date;
@@ -973,7 +1100,13 @@ impl<'a> IndexRows<'a> {
             out.push(Box::pin(async move {
                 c.execute(
                     &st.insert_reference,
-                    &[&r.rtype, &r.id, &r.param, &self.reference_type, &self.reference_id],
+                    &[
+                        &r.rtype,
+                        &r.id,
+                        &r.param,
+                        &self.reference_type,
+                        &self.reference_id,
+                    ],
                 )
                 .await
             }));
@@ -1048,20 +1181,39 @@ async fn apply_ops(c: &Client, st: &Stmts, ops: &[WriteOp]) -> Result<(), WriteE
         }
         c.query(
             &st.insert_resources,
-            &[&new.rtype, &new.id, &new.vid, &new.last_updated, &new.deleted, &new.patient, &new.sort_date],
+            &[
+                &new.rtype,
+                &new.id,
+                &new.vid,
+                &new.last_updated,
+                &new.deleted,
+                &new.patient,
+                &new.sort_date,
+            ],
         )
         .await
     };
-    let updated = futures::future::join_all(updates.iter().map(|(i, vid, deleted, patient, sort, expected)| {
-        let op = &ops[*i];
-        async move {
-            c.execute(
-                &st.update_resource,
-                &[vid, &op.last_updated, deleted, patient, sort, &op.resource_type, &op.id, expected],
-            )
-            .await
-        }
-    }));
+    let updated = futures::future::join_all(updates.iter().map(
+        |(i, vid, deleted, patient, sort, expected)| {
+            let op = &ops[*i];
+            async move {
+                c.execute(
+                    &st.update_resource,
+                    &[
+                        vid,
+                        &op.last_updated,
+                        deleted,
+                        patient,
+                        sort,
+                        &op.resource_type,
+                        &op.id,
+                        expected,
+                    ],
+                )
+                .await
+            }
+        },
+    ));
     let (savepoint, inserted, updated) = futures::join!(savepoint, inserted, updated);
     savepoint.map_err(db)?;
     let inserted = inserted.map_err(db)?;
@@ -1152,7 +1304,9 @@ async fn apply_ops(c: &Client, st: &Stmts, ops: &[WriteOp]) -> Result<(), WriteE
     let mut statements: Vec<PgFuture<'_>> = Vec::new();
     for (rtype, ids) in &stale {
         for delete in &st.delete_index {
-            statements.push(Box::pin(async move { c.execute(delete, &[rtype, ids]).await }));
+            statements.push(Box::pin(
+                async move { c.execute(delete, &[rtype, ids]).await },
+            ));
         }
     }
     let (v, b) = (&versions, &bodies);
@@ -1166,7 +1320,9 @@ async fn apply_ops(c: &Client, st: &Stmts, ops: &[WriteOp]) -> Result<(), WriteE
     index.statements(c, st, &mut statements);
     if !site_patients.is_empty() {
         let (p, s) = (&site_patients, &site_sites);
-        statements.push(Box::pin(async move { c.execute(&st.upsert_sites, &[p, s]).await }));
+        statements.push(Box::pin(async move {
+            c.execute(&st.upsert_sites, &[p, s]).await
+        }));
     }
     statements.push(Box::pin(async move {
         c.batch_execute("RELEASE SAVEPOINT req").await.map(|()| 0)
@@ -1219,8 +1375,8 @@ async fn append_audit(c: &Client, st: &Stmts, records: Vec<AuditRecord>) -> anyh
         c.execute(
             &st.insert_audit,
             &[
-                &seq, &time, &actor, &role, &action, &rtype, &rid, &vid, &reason, &outcome, &client, &detail,
-                &prev_hash, &hash,
+                &seq, &time, &actor, &role, &action, &rtype, &rid, &vid, &reason, &outcome,
+                &client, &detail, &prev_hash, &hash,
             ],
         )
         .await
@@ -1240,7 +1396,8 @@ mod tests {
 
     #[test]
     fn the_schema_parameter_is_taken_out_of_the_url() {
-        let (config, schema) = parse_url("postgres://postgres@127.0.0.1:5432/test?schema=t_abc").unwrap();
+        let (config, schema) =
+            parse_url("postgres://postgres@127.0.0.1:5432/test?schema=t_abc").unwrap();
         assert_eq!(schema.as_deref(), Some("t_abc"));
         assert_eq!(config.get_dbname(), Some("test"));
         assert_eq!(config.get_options(), Some("-csearch_path=t_abc"));
@@ -1259,7 +1416,10 @@ mod tests {
     #[test]
     fn schema_names_that_would_need_quoting_are_refused() {
         for bad in ["", "A", "a-b", "1a", "a;drop", "a\"b"] {
-            assert!(parse_url(&format!("postgres://u@h/db?schema={bad}")).is_err(), "{bad}");
+            assert!(
+                parse_url(&format!("postgres://u@h/db?schema={bad}")).is_err(),
+                "{bad}"
+            );
         }
     }
 }

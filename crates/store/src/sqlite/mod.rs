@@ -36,7 +36,11 @@ enum Job {
     /// Read-audit records: group-committed, nobody waits for them.
     Audit(Vec<AuditRecord>),
     /// Any other write (tokens, trials), with its audit records.
-    Custom(CustomFn, Vec<AuditRecord>, oneshot::Sender<anyhow::Result<()>>),
+    Custom(
+        CustomFn,
+        Vec<AuditRecord>,
+        oneshot::Sender<anyhow::Result<()>>,
+    ),
     /// Replies once everything queued before it is committed.
     Flush(oneshot::Sender<()>),
 }
@@ -70,10 +74,15 @@ fn open_conn(path: &Path, read_only: bool) -> anyhow::Result<Connection> {
 fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied INTEGER NOT NULL)")?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let current: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
+    let current: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
     for (version, sql) in MIGRATIONS {
         if *version > current {
-            tx.execute_batch(sql).with_context(|| format!("migration {version}"))?;
+            tx.execute_batch(sql)
+                .with_context(|| format!("migration {version}"))?;
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied) VALUES (?, ?)",
                 params![version, crate::now_millis()],
@@ -92,12 +101,15 @@ impl SqliteStore {
         let (writer_conn, readers) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             if let Some(dir) = p.parent() {
                 if !dir.as_os_str().is_empty() {
-                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
                 }
             }
             let mut w = open_conn(&p, false)?;
             migrate(&mut w)?;
-            let readers = (0..4).map(|_| open_conn(&p, true)).collect::<anyhow::Result<Vec<_>>>()?;
+            let readers = (0..4)
+                .map(|_| open_conn(&p, true))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             Ok((w, readers))
         })
         .await??;
@@ -125,7 +137,12 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> anyhow::Result<T> + Send + 'static,
     ) -> anyhow::Result<T> {
-        let _permit = self.readers.permits.acquire().await.map_err(|_| anyhow!("store closed"))?;
+        let _permit = self
+            .readers
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| anyhow!("store closed"))?;
         let pool = self.readers.clone();
         tokio::task::spawn_blocking(move || {
             // The semaphore guarantees a connection is free; the lock is held
@@ -148,19 +165,28 @@ impl SqliteStore {
     /// Commits a write request (with its audit records) atomically.
     pub async fn write(&self, req: WriteRequest) -> Result<(), WriteError> {
         let (tx, rx) = oneshot::channel();
-        self.writer.send(Job::Write(req, tx)).await.map_err(|_| WriteError::Closed)?;
+        self.writer
+            .send(Job::Write(req, tx))
+            .await
+            .map_err(|_| WriteError::Closed)?;
         rx.await.map_err(|_| WriteError::Closed)?
     }
 
     /// Queues read-audit records for the next group commit.
     pub async fn audit(&self, records: Vec<AuditRecord>) -> anyhow::Result<()> {
-        self.writer.send(Job::Audit(records)).await.map_err(|_| anyhow!("store closed"))
+        self.writer
+            .send(Job::Audit(records))
+            .await
+            .map_err(|_| anyhow!("store closed"))
     }
 
     /// Waits until everything queued so far is committed.
     pub async fn flush(&self) -> anyhow::Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.writer.send(Job::Flush(tx)).await.map_err(|_| anyhow!("store closed"))?;
+        self.writer
+            .send(Job::Flush(tx))
+            .await
+            .map_err(|_| anyhow!("store closed"))?;
         rx.await.map_err(|_| anyhow!("store closed"))
     }
 
@@ -178,10 +204,18 @@ impl SqliteStore {
     }
 
     pub async fn ping(&self) -> anyhow::Result<()> {
-        self.read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).map(|_| ())?)).await
+        self.read(|c| {
+            Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .map(|_| ())?)
+        })
+        .await
     }
 
-    pub async fn read_current(&self, rtype: &str, id: &str) -> anyhow::Result<Option<StoredResource>> {
+    pub async fn read_current(
+        &self,
+        rtype: &str,
+        id: &str,
+    ) -> anyhow::Result<Option<StoredResource>> {
         let (rtype, id) = (rtype.to_string(), id.to_string());
         self.read(move |c| {
             let mut st = c.prepare_cached(
@@ -204,7 +238,12 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn read_version(&self, rtype: &str, id: &str, vid: u64) -> anyhow::Result<Option<StoredResource>> {
+    pub async fn read_version(
+        &self,
+        rtype: &str,
+        id: &str,
+        vid: u64,
+    ) -> anyhow::Result<Option<StoredResource>> {
         let (rtype, id) = (rtype.to_string(), id.to_string());
         self.read(move |c| {
             let mut st = c.prepare_cached(
@@ -260,13 +299,26 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn search(&self, q: clinflow_fhir::search::SearchQuery, scope: Scope) -> anyhow::Result<SearchPage> {
+    pub async fn search(
+        &self,
+        q: clinflow_fhir::search::SearchQuery,
+        scope: Scope,
+    ) -> anyhow::Result<SearchPage> {
         self.read(move |c| search_blocking(c, &q, &scope)).await
     }
 
     /// Ids of `rtype` resources whose `identifier` is `system|value`.
-    pub async fn find_by_identifier(&self, rtype: &str, system: Option<&str>, value: &str) -> anyhow::Result<Vec<String>> {
-        let (rtype, system, value) = (rtype.to_string(), system.map(str::to_string), value.to_string());
+    pub async fn find_by_identifier(
+        &self,
+        rtype: &str,
+        system: Option<&str>,
+        value: &str,
+    ) -> anyhow::Result<Vec<String>> {
+        let (rtype, system, value) = (
+            rtype.to_string(),
+            system.map(str::to_string),
+            value.to_string(),
+        );
         self.read(move |c| {
             let mut st = c.prepare_cached(
                 "SELECT x.id FROM idx_token x JOIN resources r ON r.rtype = x.rtype AND r.id = x.id AND r.deleted = 0 WHERE x.rtype = ? AND x.param = 'identifier' AND x.code = ? AND (? IS NULL OR x.system = ?) LIMIT 2",
@@ -281,16 +333,23 @@ impl SqliteStore {
     pub async fn patient_site(&self, patient: &str) -> anyhow::Result<Option<String>> {
         let patient = patient.to_string();
         self.read(move |c| {
-            Ok(c.prepare_cached("SELECT site FROM patient_sites WHERE patient = ?")?
-                .query_row([patient], |r| r.get(0))
-                .optional()?)
+            Ok(
+                c.prepare_cached("SELECT site FROM patient_sites WHERE patient = ?")?
+                    .query_row([patient], |r| r.get(0))
+                    .optional()?,
+            )
         })
         .await
     }
 
     // ---- tokens ----
 
-    pub async fn create_token(&self, rec: TokenRecord, hash: String, audit: Vec<AuditRecord>) -> anyhow::Result<()> {
+    pub async fn create_token(
+        &self,
+        rec: TokenRecord,
+        hash: String,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<()> {
         self.custom(audit, move |c| {
             c.execute(
                 "INSERT INTO tokens (id, name, role, site, patient, hash, created, expires, revoked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
@@ -386,11 +445,16 @@ impl SqliteStore {
     pub async fn audit_records(&self, q: AuditQuery) -> anyhow::Result<Vec<ChainedAudit>> {
         self.read(move |c| {
             let mut s = sql::Sql::new(Dialect::Sqlite);
-            s.push(AUDIT_SELECT).push(" WHERE seq > ").int(q.after_seq.unwrap_or(0));
+            s.push(AUDIT_SELECT)
+                .push(" WHERE seq > ")
+                .int(q.after_seq.unwrap_or(0));
             push_audit_filters(&mut s, &q);
             s.push(" ORDER BY seq LIMIT ").int(q.limit as i64);
             let mut st = c.prepare(&s.text)?;
-            let rows = st.query_map(rusqlite::params_from_iter(s.params.iter().map(to_sql)), audit_row)?;
+            let rows = st.query_map(
+                rusqlite::params_from_iter(s.params.iter().map(to_sql)),
+                audit_row,
+            )?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
@@ -417,7 +481,8 @@ impl SqliteStore {
     /// attacker with direct database access (audit tampering).
     pub async fn execute_raw(&self, sql: &str) -> anyhow::Result<()> {
         let sql = sql.to_string();
-        self.custom(Vec::new(), move |c| Ok(c.execute_batch(&sql)?)).await
+        self.custom(Vec::new(), move |c| Ok(c.execute_batch(&sql)?))
+            .await
     }
 }
 
@@ -512,9 +577,16 @@ fn stored_row(rtype: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<(StoredR
     ))
 }
 
-fn run_rows(c: &Connection, rtype: &str, s: &sql::Sql) -> anyhow::Result<Vec<(StoredResource, i64)>> {
+fn run_rows(
+    c: &Connection,
+    rtype: &str,
+    s: &sql::Sql,
+) -> anyhow::Result<Vec<(StoredResource, i64)>> {
     let mut st = c.prepare_cached(&s.text)?;
-    let rows = st.query_map(rusqlite::params_from_iter(s.params.iter().map(to_sql)), |r| stored_row(rtype, r))?;
+    let rows = st.query_map(
+        rusqlite::params_from_iter(s.params.iter().map(to_sql)),
+        |r| stored_row(rtype, r),
+    )?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
@@ -526,9 +598,10 @@ fn search_blocking(
     let mut page = SearchPage::default();
     if q.total || q.count == 0 {
         let s = sql::search_count(Dialect::Sqlite, q, scope);
-        let n: i64 = c
-            .prepare_cached(&s.text)?
-            .query_row(rusqlite::params_from_iter(s.params.iter().map(to_sql)), |r| r.get(0))?;
+        let n: i64 = c.prepare_cached(&s.text)?.query_row(
+            rusqlite::params_from_iter(s.params.iter().map(to_sql)),
+            |r| r.get(0),
+        )?;
         page.total = Some(n as u64);
     }
     if q.count > 0 {
@@ -552,9 +625,10 @@ fn search_blocking(
             let s = sql::include_targets(Dialect::Sqlite, &q.resource_type, "subject", &ids);
             let mut st = c.prepare(&s.text)?;
             let targets = st
-                .query_map(rusqlite::params_from_iter(s.params.iter().map(to_sql)), |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-                })?
+                .query_map(
+                    rusqlite::params_from_iter(s.params.iter().map(to_sql)),
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                )?
                 .collect::<Result<Vec<_>, _>>()?;
             let mut by_type: std::collections::BTreeMap<String, Vec<String>> = Default::default();
             for (t, id) in targets {
@@ -562,7 +636,8 @@ fn search_blocking(
             }
             for (t, ids) in by_type {
                 let s = sql::read_many(Dialect::Sqlite, &t, &ids, scope);
-                page.included.extend(run_rows(c, &t, &s)?.into_iter().map(|(r, _)| r));
+                page.included
+                    .extend(run_rows(c, &t, &s)?.into_iter().map(|(r, _)| r));
             }
         }
     }
@@ -586,7 +661,10 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
 }
 
 enum Outcome {
-    Write(oneshot::Sender<Result<(), WriteError>>, Result<(), WriteError>),
+    Write(
+        oneshot::Sender<Result<(), WriteError>>,
+        Result<(), WriteError>,
+    ),
     Custom(oneshot::Sender<anyhow::Result<()>>, anyhow::Result<()>),
     Flush(oneshot::Sender<()>),
 }
@@ -606,7 +684,8 @@ fn commit_group(conn: &mut Connection, jobs: Vec<Job>) {
                     outcomes.push(Outcome::Write(reply, r));
                 }
                 Job::Custom(f, audit, reply) => {
-                    let r = in_savepoint(conn, |c| f(c).map_err(WriteError::Db)).map_err(|e| anyhow!(e));
+                    let r = in_savepoint(conn, |c| f(c).map_err(WriteError::Db))
+                        .map_err(|e| anyhow!(e));
                     if r.is_ok() {
                         audit_records.extend(audit);
                     }
@@ -653,10 +732,12 @@ fn in_savepoint(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<(), WriteError>,
 ) -> Result<(), WriteError> {
-    conn.execute_batch("SAVEPOINT req").map_err(|e| WriteError::Db(e.into()))?;
+    conn.execute_batch("SAVEPOINT req")
+        .map_err(|e| WriteError::Db(e.into()))?;
     match f(conn) {
         Ok(()) => {
-            conn.execute_batch("RELEASE req").map_err(|e| WriteError::Db(e.into()))?;
+            conn.execute_batch("RELEASE req")
+                .map_err(|e| WriteError::Db(e.into()))?;
             Ok(())
         }
         Err(e) => {
@@ -689,7 +770,11 @@ fn current_version(c: &Connection, rtype: &str, id: &str) -> Result<Option<u64>,
 
 fn apply_op(c: &Connection, op: &WriteOp) -> Result<(), WriteError> {
     let deleted = op.body.is_none();
-    let patient = if deleted { None } else { op.extracted.patient.as_deref() };
+    let patient = if deleted {
+        None
+    } else {
+        op.extracted.patient.as_deref()
+    };
     let sort_date = op.extracted.sort_date.unwrap_or(sql::NO_SORT_DATE);
     let conflict = |found| WriteError::Conflict {
         resource_type: op.resource_type.clone(),
@@ -715,7 +800,9 @@ fn apply_op(c: &Connection, op: &WriteOp) -> Result<(), WriteError> {
                 ]);
             match r {
                 Ok(_) => {}
-                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
                     return Err(conflict(current_version(c, &op.resource_type, &op.id)?));
                 }
                 Err(e) => return Err(db(e)),
@@ -741,7 +828,13 @@ fn apply_op(c: &Connection, op: &WriteOp) -> Result<(), WriteError> {
             if n != 1 {
                 return Err(conflict(current_version(c, &op.resource_type, &op.id)?));
             }
-            for table in ["idx_token", "idx_string", "idx_date", "idx_reference", "idx_quantity"] {
+            for table in [
+                "idx_token",
+                "idx_string",
+                "idx_date",
+                "idx_reference",
+                "idx_quantity",
+            ] {
                 c.prepare_cached(&format!("DELETE FROM {table} WHERE rtype = ? AND id = ?"))
                     .map_err(db)?
                     .execute(params![op.resource_type, op.id])
@@ -775,7 +868,12 @@ fn apply_op(c: &Connection, op: &WriteOp) -> Result<(), WriteError> {
     Ok(())
 }
 
-fn write_index(c: &Connection, rtype: &str, id: &str, entries: &[clinflow_fhir::IndexEntry]) -> rusqlite::Result<()> {
+fn write_index(
+    c: &Connection,
+    rtype: &str,
+    id: &str,
+    entries: &[clinflow_fhir::IndexEntry],
+) -> rusqlite::Result<()> {
     for e in entries {
         match &e.value {
             IndexValue::Token { system, code } => {
@@ -790,13 +888,20 @@ fn write_index(c: &Connection, rtype: &str, id: &str, entries: &[clinflow_fhir::
                 c.prepare_cached("INSERT OR IGNORE INTO idx_date (rtype, id, param, low, high) VALUES (?, ?, ?, ?, ?)")?
                     .execute(params![rtype, id, e.param, low, high])?;
             }
-            IndexValue::Reference { target_type, target_id } => {
+            IndexValue::Reference {
+                target_type,
+                target_id,
+            } => {
                 c.prepare_cached(
                     "INSERT OR IGNORE INTO idx_reference (rtype, id, param, target_type, target_id) VALUES (?, ?, ?, ?, ?)",
                 )?
                 .execute(params![rtype, id, e.param, target_type, target_id])?;
             }
-            IndexValue::Quantity { value, system, code } => {
+            IndexValue::Quantity {
+                value,
+                system,
+                code,
+            } => {
                 c.prepare_cached(
                     "INSERT OR IGNORE INTO idx_quantity (rtype, id, param, value, system, code) VALUES (?, ?, ?, ?, ?, ?)",
                 )?
