@@ -24,7 +24,7 @@ use clinflow_fhir::IndexValue;
 
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("0001_init.sql"))];
 
-/// How many queued jobs one group commit takes at most.
+/// How many queued write requests one group commit takes at most.
 const MAX_GROUP: usize = 64;
 /// The writer's queue; senders wait when it is full (backpressure).
 const QUEUE: usize = 256;
@@ -648,10 +648,16 @@ fn search_blocking(
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
     while let Some(first) = rx.blocking_recv() {
+        // Read-audit jobs are small and do not count toward the group's
+        // size; write requests do, so one group's transaction stays short.
+        let mut writes = usize::from(!matches!(first, Job::Audit(_)));
         let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
+        while writes < MAX_GROUP {
             match rx.try_recv() {
-                Ok(j) => jobs.push(j),
+                Ok(j) => {
+                    writes += usize::from(!matches!(j, Job::Audit(_)));
+                    jobs.push(j);
+                }
                 Err(_) => break,
             }
         }
