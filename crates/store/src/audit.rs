@@ -54,13 +54,12 @@ pub fn chain(head: Option<(i64, String)>, records: Vec<AuditRecord>) -> Vec<Chai
         .map(|record| {
             seq += 1;
             let hash = hash(seq, &prev, &record);
-            let chained = ChainedAudit {
+            ChainedAudit {
                 seq,
                 record,
                 prev_hash: std::mem::replace(&mut prev, hash.clone()),
                 hash,
-            };
-            chained
+            }
         })
         .collect()
 }

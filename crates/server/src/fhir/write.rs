@@ -19,9 +19,20 @@ use crate::state::AppState;
 const UPDATE_RETRIES: usize = 3;
 
 /// A validation failure as an HTTP error: 400 when the body is not a
-/// resource at all (no element path to blame), 422 when its content is invalid.
+/// resource of the type asked for (no element path to blame, or only its
+/// `resourceType`: missing, unknown, or not the type in the URL), 422 when
+/// its content is invalid.
 pub fn invalid(outcome: OperationOutcome) -> FhirError {
-    let content = outcome.issues.iter().any(|i| !i.expression.is_empty());
+    fn blames_content(expression: &str) -> bool {
+        let resource_type = expression == "resourceType"
+            || (expression.starts_with("Bundle.entry[")
+                && expression.ends_with("].resource.resourceType"));
+        !resource_type
+    }
+    let content = outcome
+        .issues
+        .iter()
+        .any(|i| i.expression.iter().any(|e| blames_content(e)));
     let status = if content {
         StatusCode::UNPROCESSABLE_ENTITY
     } else {

@@ -43,7 +43,7 @@ use clinflow_fhir::IndexValue;
 
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("0001_init.sql"))];
 
-/// How many queued jobs one group commit takes at most.
+/// How many queued write requests one group commit takes at most.
 const MAX_GROUP: usize = 64;
 /// The writer's queue; senders wait when it is full (backpressure).
 const QUEUE: usize = 256;
@@ -55,6 +55,9 @@ const MIGRATION_LOCK: i64 = 0x0063_6c69_6e66_6c6f;
 /// Bounds on every wait for a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const POOL_WAIT: Duration = Duration::from_secs(30);
+/// The longest one group commit may take (lock waits included) before its
+/// connection is given up and every request in it fails.
+const GROUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A write other than resource versions, done by the writer in its own
 /// savepoint. Replies with the number of rows it changed.
@@ -495,19 +498,40 @@ impl PgStore {
     /// Reads the whole trail in order and checks the chain. Rows are
     /// streamed (the driver's buffer is bounded), so memory stays flat
     /// however long the trail is.
+    ///
+    /// Beyond the chain itself, the last record must be the one the head
+    /// row names: records removed from the end are reported as
+    /// [`audit::ChainBreak::Removed`] too. Both are read in one snapshot.
     pub async fn verify_audit(&self) -> anyhow::Result<Result<u64, audit::ChainBreak>> {
-        let c = self.client().await?;
+        let mut c = self.client().await?;
         let st = c
             .prepare_cached(&format!("{AUDIT_SELECT} ORDER BY seq"))
             .await?;
+        let tx = c
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let head: i64 = tx
+            .query_one("SELECT seq FROM audit_head WHERE id = 1", &[])
+            .await?
+            .try_get(0)?;
         let no_params: [&(dyn ToSql + Sync); 0] = [];
-        let mut rows = std::pin::pin!(c.query_raw(&st, no_params).await?);
+        let mut rows = std::pin::pin!(tx.query_raw(&st, no_params).await?);
         let mut v = audit::Verifier::new();
         while let Some(row) = rows.next().await {
             let rec = audit_row(&row?)?;
             if let Err(b) = v.feed(&rec) {
                 return Ok(Err(b));
             }
+        }
+        let last = v.head().map_or(0, |(seq, _)| *seq);
+        if head > last {
+            return Ok(Err(audit::ChainBreak::Removed {
+                after: last,
+                next: head + 1,
+            }));
         }
         Ok(Ok(v.checked))
     }
@@ -653,6 +677,7 @@ struct Stmts {
     insert_quantity: Statement,
     upsert_sites: Statement,
     lock_head: Statement,
+    log_tail: Statement,
     insert_audit: Statement,
     update_head: Statement,
     insert_token_record: Statement,
@@ -720,6 +745,9 @@ impl Stmts {
                 )
                 .await?,
             lock_head: c.prepare("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE").await?,
+            log_tail: c
+                .prepare("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                .await?,
             insert_audit: c
                 .prepare(
                     "INSERT INTO audit_log (seq, time, actor, role, action, rtype, rid, vid, reason, outcome, client, detail, prev_hash, hash) SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[], $13::TEXT[], $14::TEXT[])",
@@ -772,10 +800,16 @@ impl Outcome {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         while let Some(first) = rx.recv().await {
+            // Read-audit jobs are small and do not count toward the group's
+            // size; write requests do, so one group's transaction stays short.
+            let mut writes = usize::from(!matches!(first, Job::Audit(_)));
             let mut jobs = vec![first];
-            while jobs.len() < MAX_GROUP {
+            while writes < MAX_GROUP {
                 match rx.try_recv() {
-                    Ok(j) => jobs.push(j),
+                    Ok(j) => {
+                        writes += usize::from(!matches!(j, Job::Audit(_)));
+                        jobs.push(j);
+                    }
                     Err(_) => break,
                 }
             }
@@ -805,16 +839,31 @@ impl Writer {
     async fn commit_group(&mut self, jobs: Vec<Job>) {
         let mut outcomes = Vec::with_capacity(jobs.len());
         let mut jobs = jobs.into_iter();
+        let mut connection_lost = false;
         let result = match self.connection().await {
             Ok((c, st)) => {
-                let r = run_group(c, st, &mut jobs, &mut outcomes).await;
+                let r =
+                    tokio::time::timeout(GROUP_TIMEOUT, run_group(c, st, &mut jobs, &mut outcomes))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(anyhow!("the group commit took over {GROUP_TIMEOUT:?}"))
+                        });
                 if r.is_err() {
-                    let _ = c.batch_execute("ROLLBACK").await;
+                    // A connection that cannot even roll back within the
+                    // bound is dropped: the server then aborts the
+                    // transaction, and the next group reconnects.
+                    connection_lost = !matches!(
+                        tokio::time::timeout(CONNECT_TIMEOUT, c.batch_execute("ROLLBACK")).await,
+                        Ok(Ok(()))
+                    );
                 }
                 r
             }
             Err(e) => Err(e),
         };
+        if connection_lost {
+            self.conn = None;
+        }
         outcomes.extend(jobs.filter_map(Outcome::not_run));
         if let Err(e) = &result {
             tracing::error!(error = %format!("{e:#}"), "group commit failed; every request in it fails");
@@ -846,6 +895,10 @@ impl Writer {
 /// Runs the jobs in one transaction. An `Err` means the transaction is lost
 /// (every job in it fails); a request that fails on its own is rolled back
 /// to its savepoint and the others go on.
+///
+/// Each job's outcome is pushed before the job runs and filled in after, so
+/// that every reply is still there when the group fails or is cancelled
+/// midway.
 async fn run_group(
     c: &Client,
     st: &Stmts,
@@ -857,37 +910,30 @@ async fn run_group(
     for job in jobs.by_ref() {
         match job {
             Job::Write(req, reply) => {
+                outcomes.push(Outcome::Write(reply, Ok(())));
                 if req.ops.is_empty() {
                     audit_records.extend(req.audit);
-                    outcomes.push(Outcome::Write(reply, Ok(())));
                     continue;
                 }
                 let r = apply_ops(c, st, &req.ops).await;
-                let r = match settle(c, r).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        outcomes.push(Outcome::Write(reply, Ok(())));
-                        return Err(e);
-                    }
-                };
+                let r = settle(c, r).await?;
                 if r.is_ok() {
                     audit_records.extend(req.audit);
                 }
-                outcomes.push(Outcome::Write(reply, r));
+                if let Some(Outcome::Write(_, slot)) = outcomes.last_mut() {
+                    *slot = r;
+                }
             }
             Job::Op(op, audit, reply) => {
+                outcomes.push(Outcome::Op(reply, Ok(0)));
                 let r = apply_op(c, st, &op).await;
-                let r = match settle(c, r).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        outcomes.push(Outcome::Op(reply, Ok(0)));
-                        return Err(e);
-                    }
-                };
+                let r = settle(c, r).await?;
                 if r.is_ok() {
                     audit_records.extend(audit);
                 }
-                outcomes.push(Outcome::Op(reply, r.map_err(anyhow::Error::from)));
+                if let Some(Outcome::Op(_, slot)) = outcomes.last_mut() {
+                    *slot = r.map_err(anyhow::Error::from);
+                }
             }
             Job::Audit(records) => audit_records.extend(records),
             Job::Flush(reply) => outcomes.push(Outcome::Flush(reply)),
@@ -1333,8 +1379,22 @@ async fn apply_ops(c: &Client, st: &Stmts, ops: &[WriteOp]) -> Result<(), WriteE
 
 /// Appends records to the chain, after the head locked for this transaction.
 async fn append_audit(c: &Client, st: &Stmts, records: Vec<AuditRecord>) -> anyhow::Result<()> {
-    let head = c.query_one(&st.lock_head, &[]).await?;
+    // Pipelined: the log's tail is read once the head row is locked.
+    let (head, tail) = futures::join!(
+        c.query_one(&st.lock_head, &[]),
+        c.query_opt(&st.log_tail, &[])
+    );
+    let head = head?;
     let head: (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+    // Chain after whichever is further on. Normally they agree. Records
+    // removed from the end of the log leave the head ahead: chaining after
+    // it keeps the gap visible to `verify_audit`. A record put in by hand
+    // leaves the log ahead: chaining after it keeps the writer working (as
+    // on SQLite), and the verifier reports the forgery.
+    let head = match tail? {
+        Some(t) if t.try_get::<_, i64>(0)? > head.0 => (t.try_get(0)?, t.try_get(1)?),
+        _ => head,
+    };
     let chained = audit::chain(Some(head), records);
     let Some(last) = chained.last() else {
         return Ok(());

@@ -1,0 +1,123 @@
+# Helpers shared by the benchmark scripts (sourced, not run).
+#
+# Every server a script starts is recorded in STARTED_PIDS and stopped by
+# `cleanup` (SIGTERM, then SIGKILL after 10 s), which the scripts run on exit.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PEERS=${CLINFLOW_PEERS:-$ROOT/../shared/peers}
+TXLOAD=${TXLOAD:-$PEERS/txload.py}
+HFS_BIN=${HFS_BIN:-/tmp/hfs/bin/hfs}
+PG_URL=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432/test}
+CLINFLOW=$ROOT/target/release/clinflow
+LIMIT=$ROOT/target/release/clinflow-bench-limit
+TOKEN=${BENCH_TOKEN:-bench-admin-$RANDOM$RANDOM}
+STARTED_PIDS=()
+PG_SCHEMAS=()
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/clinflow-bench.XXXXXX")
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+cleanup() {
+    local pid
+    for pid in "${STARTED_PIDS[@]}"; do stop_pid "$pid"; done
+    for s in "${PG_SCHEMAS[@]}"; do
+        psql -q "$PG_URL" -c "DROP SCHEMA IF EXISTS $s CASCADE" >/dev/null 2>&1 || true
+    done
+    if [[ -z ${BENCH_KEEP:-} ]]; then rm -rf "$WORK"; else log "kept $WORK"; fi
+}
+
+# stop_pid PID: SIGTERM (graceful shutdown), SIGKILL after 10 s.
+stop_pid() {
+    local pid=$1 i
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# port_free PORT: fails when something already listens there.
+port_free() {
+    ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# wait_http URL [SECONDS]: until URL answers 2xx.
+wait_http() {
+    local url=$1 deadline=$((SECONDS + ${2:-60}))
+    while ((SECONDS < deadline)); do
+        curl -fsS -o /dev/null -H "Authorization: Bearer $TOKEN" "$url" 2>/dev/null && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+# json_get FIELD: reads one JSON object on stdin, prints FIELD.
+json_get() {
+    python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
+}
+
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+build_release() {
+    log "building release binaries (clinflow, clinflow-bench-limit)..."
+    (cd "$ROOT" && cargo build --release -q -p clinflow -p clinflow-bench-limit) \
+        || die "cargo build failed"
+}
+
+# start_clinflow DATABASE_URL PORT LOGFILE: serve --demo (CARDIO-01 with
+# Patients CARDIO-01-0001..0006), admin token $TOKEN; waits for /healthz.
+start_clinflow() {
+    local db=$1 port=$2 logf=$3
+    port_free "$port" || die "port $port is in use"
+    CLINFLOW_ADMIN_TOKEN=$TOKEN "$CLINFLOW" --database "$db" --data-dir "$WORK/data" \
+        serve --listen "127.0.0.1:$port" --demo >"$logf" 2>&1 &
+    STARTED_PIDS+=($!)
+    wait_http "http://127.0.0.1:$port/healthz" 60 \
+        || { tail -20 "$logf" >&2; die "clinflow did not start on port $port"; }
+    wait_http "http://127.0.0.1:$port/fhir/Patient/CARDIO-01-0001" 30 \
+        || { tail -20 "$logf" >&2; die "the demo trial was not loaded"; }
+}
+
+have_hfs() { [[ -x $HFS_BIN ]]; }
+
+# start_hfs DB_PATH PORT LOGFILE: helios-hfs on a fresh SQLite file.
+start_hfs() {
+    local db=$1 port=$2 logf=$3
+    port_free "$port" || die "port $port is in use"
+    rm -f "$db" "$db-wal" "$db-shm"
+    HFS_DATABASE_URL=$db "$HFS_BIN" --port "$port" >"$logf" 2>&1 &
+    STARTED_PIDS+=($!)
+    wait_http "http://127.0.0.1:$port/metadata" 120 \
+        || { tail -20 "$logf" >&2; die "hfs did not start on port $port"; }
+}
+
+# put_patients BASE ID...: creates minimal Patients with these ids (hfs).
+put_patients() {
+    local base=$1 id code
+    shift
+    for id in "$@"; do
+        code=$(curl -sS -o "$WORK/put-patient.out" -w '%{http_code}' -X PUT \
+            -H 'Content-Type: application/fhir+json' \
+            --data "{\"resourceType\":\"Patient\",\"id\":\"$id\",\"active\":true}" \
+            "$base/Patient/$id")
+        [[ $code == 2?? ]] || { cat "$WORK/put-patient.out" >&2; die "PUT $base/Patient/$id: HTTP $code"; }
+    done
+}
+
+# txload BASE OUT_JSON: the shared load client; fails on any failed bundle.
+run_txload() {
+    local base=$1 out=$2 seconds=$3 pref=$4 token=${5:-}
+    local args=("$base" --clients 8 --per-bundle 100 --seconds "$seconds" --patient-ref "$pref")
+    [[ -n $token ]] && args+=(--token "$token")
+    python3 "$TXLOAD" "${args[@]}" >"$out" || die "txload failed against $base"
+    local ok err
+    ok=$(json_get bundles_ok <"$out")
+    err=$(json_get bundles_err <"$out")
+    log "  txload: $(cat "$out")"
+    ((err == 0)) || die "$err bundle(s) failed against $base"
+    ((ok > 0)) || die "no bundle succeeded against $base"
+}

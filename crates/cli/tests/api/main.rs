@@ -1,0 +1,35 @@
+//! clinflow's one integration-test binary: black-box tests through HTTP and
+//! the `clinflow` binary, each run on both engines (`<module>::sqlite::<test>`
+//! and `<module>::postgres::<test>`).
+//!
+//! PostgreSQL is at `CLINFLOW_TEST_PG` (default
+//! `postgres://postgres@127.0.0.1:5432/test`); each test gets a schema of
+//! its own, dropped afterwards. An unreachable PostgreSQL fails its tests:
+//! nothing here skips.
+//!
+//! Expected values are computed from the inputs (the reference trial's files,
+//! the resources a test creates), never written in as bare numbers.
+//!
+//! Modules, by what they cover:
+//! - [`ops`]: `/healthz`, 401s, `/metrics`, graceful shutdown.
+//! - [`fhir_crud`]: metadata and the instance interactions, validation, errors.
+//! - [`fhir_search`]: every search parameter, paging, sorting, totals, `_include`.
+//! - [`bundles`]: transactions and batches.
+//! - [`trials`]: `POST /trials` and subjects, idempotence, amendments, errors.
+//! - [`auth`]: the role matrix and site scoping, revoked and expired tokens.
+//! - [`audit`]: what is recorded, AuditEvent search, export, tampering.
+//! - [`cli`]: the `clinflow` binary against a running server's database.
+//! - [`conformance`]: the official R4 examples stored and read back.
+
+#[macro_use]
+mod helpers;
+
+mod audit;
+mod auth;
+mod bundles;
+mod cli;
+mod conformance;
+mod fhir_crud;
+mod fhir_search;
+mod ops;
+mod trials;
