@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{expressions, observation, TestApp, FHIR_JSON};
+use crate::helpers::{expressions, TestApp, FHIR_JSON};
 
 engine_tests!(
     metadata_is_an_r4_capability_statement_listing_observation_search_params,

@@ -361,7 +361,7 @@ async fn last_updated_and_id(app: TestApp) {
     // Write until the clock has visibly moved past the first resource, so
     // that `gt` separates something (a loop on observed state, no sleep).
     let first = stamps[0].1.clone();
-    let (late_id, _) = &d.obs[d.obs.len() - 1];
+    let (_, late_id) = &d.obs[d.obs.len() - 1];
     let mut body = app
         .get(&format!("/fhir/Observation/{late_id}"), &app.admin)
         .await

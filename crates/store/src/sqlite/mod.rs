@@ -22,7 +22,10 @@ use crate::model::*;
 use crate::sql::{self, Dialect, SqlValue};
 use clinflow_fhir::IndexValue;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("0001_init.sql")),
+    (2, include_str!("0002_audit_head.sql")),
+];
 
 /// How many queued write requests one group commit takes at most.
 const MAX_GROUP: usize = 64;
@@ -463,16 +466,31 @@ impl SqliteStore {
     /// Reads the whole trail in order and checks the chain.
     pub async fn verify_audit(&self) -> anyhow::Result<Result<u64, audit::ChainBreak>> {
         self.read(|c| {
-            let mut st = c.prepare(&format!("{AUDIT_SELECT} ORDER BY seq"))?;
-            let mut rows = st.query([])?;
-            let mut v = audit::Verifier::new();
-            while let Some(row) = rows.next()? {
-                let rec = audit_row(row)?;
-                if let Err(b) = v.feed(&rec) {
-                    return Ok(Err(b));
+            // One read transaction: the head and the records are one snapshot.
+            c.execute_batch("BEGIN")?;
+            let result = (|| {
+                let head: i64 = c.query_row("SELECT seq FROM audit_head WHERE id = 1", [], |r| r.get(0))?;
+                let mut st = c.prepare(&format!("{AUDIT_SELECT} ORDER BY seq"))?;
+                let mut rows = st.query([])?;
+                let mut v = audit::Verifier::new();
+                while let Some(row) = rows.next()? {
+                    let rec = audit_row(row)?;
+                    if let Err(b) = v.feed(&rec) {
+                        return Ok(Err(b));
+                    }
                 }
-            }
-            Ok(Ok(v.checked))
+                // Records cut from the end leave the head pointing past the last one.
+                let last = v.head().map_or(0, |(seq, _)| *seq);
+                if head > last {
+                    return Ok(Err(audit::ChainBreak::Removed {
+                        after: last,
+                        next: head + 1,
+                    }));
+                }
+                Ok(Ok(v.checked))
+            })();
+            c.execute_batch("COMMIT")?;
+            result
         })
         .await
     }
@@ -929,14 +947,25 @@ fn append_audit(c: &Connection, records: Vec<AuditRecord>) -> anyhow::Result<()>
     // The writer holds the database's write lock (BEGIN IMMEDIATE), so the
     // head read here is the head this append follows, even when another
     // process (the CLI) writes to the same file.
-    let head: Option<(i64, String)> = c
+    // Chain after whichever is further ahead, the head row or the last
+    // record, so a hand-inserted record cannot jam appends (verify reports it).
+    let last: Option<(i64, String)> = c
         .prepare_cached("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
+    let recorded: Option<(i64, String)> = c
+        .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let head = match (last, recorded) {
+        (Some(l), Some(h)) => Some(if h.0 > l.0 { h } else { l }),
+        (l, h) => l.or(h).filter(|(seq, _)| *seq > 0),
+    };
     let mut st = c.prepare_cached(
         "INSERT INTO audit_log (seq, time, actor, role, action, rtype, rid, vid, reason, outcome, client, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )?;
-    for a in audit::chain(head, records) {
+    let chained = audit::chain(head, records);
+    for a in &chained {
         let r = &a.record;
         st.execute(params![
             a.seq,
@@ -954,6 +983,10 @@ fn append_audit(c: &Connection, records: Vec<AuditRecord>) -> anyhow::Result<()>
             a.prev_hash,
             a.hash
         ])?;
+    }
+    if let Some(a) = chained.last() {
+        c.prepare_cached("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")?
+            .execute(params![a.seq, a.hash])?;
     }
     Ok(())
 }
