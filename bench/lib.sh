@@ -62,7 +62,13 @@ json_get() {
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
+# build_release: cargo build --release; BENCH_NO_BUILD=1 uses the binaries
+# already in target/release.
 build_release() {
+    if [[ -n ${BENCH_NO_BUILD:-} ]]; then
+        [[ -x $CLINFLOW && -x $LIMIT ]] || die "BENCH_NO_BUILD is set but $CLINFLOW or $LIMIT is missing"
+        return 0
+    fi
     log "building release binaries (clinflow, clinflow-bench-limit)..."
     (cd "$ROOT" && cargo build --release -q -p clinflow -p clinflow-bench-limit) \
         || die "cargo build failed"

@@ -45,6 +45,15 @@ struct Args {
     /// `Observation.subject` of every resource.
     #[arg(long, default_value = "Patient/CARDIO-01-0001")]
     patient_ref: String,
+    /// Extra SQLite PRAGMA (e.g. `wal_autocheckpoint=10000`), run on every
+    /// writer after clinflow's own settings; repeatable. For experiments: the
+    /// benchmark runs with clinflow's settings only.
+    #[arg(long = "sqlite-pragma")]
+    sqlite_pragmas: Vec<String>,
+    /// Resource ids: random UUIDs as clinflow makes them, or time-ordered
+    /// ones (an experiment: what ordered keys would change).
+    #[arg(long, value_enum, default_value_t = workload::Ids::Random)]
+    ids: workload::Ids,
     /// Seed of the values and codes drawn.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -80,7 +89,13 @@ async fn main() -> anyhow::Result<()> {
 
     let t0 = Instant::now();
     let per_client = args.count.div_ceil(args.writers);
-    let rows = workload::build(args.count, per_client, &args.patient_ref, args.seed)?;
+    let rows = workload::build(
+        args.count,
+        per_client,
+        &args.patient_ref,
+        args.seed,
+        args.ids,
+    )?;
     let prepare_s = t0.elapsed().as_secs_f64();
     let index_rows: usize = rows.iter().map(|r| r.entries.len()).sum();
     let body_bytes: usize = rows.iter().map(|r| r.body.len()).sum();
@@ -88,9 +103,11 @@ async fn main() -> anyhow::Result<()> {
     let (engine, (mut lat, wall)) = match &url {
         DatabaseUrl::Sqlite(path) => {
             let path = path.clone();
-            let (batch, writers) = (args.batch, args.writers);
-            let r = tokio::task::spawn_blocking(move || sqlite::run(&path, &rows, batch, writers))
-                .await??;
+            let (batch, writers, pragmas) = (args.batch, args.writers, args.sqlite_pragmas);
+            let r = tokio::task::spawn_blocking(move || {
+                sqlite::run(&path, &rows, batch, writers, &pragmas)
+            })
+            .await??;
             ("sqlite", r)
         }
         DatabaseUrl::Postgres(u) => (

@@ -137,15 +137,18 @@ impl<'a> Cols<'a> {
     }
 }
 
+type Step<'a> = BoxFuture<'a, Result<(), tokio_postgres::Error>>;
+
+fn exec<'a>(c: &'a Client, s: &Statement, params: Vec<&'a (dyn ToSql + Sync)>) -> Step<'a> {
+    let s = s.clone();
+    async move { c.execute(&s, &params).await.map(|_| ()) }.boxed()
+}
+
 /// Writes one batch: `BEGIN`, the inserts and `COMMIT`, sent together.
 async fn write_batch(c: &Client, st: &Stmts, rows: &[Row]) -> anyhow::Result<()> {
     let cols = Cols::of(rows);
-    let exec = |s: &'_ Statement, p: Vec<&'_ (dyn ToSql + Sync)>| {
-        let s = s.clone();
-        async move { c.execute(&s, &p).await.map(|_| ()) }.boxed()
-    };
-    let mut steps: Vec<BoxFuture<'_, Result<(), tokio_postgres::Error>>> =
-        vec![c.batch_execute("BEGIN").boxed()];
+    let exec = |s: &Statement, p| exec(c, s, p);
+    let mut steps: Vec<Step<'_>> = vec![c.batch_execute("BEGIN").boxed()];
     steps.push(exec(
         &st.resources,
         vec![&cols.id, &cols.last_updated, &cols.patient, &cols.sort_date],

@@ -2,14 +2,15 @@
 //!
 //! Each writer has its own connection, set up as clinflow's store sets up
 //! its writer (WAL, `synchronous=FULL`, the same cache), and takes an
-//! in-process lock around its transaction. SQLite lets one writer in at a
-//! time anyway; queueing on a mutex instead of SQLite's busy handler (which
-//! sleeps 1, 2, 5, 10... ms between retries) measures the database rather
-//! than that back-off, and is what clinflow's single writer thread does.
+//! turn, in batch order, for its transaction. SQLite lets one writer in at a
+//! time anyway; queueing in order instead of on SQLite's busy handler (which
+//! sleeps 1, 2, 5, 10... ms between retries) or an unfair mutex (which lets
+//! one thread starve) measures the database rather than the waiting, and is
+//! what clinflow's queue to its single writer thread does.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -18,12 +19,16 @@ use rusqlite::{params, Connection};
 
 use crate::workload::Row;
 
-fn open(path: &Path) -> anyhow::Result<Connection> {
+fn open(path: &Path, pragmas: &[String]) -> anyhow::Result<Connection> {
     let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
     conn.busy_timeout(Duration::from_secs(30))?;
     conn.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA cache_size=-65536; PRAGMA temp_store=MEMORY;",
     )?;
+    for p in pragmas {
+        conn.execute_batch(&format!("PRAGMA {p};"))
+            .with_context(|| format!("PRAGMA {p}"))?;
+    }
     Ok(conn)
 }
 
@@ -95,19 +100,21 @@ pub fn run(
     rows: &[Row],
     batch: usize,
     writers: usize,
+    pragmas: &[String],
 ) -> anyhow::Result<(Vec<Duration>, Duration)> {
     let batches: Vec<&[Row]> = rows.chunks(batch).collect();
     let mut conns = (0..writers)
-        .map(|_| open(path))
+        .map(|_| open(path, pragmas))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let next = AtomicUsize::new(0);
-    let lock = Mutex::new(());
+    // The batch whose turn it is to write; batches are taken in order.
+    let turn = (Mutex::new(0usize), Condvar::new());
     let start = Instant::now();
     let latencies = std::thread::scope(|s| -> anyhow::Result<Vec<Duration>> {
         let handles: Vec<_> = conns
             .iter_mut()
             .map(|conn| {
-                let (batches, next, lock) = (&batches, &next, &lock);
+                let (batches, next, turn) = (&batches, &next, &turn);
                 s.spawn(move || -> anyhow::Result<Vec<Duration>> {
                     let mut lat = Vec::new();
                     loop {
@@ -116,10 +123,18 @@ pub fn run(
                             return Ok(lat);
                         };
                         let t0 = Instant::now();
-                        // Nothing in the guarded region can leave the
-                        // mutex poisoned in a way that matters: the data is ().
-                        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-                        write_batch(conn, b).with_context(|| format!("writing batch {i}"))?;
+                        let (current, cv) = turn;
+                        let mut guard = current.lock().unwrap_or_else(|p| p.into_inner());
+                        while *guard != i {
+                            guard = cv.wait(guard).unwrap_or_else(|p| p.into_inner());
+                        }
+                        let r = write_batch(conn, b);
+                        // Pass the turn on even after a failure, so the
+                        // other writers finish instead of waiting forever.
+                        *guard += 1;
+                        drop(guard);
+                        cv.notify_all();
+                        r.with_context(|| format!("writing batch {i}"))?;
                         lat.push(t0.elapsed());
                     }
                 })

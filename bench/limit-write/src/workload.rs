@@ -33,6 +33,34 @@ pub struct Row {
     pub entries: Vec<IndexEntry>,
 }
 
+/// How resource ids are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ids {
+    /// Random UUIDs (v4), as clinflow assigns them.
+    Random,
+    /// Time-ordered UUIDs (v7 layout: milliseconds, then a counter), for the
+    /// experiment of what ordered keys would change.
+    Ordered,
+}
+
+fn new_id(ids: Ids, now: i64, n: usize, rng: &mut StdRng) -> String {
+    match ids {
+        Ids::Random => uuid::Uuid::new_v4().to_string(),
+        Ids::Ordered => {
+            // ms (48 bits) | version 7 | n's high 12 bits | variant 0b10 |
+            // n's low 30 bits | 32 random bits: sorted by (time, n).
+            let n = n as u128;
+            let v = ((now as u128 & 0xffff_ffff_ffff) << 80)
+                | (0x7 << 76)
+                | ((n >> 30 & 0xfff) << 64)
+                | (0x2 << 62)
+                | ((n & 0x3fff_ffff) << 32)
+                | u128::from(rng.random::<u32>());
+            uuid::Uuid::from_u128(v).to_string()
+        }
+    }
+}
+
 /// `sort_date` of a resource without a date, as the store writes it.
 const NO_SORT_DATE: i64 = i64::MIN;
 
@@ -63,7 +91,13 @@ fn observation_json(i: usize, patient_ref: &str, rng: &mut StdRng) -> String {
 
 /// Builds `count` rows, numbered per client as txload.py numbers them
 /// (`per_client` Observations each before the number starts again).
-pub fn build(count: usize, per_client: usize, patient_ref: &str, seed: u64) -> anyhow::Result<Vec<Row>> {
+pub fn build(
+    count: usize,
+    per_client: usize,
+    patient_ref: &str,
+    seed: u64,
+    ids: Ids,
+) -> anyhow::Result<Vec<Row>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let now = clinflow_store::now_millis();
     let instant = clinflow_fhir::datetime::format_instant(now);
@@ -72,7 +106,7 @@ pub fn build(count: usize, per_client: usize, patient_ref: &str, seed: u64) -> a
         let text = observation_json(n % per_client.max(1), patient_ref, &mut rng);
         let mut res = clinflow_fhir::validate::parse_resource(&text, Some("Observation"))
             .map_err(|o| anyhow::anyhow!("the workload's Observation is invalid: {o:?}"))?;
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = new_id(ids, now, n, &mut rng);
         res.set_id(&id);
         res.set_meta(1, &instant);
         let Extracted {
@@ -98,13 +132,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_are_about_a_kilobyte_and_indexed() {
-        let rows = build(10, 1000, "Patient/CARDIO-01-0001", 1).unwrap();
+    fn rows_are_stored_compact_and_indexed() {
+        let rows = build(10, 1000, "Patient/CARDIO-01-0001", 1, Ids::Random).unwrap();
         for r in &rows {
-            assert!(r.body.len() > 600 && r.body.len() < 1400, "{}", r.body.len());
+            // txload posts ~1 KB per entry (indented JSON, fullUrl, request);
+            // clinflow stores the compact resource with id and meta.
+            assert!(r.body.len() > 450 && r.body.len() < 800, "{}", r.body.len());
             assert_eq!(r.patient.as_deref(), Some("CARDIO-01-0001"));
             assert_ne!(r.sort_date, NO_SORT_DATE);
             assert!(r.entries.iter().any(|e| e.param == "code"));
         }
+    }
+
+    #[test]
+    fn ordered_ids_sort_in_creation_order() {
+        let rows = build(300, 1000, "Patient/p", 1, Ids::Ordered).unwrap();
+        assert!(rows.windows(2).all(|w| w[0].id < w[1].id));
+        assert!(rows.iter().all(|r| r.id.len() == 36));
     }
 }

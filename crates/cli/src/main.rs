@@ -161,26 +161,29 @@ fn cli_actor(action: &str) -> AuditRecord {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGTERM or ctrl-c. The handlers are installed here, before
+/// the server serves its first request: installed lazily (on first poll of
+/// the shutdown future), a SIGTERM arriving in between would kill the
+/// process with the default action instead of draining requests.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutdown requested: finishing requests in flight");
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown requested: finishing requests in flight");
+    })
 }
 
 async fn load_trial_text(
@@ -216,6 +219,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.body_limit = body_limit;
             config.max_bundle_entries = max_bundle_entries;
             config.max_in_flight = max_in_flight;
+            let shutdown = shutdown_signal()?;
             let app = Application::build(config).await?;
             let addr = app.local_addr()?;
             if demo {
@@ -239,7 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             println!("clinflow listening on http://{addr} (FHIR base http://{addr}/fhir)");
             tracing::info!(%addr, engine = app.state().store.engine(), "serving");
-            app.run_until_stopped(shutdown_signal()).await?;
+            app.run_until_stopped(shutdown).await?;
         }
         Command::Migrate => {
             let store = Store::open(&url).await?;

@@ -245,6 +245,16 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Refuses the `interface` role, which may use the ingest endpoints only.
+    pub fn deny_interface(&self) -> Result<(), ApiError> {
+        if self.principal.role == Role::Interface {
+            return Err(ApiError::Forbidden(
+                "the interface role may use the ingest endpoints only".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// An audit record of this caller doing `action`.
     pub fn audit(&self, action: &str, outcome: &str) -> AuditRecord {
         AuditRecord {

@@ -155,13 +155,17 @@ async fn healthz(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn render_metrics(State(state): State<AppState>, _caller: crate::auth::Caller) -> Response {
-    (
+async fn render_metrics(
+    State(state): State<AppState>,
+    caller: crate::auth::Caller,
+) -> Result<Response, ApiError> {
+    caller.deny_interface()?;
+    Ok((
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
         )],
         state.metrics.render(),
     )
-        .into_response()
+        .into_response())
 }

@@ -282,8 +282,9 @@ fn trial_json(t: &TrialRecord) -> serde_json::Value {
 /// `GET /trials`: every trial at its newest version.
 pub async fn list_trials(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
+    caller.deny_interface()?;
     let items: Vec<_> = state
         .store
         .list_trials()
@@ -297,9 +298,10 @@ pub async fn list_trials(
 /// `GET /trials/{id}`: the newest protocol, and the versions loaded.
 pub async fn get_trial(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    caller.deny_interface()?;
     let versions = state.store.trial_versions(&id).await?;
     let latest = versions
         .first()
