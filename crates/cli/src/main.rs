@@ -131,8 +131,16 @@ enum AuditCommand {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Dependencies that log the data they carry at debug level (the
+    // PostgreSQL driver logs bound query parameters: patient ids) are held
+    // at info whatever RUST_LOG says: no patient identifier in a log line.
+    for quiet in ["tokio_postgres=info", "postgres_protocol=info", "rusqlite=info"] {
+        if let Ok(d) = quiet.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

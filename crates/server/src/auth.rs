@@ -226,11 +226,7 @@ pub async fn require_auth(State(state): State<AppState>, mut req: Request, next:
         }
         Err(e) => {
             state.metrics.auth_failures.inc();
-            if req.uri().path().starts_with("/fhir") {
-                FhirError::from(e).into_response()
-            } else {
-                e.into_response()
-            }
+            crate::startup::error_for(req.uri().path(), e)
         }
     }
 }

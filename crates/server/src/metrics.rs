@@ -97,6 +97,14 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
     let resp = next.run(req).await;
+    // The route template, never the path: paths and queries carry ids.
+    tracing::debug!(
+        method = %method,
+        route = %route,
+        status = resp.status().as_u16(),
+        latency_ms = start.elapsed().as_secs_f64() * 1000.0,
+        "request answered"
+    );
     state
         .metrics
         .latency

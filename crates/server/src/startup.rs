@@ -114,23 +114,28 @@ async fn not_found() -> ApiError {
 async fn shed_load(State(limit): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
     match limit.try_acquire() {
         Ok(_permit) => next.run(req).await,
-        Err(_) => ApiError::Unavailable(1).into_response(),
+        Err(_) => error_for(req.uri().path(), ApiError::Unavailable(1)),
+    }
+}
+
+/// An error in the shape of the API the path belongs to: an
+/// OperationOutcome under `/fhir`, problem+json elsewhere.
+pub(crate) fn error_for(path: &str, e: ApiError) -> Response {
+    if path.starts_with("/fhir") {
+        crate::error::FhirError::from(e).into_response()
+    } else {
+        e.into_response()
     }
 }
 
 /// The per-request deadline: 503 when a request takes longer.
 async fn deadline(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route_is_fhir = req.uri().path().starts_with("/fhir");
+    let path = req.uri().path().to_string();
     match tokio::time::timeout(state.config.request_timeout, next.run(req)).await {
         Ok(resp) => resp,
         Err(_) => {
             tracing::warn!("request exceeded its deadline");
-            let e = ApiError::Unavailable(1);
-            if route_is_fhir {
-                crate::error::FhirError::from(e).into_response()
-            } else {
-                e.into_response()
-            }
+            error_for(&path, ApiError::Unavailable(1))
         }
     }
 }

@@ -70,7 +70,8 @@ async fn attempt(app: &TestApp, kind: &str, token: &str, subject: &str) -> Resp 
             let id = obs_for(app, subject).await;
             let mut body = obs.clone();
             body["id"] = json!(id);
-            app.put(&format!("/fhir/Observation/{id}"), token, &body).await
+            app.put(&format!("/fhir/Observation/{id}"), token, &body)
+                .await
         }
         "delete" => {
             let id = obs_for(app, subject).await;
@@ -82,7 +83,10 @@ async fn attempt(app: &TestApp, kind: &str, token: &str, subject: &str) -> Resp 
             ]});
             app.fhir_post("/fhir", token, &b).await
         }
-        "POST /trials" => app.post("/trials", token, "application/yaml", PROTOCOL_YAML).await,
+        "POST /trials" => {
+            app.post("/trials", token, "application/yaml", PROTOCOL_YAML)
+                .await
+        }
         "GET /trials" => app.get("/trials", token).await,
         "GET /trials/{id}" => app.get(&format!("/trials/{}", trial_id()), token).await,
         "AuditEvent search" => app.get("/fhir/AuditEvent?_count=5", token).await,
@@ -91,6 +95,11 @@ async fn attempt(app: &TestApp, kind: &str, token: &str, subject: &str) -> Resp 
         other => panic!("no endpoint kind {other}"),
     }
 }
+
+/// One row of the role matrix: (endpoint kind, whose data, success status,
+/// roles allowed, roles that get 404 because the data is outside their
+/// scope); every other role gets 403.
+type Row<'a> = (&'a str, &'a str, u16, &'a [&'a str], &'a [&'a str]);
 
 async fn role_matrix(app: TestApp) {
     app.load_reference_trial().await;
@@ -110,10 +119,7 @@ async fn role_matrix(app: TestApp) {
     let all_sites_writers: &[&str] = &["admin", "data-manager"];
     let scoped: &[&str] = &["site-user", "patient"];
     let none: &[&str] = &[];
-    // (endpoint kind, whose data, success status, roles allowed, roles that
-    // get 404 because the data is outside their scope); every other role
-    // gets 403.
-    let matrix: &[(&str, &str, u16, &[&str], &[&str])] = &[
+    let matrix: &[Row] = &[
         ("read", "own", 200, all_but_interface, none),
         ("search", "own", 200, all_but_interface, none),
         ("create", "own", 201, writers, none),
@@ -134,7 +140,11 @@ async fn role_matrix(app: TestApp) {
     ];
     let mut wrong = Vec::new();
     for (kind, whose, success, allowed, hidden) in matrix {
-        let subject = if *whose == "other" { &other.id } else { &own.id };
+        let subject = if *whose == "other" {
+            &other.id
+        } else {
+            &own.id
+        };
         for (role, token) in &tokens {
             let before = app.count(&app.admin, "Observation").await;
             let r = attempt(&app, kind, token, subject).await;
@@ -159,7 +169,10 @@ async fn role_matrix(app: TestApp) {
                     before + setup,
                     "{role} {kind}"
                 );
-                let is_fhir = r.header("content-type").unwrap_or("").starts_with(FHIR_JSON);
+                let is_fhir = r
+                    .header("content-type")
+                    .unwrap_or("")
+                    .starts_with(FHIR_JSON);
                 let j = r.json();
                 assert!(
                     if is_fhir {
@@ -173,7 +186,11 @@ async fn role_matrix(app: TestApp) {
             }
         }
     }
-    assert!(wrong.is_empty(), "role matrix mismatches:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "role matrix mismatches:\n{}",
+        wrong.join("\n")
+    );
 }
 
 async fn site_user_sees_counts_and_changes_only_its_own_site(app: TestApp) {
@@ -204,32 +221,67 @@ async fn site_user_sees_counts_and_changes_only_its_own_site(app: TestApp) {
         .expect("an own observation");
 
     // Reads: own site 200, other site 404 (not even its existence shows).
-    app.get(&format!("/fhir/Observation/{own_one}"), &token).await.expect(200);
-    app.get(&format!("/fhir/Observation/{other_obs}"), &token).await.outcome(404);
-    app.get(&format!("/fhir/Observation/{other_obs}/_history/1"), &token).await.outcome(404);
-    app.get(&format!("/fhir/Observation/{other_obs}/_history"), &token).await.outcome(404);
-    app.get(&format!("/fhir/Patient/{own_subject}"), &token).await.expect(200);
-    app.get(&format!("/fhir/Patient/{other_subject}"), &token).await.outcome(404);
+    app.get(&format!("/fhir/Observation/{own_one}"), &token)
+        .await
+        .expect(200);
+    app.get(&format!("/fhir/Observation/{other_obs}"), &token)
+        .await
+        .outcome(404);
+    app.get(&format!("/fhir/Observation/{other_obs}/_history/1"), &token)
+        .await
+        .outcome(404);
+    app.get(&format!("/fhir/Observation/{other_obs}/_history"), &token)
+        .await
+        .outcome(404);
+    app.get(&format!("/fhir/Patient/{own_subject}"), &token)
+        .await
+        .expect(200);
+    app.get(&format!("/fhir/Patient/{other_subject}"), &token)
+        .await
+        .outcome(404);
 
     // Searches and totals count only its own site.
-    let found: BTreeSet<String> = app.search_ids(&token, "Observation", "_count=2").await.into_iter().collect();
+    let found: BTreeSet<String> = app
+        .search_ids(&token, "Observation", "_count=2")
+        .await
+        .into_iter()
+        .collect();
     assert_eq!(found, own_obs);
     assert_eq!(app.count(&token, "Observation").await, own_obs.len() as u64);
     let own_subjects: BTreeSet<String> = subjects_of(own).into_iter().collect();
-    assert_eq!(app.count(&token, "Patient").await, own_subjects.len() as u64);
-    let rs: BTreeSet<String> = app.search_ids(&token, "ResearchSubject", "").await.into_iter().collect();
+    assert_eq!(
+        app.count(&token, "Patient").await,
+        own_subjects.len() as u64
+    );
+    let rs: BTreeSet<String> = app
+        .search_ids(&token, "ResearchSubject", "")
+        .await
+        .into_iter()
+        .collect();
     assert_eq!(rs, own_subjects);
     assert!(app
-        .search_ids(&token, "Observation", &format!("subject=Patient/{other_subject}"))
+        .search_ids(
+            &token,
+            "Observation",
+            &format!("subject=Patient/{other_subject}")
+        )
         .await
         .is_empty());
     assert!(app
-        .search_ids(&token, "Observation", &format!("patient={other_subject}&_total=accurate"))
+        .search_ids(
+            &token,
+            "Observation",
+            &format!("patient={other_subject}&_total=accurate")
+        )
         .await
         .is_empty());
     // _include never brings in another site's Patient either.
     let b = app
-        .search(&token, "Observation", "_include=Observation:subject&_count=1000")
+        .search(
+            &token,
+            "Observation",
+            "_include=Observation:subject&_count=1000",
+        )
         .await;
     let included: BTreeSet<String> = crate::helpers::entries(&b)
         .iter()
@@ -238,14 +290,27 @@ async fn site_user_sees_counts_and_changes_only_its_own_site(app: TestApp) {
         .collect();
     assert!(included.is_subset(&own_subjects), "{included:?}");
     // Site-independent resources (the study, the sites) are visible.
-    app.get(&format!("/fhir/ResearchStudy/{}", trial_id()), &token).await.expect(200);
+    app.get(&format!("/fhir/ResearchStudy/{}", trial_id()), &token)
+        .await
+        .expect(200);
 
     // Writes: own site allowed, other site refused, nothing changed.
-    app.create(&token, &observation(&own_subject, "8867-4", "2026-03-05T08:00:00Z", "66", "/min"))
-        .await;
+    app.create(
+        &token,
+        &observation(&own_subject, "8867-4", "2026-03-05T08:00:00Z", "66", "/min"),
+    )
+    .await;
     let before = app.count(&app.admin, "Observation").await;
-    let foreign = observation(&other_subject, "8867-4", "2026-03-05T08:00:00Z", "66", "/min");
-    app.fhir_post("/fhir/Observation", &token, &foreign).await.outcome(403);
+    let foreign = observation(
+        &other_subject,
+        "8867-4",
+        "2026-03-05T08:00:00Z",
+        "66",
+        "/min",
+    );
+    app.fhir_post("/fhir/Observation", &token, &foreign)
+        .await
+        .outcome(403);
     // Update: refused (403).
     let mut body = foreign.clone();
     body["id"] = json!(other_obs);
@@ -277,18 +342,32 @@ async fn site_user_sees_counts_and_changes_only_its_own_site(app: TestApp) {
     ]});
     app.fhir_post("/fhir", &token, &tx).await.outcome(403);
     // Resources outside any subject (a site, a study) it may not create.
-    app.fhir_post("/fhir/Organization", &token, &json!({"resourceType": "Organization", "name": "x"}))
-        .await
-        .outcome(403);
+    app.fhir_post(
+        "/fhir/Organization",
+        &token,
+        &json!({"resourceType": "Organization", "name": "x"}),
+    )
+    .await
+    .outcome(403);
     app.fhir_post("/fhir/Patient", &token, &json!({"resourceType": "Patient"}))
         .await
         .outcome(403);
     assert_eq!(app.count(&app.admin, "Observation").await, before);
-    assert_eq!(app.count(&app.admin, "Organization").await, sites.len() as u64);
-    let r = app.get(&format!("/fhir/Observation/{other_obs}"), &app.admin).await;
+    assert_eq!(
+        app.count(&app.admin, "Organization").await,
+        sites.len() as u64
+    );
+    let r = app
+        .get(&format!("/fhir/Observation/{other_obs}"), &app.admin)
+        .await;
     assert_eq!(r.header("etag"), Some("W/\"1\""));
-    let r = app.get(&format!("/fhir/Observation/{own_one}"), &app.admin).await;
-    assert_eq!(r.json()["subject"]["reference"], format!("Patient/{own_subject}"));
+    let r = app
+        .get(&format!("/fhir/Observation/{own_one}"), &app.admin)
+        .await;
+    assert_eq!(
+        r.json()["subject"]["reference"],
+        format!("Patient/{own_subject}")
+    );
 }
 
 async fn patient_token_sees_only_its_own_records(app: TestApp) {
@@ -306,29 +385,47 @@ async fn patient_token_sees_only_its_own_records(app: TestApp) {
             theirs.push(id);
         }
     }
-    let found: BTreeSet<String> = app.search_ids(&token, "Observation", "").await.into_iter().collect();
+    let found: BTreeSet<String> = app
+        .search_ids(&token, "Observation", "")
+        .await
+        .into_iter()
+        .collect();
     assert_eq!(found, mine);
     assert_eq!(app.count(&token, "Observation").await, mine.len() as u64);
     for id in &theirs {
-        app.get(&format!("/fhir/Observation/{id}"), &token).await.outcome(404);
+        app.get(&format!("/fhir/Observation/{id}"), &token)
+            .await
+            .outcome(404);
     }
     for id in &mine {
-        app.get(&format!("/fhir/Observation/{id}"), &token).await.expect(200);
+        app.get(&format!("/fhir/Observation/{id}"), &token)
+            .await
+            .expect(200);
     }
-    app.get(&format!("/fhir/Patient/{me}"), &token).await.expect(200);
-    app.get(&format!("/fhir/Patient/{someone_else}"), &token).await.outcome(404);
+    app.get(&format!("/fhir/Patient/{me}"), &token)
+        .await
+        .expect(200);
+    app.get(&format!("/fhir/Patient/{someone_else}"), &token)
+        .await
+        .outcome(404);
     let patients = app.search(&token, "Patient", "").await;
     assert_eq!(match_ids(&patients), vec![me.clone()]);
     assert_eq!(app.count(&token, "Patient").await, 1);
     // A patient changes nothing through the FHIR API.
     let own = observation(me, "8867-4", "2026-03-05T08:00:00Z", "66", "/min");
-    app.fhir_post("/fhir/Observation", &token, &own).await.outcome(403);
+    app.fhir_post("/fhir/Observation", &token, &own)
+        .await
+        .outcome(403);
 }
 
 /// The id of the token named `name`, from `clinflow token list`.
 fn token_id(app: &TestApp, name: &str) -> String {
     let out = app.cli(&["token", "list"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list = String::from_utf8(out.stdout).expect("UTF-8");
     list.lines()
         .find(|l| l.split('\t').nth(1) == Some(name))
@@ -340,15 +437,27 @@ fn token_id(app: &TestApp, name: &str) -> String {
 async fn revoked_token_is_401(app: TestApp) {
     let name = crate::helpers::unique("revokee");
     let out = app.cli(&["token", "create", "--role", "monitor", "--name", &name]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let token = String::from_utf8(out.stdout).expect("UTF-8").trim().to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)
+        .expect("UTF-8")
+        .trim()
+        .to_string();
     app.get("/fhir/Patient", &token).await.expect(200);
     let id = token_id(&app, &name);
     let out = app.cli(&["token", "revoke", &id]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list = String::from_utf8(app.cli(&["token", "list"]).stdout).expect("UTF-8");
     assert!(
-        list.lines().any(|l| l.starts_with(&id) && l.ends_with("revoked")),
+        list.lines()
+            .any(|l| l.starts_with(&id) && l.ends_with("revoked")),
         "{list}"
     );
     let r = app.get("/fhir/Patient", &token).await;
@@ -363,9 +472,17 @@ async fn revoked_token_is_401(app: TestApp) {
 async fn expired_token_is_401(app: TestApp) {
     use clinflow_server::auth::{create_token, Role};
     let now = clinflow_store::now_millis();
-    let expired = create_token(&app.store, "expired", Role::Monitor, None, None, Some(now - 1), "test")
-        .await
-        .expect("a token");
+    let expired = create_token(
+        &app.store,
+        "expired",
+        Role::Monitor,
+        None,
+        None,
+        Some(now - 1),
+        "test",
+    )
+    .await
+    .expect("a token");
     let valid = create_token(
         &app.store,
         "valid-for-a-day",
@@ -391,7 +508,11 @@ fn listening_addr(stdout: std::process::ChildStdout) -> String {
             .expect("the server printed where it listens before exiting")
             .expect("UTF-8");
         if let Some(rest) = line.strip_prefix("clinflow listening on http://") {
-            return rest.split_whitespace().next().expect("an address").to_string();
+            return rest
+                .split_whitespace()
+                .next()
+                .expect("an address")
+                .to_string();
         }
     }
 }
@@ -400,7 +521,13 @@ async fn clinflow_admin_token_env_is_an_admin_token(app: TestApp) {
     // The binary, not the library: the env var is wired through clap.
     let secret = format!("env-admin-{}", uuid::Uuid::new_v4().simple());
     let mut child = std::process::Command::new(crate::helpers::clinflow_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--database", &app.db_url])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &app.db_url,
+        ])
         .env("CLINFLOW_ADMIN_TOKEN", &secret)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
@@ -417,11 +544,22 @@ async fn clinflow_admin_token_env_is_an_admin_token(app: TestApp) {
             .bearer_auth(token)
             .send()
     };
-    let ok = get(secret.clone()).await.expect("an answer").status().as_u16();
-    let bad = get(format!("{secret}x")).await.expect("an answer").status().as_u16();
+    let ok = get(secret.clone())
+        .await
+        .expect("an answer")
+        .status()
+        .as_u16();
+    let bad = get(format!("{secret}x"))
+        .await
+        .expect("an answer")
+        .status()
+        .as_u16();
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(ok, 200, "CLINFLOW_ADMIN_TOKEN is accepted as an admin token");
+    assert_eq!(
+        ok, 200,
+        "CLINFLOW_ADMIN_TOKEN is accepted as an admin token"
+    );
     assert_eq!(bad, 401);
     // The test app's admin token comes the same way (config.admin_token).
     let v: Value = app.get("/audit/verify", &app.admin).await.json();

@@ -27,7 +27,10 @@ async fn token_create_prints_only_the_token_and_it_works(app: TestApp) {
     assert_eq!(lines.len(), 1, "exactly one line: {out:?}");
     assert!(out.ends_with('\n'));
     let token = lines[0];
-    assert!(!token.is_empty() && !token.contains(char::is_whitespace), "{token:?}");
+    assert!(
+        !token.is_empty() && !token.contains(char::is_whitespace),
+        "{token:?}"
+    );
     // The server on the same database accepts it, with the monitor's rights.
     app.get("/fhir/Patient", token).await.expect(200);
     app.fhir_post("/fhir/Patient", token, &json!({"resourceType": "Patient"}))
@@ -61,14 +64,20 @@ async fn trial_load_while_the_server_runs(app: TestApp) {
     let rows = subjects();
     assert!(out.contains(&crate::helpers::trial_id()), "{out}");
     assert_eq!(app.count(&app.admin, "Patient").await, rows.len() as u64);
-    assert_eq!(app.count(&app.admin, "ResearchSubject").await, rows.len() as u64);
+    assert_eq!(
+        app.count(&app.admin, "ResearchSubject").await,
+        rows.len() as u64
+    );
     for s in &rows {
         app.get(&format!("/fhir/Patient/{}", s.id), &app.admin)
             .await
             .expect(200);
     }
     let t = app
-        .get(&format!("/trials/{}", crate::helpers::trial_id()), &app.admin)
+        .get(
+            &format!("/trials/{}", crate::helpers::trial_id()),
+            &app.admin,
+        )
         .await;
     t.expect(200);
     // Loading again changes nothing.
@@ -81,7 +90,8 @@ async fn trial_load_while_the_server_runs(app: TestApp) {
     ]));
     assert!(out.contains("0 created, 0 updated"), "{out}");
     // The server's own writes and the CLI's share one intact audit trail.
-    app.create(&app.admin, &json!({"resourceType": "Patient"})).await;
+    app.create(&app.admin, &json!({"resourceType": "Patient"}))
+        .await;
     let out = stdout(&app.cli(&["audit", "verify"]));
     assert!(out.contains("intact"), "{out}");
     // A bad file is an error on stderr, with a non-zero exit.
@@ -91,11 +101,17 @@ async fn trial_load_while_the_server_runs(app: TestApp) {
 }
 
 async fn migrate_and_token_create_create_a_fresh_database(app: TestApp) {
-    for command in [&["migrate"][..], &["token", "create", "--role", "admin"][..]] {
+    for command in [
+        &["migrate"][..],
+        &["token", "create", "--role", "admin"][..],
+    ] {
         let (url, dir, schema) = fresh_database(app.engine);
         // SQLite: a file in a directory that does not exist yet.
         let url = match &dir {
-            Some(d) => format!("sqlite://{}", d.path().join("new/dir/clinflow.db").display()),
+            Some(d) => format!(
+                "sqlite://{}",
+                d.path().join("new/dir/clinflow.db").display()
+            ),
             None => url,
         };
         let out = cli(&url, command);
@@ -109,7 +125,11 @@ async fn migrate_and_token_create_create_a_fresh_database(app: TestApp) {
         assert!(store.verify_audit().await.expect("readable").is_ok());
         if command[0] == "token" {
             let hash = clinflow_server::auth::hash_secret(printed.trim());
-            assert!(store.token_by_hash(&hash).await.expect("readable").is_some());
+            assert!(store
+                .token_by_hash(&hash)
+                .await
+                .expect("readable")
+                .is_some());
         }
         // Running it again is harmless.
         stdout(&cli(&url, &["migrate"]));

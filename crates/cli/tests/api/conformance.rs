@@ -93,7 +93,11 @@ async fn official_r4_examples_round_trip(app: TestApp) {
     let mut refused_as_known = Vec::new();
     let mut failures = Vec::new();
     for path in &files {
-        let name = path.file_name().expect("a name").to_string_lossy().to_string();
+        let name = path
+            .file_name()
+            .expect("a name")
+            .to_string_lossy()
+            .to_string();
         let text = std::fs::read_to_string(path).expect("readable");
         let Ok(original) = Json::parse(&text) else {
             continue; // package.json and the like: not resources
@@ -128,7 +132,10 @@ async fn official_r4_examples_round_trip(app: TestApp) {
             continue;
         }
         if r.status != 201 && r.status != 200 {
-            failures.push(format!("{name}: PUT {url} gave {}: {:.500}", r.status, r.text));
+            failures.push(format!(
+                "{name}: PUT {url} gave {}: {:.500}",
+                r.status, r.text
+            ));
             continue;
         }
         let back = app.get(&url, &app.admin).await;
@@ -138,12 +145,20 @@ async fn official_r4_examples_round_trip(app: TestApp) {
         }
         let back = Json::parse(&back.text).expect("the server answers JSON");
         if !without_meta(&back).same_as(&without_meta(&original)) {
-            failures.push(format!("{name}: read back differently:\n{}", back.to_compact()));
+            failures.push(format!(
+                "{name}: read back differently:\n{}",
+                back.to_compact()
+            ));
             continue;
         }
         stored += 1;
     }
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert_eq!(
         refused_as_known.len(),
         KNOWN_INVALID.len(),

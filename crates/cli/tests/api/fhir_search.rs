@@ -70,13 +70,83 @@ fn observations() -> Vec<Obs> {
         category,
     };
     vec![
-        o("o1", 0, LOINC, "8480-6", "2026-03-01T08:00:00Z", "120.0", "mm[Hg]", "final", "vital-signs"),
-        o("o2", 0, LOINC, "8480-6", "2026-03-15T08:30:00Z", "135", "mm[Hg]", "final", "vital-signs"),
-        o("o3", 0, LOINC, "8867-4", "2026-04-02T09:00:00Z", "72", "/min", "final", "vital-signs"),
-        o("o4", 1, LOINC, "8480-6", "2026-02-20T10:00:00Z", "95", "mm[Hg]", "preliminary", "vital-signs"),
-        o("o5", 1, LOINC, "2345-7", "2026-03-10T07:15:00Z", "101", "mg/dL", "amended", "laboratory"),
-        o("o6", 1, LOCAL, "bp-sys", "2026-03-31T23:00:00Z", "150", "mm[Hg]", "final", "vital-signs"),
-        o("o7", 2, LOINC, "8480-6", "2026-05-05T12:00:00Z", "110", "mm[Hg]", "final", "vital-signs"),
+        o(
+            "o1",
+            0,
+            LOINC,
+            "8480-6",
+            "2026-03-01T08:00:00Z",
+            "120.0",
+            "mm[Hg]",
+            "final",
+            "vital-signs",
+        ),
+        o(
+            "o2",
+            0,
+            LOINC,
+            "8480-6",
+            "2026-03-15T08:30:00Z",
+            "135",
+            "mm[Hg]",
+            "final",
+            "vital-signs",
+        ),
+        o(
+            "o3",
+            0,
+            LOINC,
+            "8867-4",
+            "2026-04-02T09:00:00Z",
+            "72",
+            "/min",
+            "final",
+            "vital-signs",
+        ),
+        o(
+            "o4",
+            1,
+            LOINC,
+            "8480-6",
+            "2026-02-20T10:00:00Z",
+            "95",
+            "mm[Hg]",
+            "preliminary",
+            "vital-signs",
+        ),
+        o(
+            "o5",
+            1,
+            LOINC,
+            "2345-7",
+            "2026-03-10T07:15:00Z",
+            "101",
+            "mg/dL",
+            "amended",
+            "laboratory",
+        ),
+        o(
+            "o6",
+            1,
+            LOCAL,
+            "bp-sys",
+            "2026-03-31T23:00:00Z",
+            "150",
+            "mm[Hg]",
+            "final",
+            "vital-signs",
+        ),
+        o(
+            "o7",
+            2,
+            LOINC,
+            "8480-6",
+            "2026-05-05T12:00:00Z",
+            "110",
+            "mm[Hg]",
+            "final",
+            "vital-signs",
+        ),
     ]
 }
 
@@ -147,14 +217,21 @@ async fn create_data(app: &TestApp) -> Data {
 async fn found(app: &TestApp, rtype: &str, query: &str) -> BTreeSet<String> {
     let ids = app.search_ids(&app.admin, rtype, query).await;
     let set: BTreeSet<String> = ids.iter().cloned().collect();
-    assert_eq!(set.len(), ids.len(), "{rtype}?{query} repeated a match: {ids:?}");
+    assert_eq!(
+        set.len(),
+        ids.len(),
+        "{rtype}?{query} repeated a match: {ids:?}"
+    );
     set
 }
 
 /// Asserts `rtype?query` finds exactly `expected`, which must not be empty
 /// (an empty expectation would prove nothing).
 async fn assert_finds(app: &TestApp, rtype: &str, query: &str, expected: BTreeSet<String>) {
-    assert!(!expected.is_empty(), "{rtype}?{query}: the test data should match something");
+    assert!(
+        !expected.is_empty(),
+        "{rtype}?{query}: the test data should match something"
+    );
     assert_eq!(found(app, rtype, query).await, expected, "{rtype}?{query}");
 }
 
@@ -181,7 +258,13 @@ async fn observation_token_and_reference_parameters(app: TestApp) {
         d.ids(|o| o.system == LOINC && o.code == "8480-6"),
     )
     .await;
-    assert_finds(&app, "Observation", "code=8480-6", d.ids(|o| o.code == "8480-6")).await;
+    assert_finds(
+        &app,
+        "Observation",
+        "code=8480-6",
+        d.ids(|o| o.code == "8480-6"),
+    )
+    .await;
     assert_finds(
         &app,
         "Observation",
@@ -246,9 +329,27 @@ async fn observation_token_and_reference_parameters(app: TestApp) {
     // subject, patient, subject:identifier.
     for (i, pid) in d.patients.iter().enumerate() {
         let expected = d.ids(|o| o.patient == i);
-        assert_finds(&app, "Observation", &format!("subject=Patient/{pid}"), expected.clone()).await;
-        assert_finds(&app, "Observation", &format!("patient={pid}"), expected.clone()).await;
-        assert_finds(&app, "Observation", &format!("patient=Patient/{pid}"), expected.clone()).await;
+        assert_finds(
+            &app,
+            "Observation",
+            &format!("subject=Patient/{pid}"),
+            expected.clone(),
+        )
+        .await;
+        assert_finds(
+            &app,
+            "Observation",
+            &format!("patient={pid}"),
+            expected.clone(),
+        )
+        .await;
+        assert_finds(
+            &app,
+            "Observation",
+            &format!("patient=Patient/{pid}"),
+            expected.clone(),
+        )
+        .await;
         assert_finds(
             &app,
             "Observation",
@@ -261,7 +362,9 @@ async fn observation_token_and_reference_parameters(app: TestApp) {
         .await;
     }
     // No match is an empty searchset, not an error.
-    let b = app.search(&app.admin, "Observation", "code=no-such-code").await;
+    let b = app
+        .search(&app.admin, "Observation", "code=no-such-code")
+        .await;
     assert!(match_ids(&b).is_empty());
 }
 
@@ -317,10 +420,34 @@ async fn observation_dates_with_prefixes_and_partial_dates(app: TestApp) {
 async fn observation_value_quantity(app: TestApp) {
     let d = create_data(&app).await;
     let value = |o: &Obs| o.value.parse::<f64>().expect("a number");
-    assert_finds(&app, "Observation", "value-quantity=gt100", d.ids(|o| value(o) > 100.0)).await;
-    assert_finds(&app, "Observation", "value-quantity=lt100", d.ids(|o| value(o) < 100.0)).await;
-    assert_finds(&app, "Observation", "value-quantity=ge135", d.ids(|o| value(o) >= 135.0)).await;
-    assert_finds(&app, "Observation", "value-quantity=le95", d.ids(|o| value(o) <= 95.0)).await;
+    assert_finds(
+        &app,
+        "Observation",
+        "value-quantity=gt100",
+        d.ids(|o| value(o) > 100.0),
+    )
+    .await;
+    assert_finds(
+        &app,
+        "Observation",
+        "value-quantity=lt100",
+        d.ids(|o| value(o) < 100.0),
+    )
+    .await;
+    assert_finds(
+        &app,
+        "Observation",
+        "value-quantity=ge135",
+        d.ids(|o| value(o) >= 135.0),
+    )
+    .await;
+    assert_finds(
+        &app,
+        "Observation",
+        "value-quantity=le95",
+        d.ids(|o| value(o) <= 95.0),
+    )
+    .await;
     // Unit-qualified equality: 120 matches the stored 120.0 (same value).
     assert_finds(
         &app,
@@ -350,7 +477,9 @@ async fn last_updated_and_id(app: TestApp) {
     // Each resource's lastUpdated as the server reports it.
     let mut stamps: Vec<(String, String)> = Vec::new();
     for (_, id) in &d.obs {
-        let r = app.get(&format!("/fhir/Observation/{id}"), &app.admin).await;
+        let r = app
+            .get(&format!("/fhir/Observation/{id}"), &app.admin)
+            .await;
         r.expect(200);
         let at = r.json()["meta"]["lastUpdated"]
             .as_str()
@@ -373,7 +502,10 @@ async fn last_updated_and_id(app: TestApp) {
             .await;
         r.expect(200);
         body = r.json();
-        let at = body["meta"]["lastUpdated"].as_str().expect("lastUpdated").to_string();
+        let at = body["meta"]["lastUpdated"]
+            .as_str()
+            .expect("lastUpdated")
+            .to_string();
         if at > first {
             break at;
         }
@@ -390,11 +522,29 @@ async fn last_updated_and_id(app: TestApp) {
             .map(|(id, _)| id.clone())
             .collect()
     };
-    assert_finds(&app, "Observation", &format!("_lastUpdated=gt{}", enc(&first)), after("gt", &first)).await;
-    assert_finds(&app, "Observation", &format!("_lastUpdated=le{}", enc(&first)), after("le", &first)).await;
+    assert_finds(
+        &app,
+        "Observation",
+        &format!("_lastUpdated=gt{}", enc(&first)),
+        after("gt", &first),
+    )
+    .await;
+    assert_finds(
+        &app,
+        "Observation",
+        &format!("_lastUpdated=le{}", enc(&first)),
+        after("le", &first),
+    )
+    .await;
     // _id, one and several.
     let (a, b) = (&d.obs[1].1, &d.obs[4].1);
-    assert_finds(&app, "Observation", &format!("_id={a}"), BTreeSet::from([a.clone()])).await;
+    assert_finds(
+        &app,
+        "Observation",
+        &format!("_id={a}"),
+        BTreeSet::from([a.clone()]),
+    )
+    .await;
     assert_finds(
         &app,
         "Observation",
@@ -422,11 +572,21 @@ async fn patient_identifier_and_name(app: TestApp) {
             by(&|p| p.0 == mrn),
         )
         .await;
-        assert_finds(&app, "Patient", &format!("identifier={mrn}"), by(&|p| p.0 == mrn)).await;
+        assert_finds(
+            &app,
+            "Patient",
+            &format!("identifier={mrn}"),
+            by(&|p| p.0 == mrn),
+        )
+        .await;
     }
-    assert!(found(&app, "Patient", &format!("identifier={}", enc("urn:other|MRN-1")))
-        .await
-        .is_empty());
+    assert!(found(
+        &app,
+        "Patient",
+        &format!("identifier={}", enc("urn:other|MRN-1"))
+    )
+    .await
+    .is_empty());
     // name: case-insensitive starts-with on any part of the name.
     let name = |p: &(&str, &str, &str), q: &str| {
         p.1.to_lowercase().starts_with(q) || p.2.to_lowercase().starts_with(q)
@@ -445,7 +605,10 @@ async fn count_and_next_links_walk_every_match_once(app: TestApp) {
         ("_count=2".to_string(), all.clone()),
         ("_count=3&_sort=-date".to_string(), all.clone()),
         ("_count=1&_sort=_lastUpdated".to_string(), all.clone()),
-        ("_count=2&code=8480-6".to_string(), d.ids(|o| o.code == "8480-6")),
+        (
+            "_count=2&code=8480-6".to_string(),
+            d.ids(|o| o.code == "8480-6"),
+        ),
     ] {
         let count: usize = query
             .split('&')
@@ -460,16 +623,25 @@ async fn count_and_next_links_walk_every_match_once(app: TestApp) {
             let ids = match_ids(&bundle);
             assert!(ids.len() <= count, "{query}: page of {}", ids.len());
             seen.extend(ids);
-            let Some(next) = next_link(&bundle) else { break };
+            let Some(next) = next_link(&bundle) else {
+                break;
+            };
             assert!(pages <= expected.len(), "{query}: more pages than matches");
             let r = app.get(&app.relative(&next), &app.admin).await;
             r.expect(200);
             bundle = r.json();
         }
         let set: BTreeSet<String> = seen.iter().cloned().collect();
-        assert_eq!(set.len(), seen.len(), "{query}: a match came twice: {seen:?}");
+        assert_eq!(
+            set.len(),
+            seen.len(),
+            "{query}: a match came twice: {seen:?}"
+        );
         assert_eq!(set, expected, "{query}");
-        assert!(pages >= expected.len().div_ceil(count), "{query}: {pages} pages");
+        assert!(
+            pages >= expected.len().div_ceil(count),
+            "{query}: {pages} pages"
+        );
     }
     // Paging holds while data changes: a resource created between pages
     // never makes an earlier match come again.
@@ -500,11 +672,27 @@ async fn sort_by_date_and_last_updated(app: TestApp) {
     by_date.sort_by_key(|(o, _)| o.date);
     let asc: Vec<String> = by_date.iter().map(|(_, id)| id.clone()).collect();
     let desc: Vec<String> = asc.iter().rev().cloned().collect();
-    assert_eq!(app.search_ids(&app.admin, "Observation", "_sort=date").await, asc);
-    assert_eq!(app.search_ids(&app.admin, "Observation", "_sort=-date").await, desc);
+    assert_eq!(
+        app.search_ids(&app.admin, "Observation", "_sort=date")
+            .await,
+        asc
+    );
+    assert_eq!(
+        app.search_ids(&app.admin, "Observation", "_sort=-date")
+            .await,
+        desc
+    );
     // The same order across pages.
-    assert_eq!(app.search_ids(&app.admin, "Observation", "_sort=date&_count=2").await, asc);
-    assert_eq!(app.search_ids(&app.admin, "Observation", "_sort=-date&_count=3").await, desc);
+    assert_eq!(
+        app.search_ids(&app.admin, "Observation", "_sort=date&_count=2")
+            .await,
+        asc
+    );
+    assert_eq!(
+        app.search_ids(&app.admin, "Observation", "_sort=-date&_count=3")
+            .await,
+        desc
+    );
     // With a filter.
     let filtered: Vec<String> = asc
         .iter()
@@ -512,17 +700,35 @@ async fn sort_by_date_and_last_updated(app: TestApp) {
         .cloned()
         .collect();
     assert_eq!(
-        app.search_ids(&app.admin, "Observation", "code=8480-6&_sort=-date&_count=2").await,
+        app.search_ids(
+            &app.admin,
+            "Observation",
+            "code=8480-6&_sort=-date&_count=2"
+        )
+        .await,
         filtered.iter().rev().cloned().collect::<Vec<_>>()
     );
     // _lastUpdated: the order of the stamps the server gave.
-    for (query, descending) in [("_sort=_lastUpdated&_count=2", false), ("_sort=-_lastUpdated", true)] {
+    for (query, descending) in [
+        ("_sort=_lastUpdated&_count=2", false),
+        ("_sort=-_lastUpdated", true),
+    ] {
         let b_ids = app.search_ids(&app.admin, "Observation", query).await;
-        assert_eq!(b_ids.iter().cloned().collect::<BTreeSet<_>>(), d.ids(|_| true));
+        assert_eq!(
+            b_ids.iter().cloned().collect::<BTreeSet<_>>(),
+            d.ids(|_| true)
+        );
         let mut stamps = Vec::new();
         for id in &b_ids {
-            let r = app.get(&format!("/fhir/Observation/{id}"), &app.admin).await;
-            stamps.push(r.json()["meta"]["lastUpdated"].as_str().expect("a stamp").to_string());
+            let r = app
+                .get(&format!("/fhir/Observation/{id}"), &app.admin)
+                .await;
+            stamps.push(
+                r.json()["meta"]["lastUpdated"]
+                    .as_str()
+                    .expect("a stamp")
+                    .to_string(),
+            );
         }
         let mut sorted = stamps.clone();
         sorted.sort();
@@ -533,12 +739,17 @@ async fn sort_by_date_and_last_updated(app: TestApp) {
     }
     // Updating a resource moves it to the end of _lastUpdated order.
     let (_, first) = &d.obs[0];
-    let mut body = app.get(&format!("/fhir/Observation/{first}"), &app.admin).await.json();
+    let mut body = app
+        .get(&format!("/fhir/Observation/{first}"), &app.admin)
+        .await
+        .json();
     body.as_object_mut().expect("an object").remove("meta");
     app.put(&format!("/fhir/Observation/{first}"), &app.admin, &body)
         .await
         .expect(200);
-    let order = app.search_ids(&app.admin, "Observation", "_sort=-_lastUpdated").await;
+    let order = app
+        .search_ids(&app.admin, "Observation", "_sort=-_lastUpdated")
+        .await;
     assert_eq!(order.first(), Some(first));
 }
 
@@ -548,7 +759,11 @@ async fn total_only_when_asked(app: TestApp) {
     let b = app.search(&app.admin, "Observation", "code=8480-6").await;
     assert!(b.get("total").is_none(), "no total unless asked: {b}");
     let b = app
-        .search(&app.admin, "Observation", "code=8480-6&_total=accurate&_count=1")
+        .search(
+            &app.admin,
+            "Observation",
+            "code=8480-6&_total=accurate&_count=1",
+        )
         .await;
     assert_eq!(b["total"].as_u64(), Some(expected));
     assert_eq!(match_ids(&b).len(), 1);
@@ -584,7 +799,11 @@ async fn include_adds_the_subject_patients(app: TestApp) {
         .filter(|(o, _)| o.code == "8480-6")
         .map(|(o, _)| d.patients[o.patient].clone())
         .collect();
-    assert_eq!(inc_ids.len(), expected.len(), "each Patient once: {inc_ids:?}");
+    assert_eq!(
+        inc_ids.len(),
+        expected.len(),
+        "each Patient once: {inc_ids:?}"
+    );
     assert_eq!(inc_ids.into_iter().collect::<BTreeSet<_>>(), expected);
     // Without _include there are only matches.
     let b = app.search(&app.admin, "Observation", "code=8480-6").await;
@@ -611,9 +830,25 @@ async fn trial_resources_research_subject_and_organization(app: TestApp) {
     app.load_reference_trial().await;
     let trial = trial_id();
     let subject_ids: BTreeSet<String> = subjects().into_iter().map(|s| s.id).collect();
-    assert_finds(&app, "ResearchSubject", &format!("study=ResearchStudy/{trial}"), subject_ids.clone()).await;
-    assert_finds(&app, "ResearchSubject", &format!("study={trial}"), subject_ids).await;
-    assert!(found(&app, "ResearchSubject", "study=ResearchStudy/OTHER-TRIAL").await.is_empty());
+    assert_finds(
+        &app,
+        "ResearchSubject",
+        &format!("study=ResearchStudy/{trial}"),
+        subject_ids.clone(),
+    )
+    .await;
+    assert_finds(
+        &app,
+        "ResearchSubject",
+        &format!("study={trial}"),
+        subject_ids,
+    )
+    .await;
+    assert!(
+        found(&app, "ResearchSubject", "study=ResearchStudy/OTHER-TRIAL")
+            .await
+            .is_empty()
+    );
     let p = protocol();
     // address-country and name (prefix, case-insensitive) on Organization.
     for site in &p.sites {
@@ -637,7 +872,11 @@ async fn trial_resources_research_subject_and_organization(app: TestApp) {
             &format!("name={}", enc(&q)),
             p.sites
                 .iter()
-                .filter(|s| s.name.to_lowercase().starts_with(&first_word.to_lowercase()))
+                .filter(|s| {
+                    s.name
+                        .to_lowercase()
+                        .starts_with(&first_word.to_lowercase())
+                })
                 .map(|s| s.id.as_str().to_string())
                 .collect(),
         )
@@ -677,13 +916,49 @@ async fn appointment_actor_and_date(app: TestApp) {
             .collect()
     };
     for (i, pid) in d.patients.iter().enumerate().take(2) {
-        assert_finds(&app, "Appointment", &format!("actor=Patient/{pid}"), select(&|p, _, _| p == i)).await;
-        assert_finds(&app, "Appointment", &format!("patient={pid}"), select(&|p, _, _| p == i)).await;
+        assert_finds(
+            &app,
+            "Appointment",
+            &format!("actor=Patient/{pid}"),
+            select(&|p, _, _| p == i),
+        )
+        .await;
+        assert_finds(
+            &app,
+            "Appointment",
+            &format!("patient={pid}"),
+            select(&|p, _, _| p == i),
+        )
+        .await;
     }
-    assert_finds(&app, "Appointment", "date=2026-03", select(&|_, s, _| s.starts_with("2026-03"))).await;
-    assert_finds(&app, "Appointment", "date=2026-03-16", select(&|_, s, _| s.starts_with("2026-03-16"))).await;
-    assert_finds(&app, "Appointment", "date=ge2026-03-18", select(&|_, s, _| &s[..10] >= "2026-03-18")).await;
-    assert_finds(&app, "Appointment", "date=lt2026-03-18", select(&|_, s, _| &s[..10] < "2026-03-18")).await;
+    assert_finds(
+        &app,
+        "Appointment",
+        "date=2026-03",
+        select(&|_, s, _| s.starts_with("2026-03")),
+    )
+    .await;
+    assert_finds(
+        &app,
+        "Appointment",
+        "date=2026-03-16",
+        select(&|_, s, _| s.starts_with("2026-03-16")),
+    )
+    .await;
+    assert_finds(
+        &app,
+        "Appointment",
+        "date=ge2026-03-18",
+        select(&|_, s, _| &s[..10] >= "2026-03-18"),
+    )
+    .await;
+    assert_finds(
+        &app,
+        "Appointment",
+        "date=lt2026-03-18",
+        select(&|_, s, _| &s[..10] < "2026-03-18"),
+    )
+    .await;
 }
 
 async fn adverse_event_seriousness(app: TestApp) {
@@ -708,7 +983,13 @@ async fn adverse_event_seriousness(app: TestApp) {
             .filter(|((_, s), _)| *s == code)
             .map(|(_, id)| id.clone())
             .collect();
-        assert_finds(&app, "AdverseEvent", &format!("seriousness={code}"), expected.clone()).await;
+        assert_finds(
+            &app,
+            "AdverseEvent",
+            &format!("seriousness={code}"),
+            expected.clone(),
+        )
+        .await;
         assert_finds(
             &app,
             "AdverseEvent",

@@ -77,11 +77,9 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     use futures::FutureExt;
-    let app = spawn_app_with(engine, configure).await;
+    let app = spawn_app(engine, configure).await;
     let schema = app.pg_schema.clone();
-    let outcome = std::panic::AssertUnwindSafe(test(app))
-        .catch_unwind()
-        .await;
+    let outcome = std::panic::AssertUnwindSafe(test(app)).catch_unwind().await;
     if let Some((base, schema)) = schema {
         drop_schema(&base, &schema).await;
     }
@@ -106,7 +104,9 @@ pub fn pg_base() -> String {
 }
 
 /// A database of its own: `(url, tempdir for SQLite, (pg base, schema))`.
-pub fn fresh_database(engine: Engine) -> (String, Option<tempfile::TempDir>, Option<(String, String)>) {
+pub fn fresh_database(
+    engine: Engine,
+) -> (String, Option<tempfile::TempDir>, Option<(String, String)>) {
     match engine {
         Engine::Sqlite => {
             let dir = tempfile::tempdir().expect("a temporary directory");
@@ -181,11 +181,9 @@ pub struct TestApp {
     pub pg_schema: Option<(String, String)>,
 }
 
-pub async fn spawn_app(engine: Engine) -> TestApp {
-    spawn_app_with(engine, |_| {}).await
-}
-
-pub async fn spawn_app_with(engine: Engine, configure: fn(&mut Config)) -> TestApp {
+/// Builds and starts a server on a fresh database of `engine`; `configure`
+/// adjusts the [`Config`] first (`|_| {}` for the defaults).
+pub async fn spawn_app(engine: Engine, configure: fn(&mut Config)) -> TestApp {
     let (db_url, dir, pg_schema) = fresh_database(engine);
     let store = open_store(&db_url).await;
     let admin = format!("admin-{}", uuid::Uuid::new_v4().simple());
@@ -241,7 +239,11 @@ impl Resp {
     /// Asserts the status, showing the body when it differs.
     #[track_caller]
     pub fn expect(&self, status: u16) -> &Resp {
-        assert_eq!(self.status, status, "unexpected status; body: {}", self.text);
+        assert_eq!(
+            self.status, status,
+            "unexpected status; body: {}",
+            self.text
+        );
         self
     }
 
@@ -256,7 +258,7 @@ impl Resp {
             self.text
         );
         assert!(
-            !j["issue"].as_array().map_or(true, Vec::is_empty),
+            j["issue"].as_array().is_some_and(|i| !i.is_empty()),
             "an OperationOutcome without issues: {}",
             self.text
         );
@@ -339,7 +341,9 @@ impl TestApp {
     /// Creates a resource as `token`; returns its new id. Panics unless 201.
     pub async fn create(&self, token: &str, resource: &Value) -> String {
         let rtype = resource["resourceType"].as_str().expect("a resourceType");
-        let r = self.fhir_post(&format!("/fhir/{rtype}"), token, resource).await;
+        let r = self
+            .fhir_post(&format!("/fhir/{rtype}"), token, resource)
+            .await;
         r.expect(201);
         r.json()["id"].as_str().expect("an id").to_string()
     }
@@ -429,18 +433,6 @@ impl TestApp {
         r.expect(200);
     }
 
-    /// Signals shutdown and waits for the server to stop (it finishes the
-    /// requests in flight and commits queued audit records first).
-    pub async fn shutdown(&mut self) -> anyhow::Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        match self.server.take() {
-            Some(h) => h.await.expect("the server task does not panic"),
-            None => Ok(()),
-        }
-    }
-
     /// Signals shutdown without waiting.
     pub fn signal_shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -448,7 +440,8 @@ impl TestApp {
         }
     }
 
-    /// Waits for the server task after [`TestApp::signal_shutdown`].
+    /// Waits for the server task after [`TestApp::signal_shutdown`]: it
+    /// finishes the requests in flight and commits queued audit records.
     pub async fn stopped(&mut self) -> anyhow::Result<()> {
         match self.server.take() {
             Some(h) => h.await.expect("the server task does not panic"),
@@ -467,9 +460,7 @@ impl TestApp {
     /// engine's `0001_init.sql`).
     pub fn drop_audit_triggers_sql(&self) -> &'static str {
         match self.engine {
-            Engine::Sqlite => {
-                "DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete;"
-            }
+            Engine::Sqlite => "DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete;",
             Engine::Postgres => {
                 "DROP TRIGGER audit_log_no_update ON audit_log; \
                  DROP TRIGGER audit_log_no_delete ON audit_log;"

@@ -38,7 +38,8 @@ fn with_line(key: &str, line: &str) -> String {
 }
 
 async fn post_protocol(app: &TestApp, yaml: &str) -> crate::helpers::Resp {
-    app.post("/trials", &app.admin, "application/yaml", yaml).await
+    app.post("/trials", &app.admin, "application/yaml", yaml)
+        .await
 }
 
 async fn post_subjects(app: &TestApp) -> crate::helpers::Resp {
@@ -72,25 +73,41 @@ async fn a_protocol_creates_the_study_its_sites_and_questionnaires(app: TestApp)
         report["created"].as_u64(),
         Some((1 + p.sites.len() + p.questionnaires.len()) as u64)
     );
-    let study = app.get(&format!("/fhir/ResearchStudy/{trial}"), &app.admin).await;
+    let study = app
+        .get(&format!("/fhir/ResearchStudy/{trial}"), &app.admin)
+        .await;
     study.expect(200);
     assert_eq!(study.header("etag"), Some("W/\"1\""));
     assert_eq!(study.json()["title"], p.title.as_str());
     let sites: BTreeSet<String> = p.sites.iter().map(|s| s.id.as_str().to_string()).collect();
-    let orgs: BTreeSet<String> = app.search_ids(&app.admin, "Organization", "").await.into_iter().collect();
+    let orgs: BTreeSet<String> = app
+        .search_ids(&app.admin, "Organization", "")
+        .await
+        .into_iter()
+        .collect();
     assert_eq!(orgs, sites);
     for site in &p.sites {
         let org = app
-            .get(&format!("/fhir/Organization/{}", site.id.as_str()), &app.admin)
+            .get(
+                &format!("/fhir/Organization/{}", site.id.as_str()),
+                &app.admin,
+            )
             .await
             .json();
         assert_eq!(org["name"], site.name.as_str());
         assert_eq!(org["address"][0]["country"], site.country.as_str());
     }
-    let qs: BTreeSet<String> = app.search_ids(&app.admin, "Questionnaire", "").await.into_iter().collect();
+    let qs: BTreeSet<String> = app
+        .search_ids(&app.admin, "Questionnaire", "")
+        .await
+        .into_iter()
+        .collect();
     assert_eq!(qs, questionnaire_ids());
     for (q, id) in p.questionnaires.iter().zip(questionnaire_ids()) {
-        let body = app.get(&format!("/fhir/Questionnaire/{id}"), &app.admin).await.json();
+        let body = app
+            .get(&format!("/fhir/Questionnaire/{id}"), &app.admin)
+            .await
+            .json();
         assert_eq!(body["item"].as_array().map(Vec::len), Some(q.items.len()));
     }
     // Listed by the trial API.
@@ -110,9 +127,14 @@ async fn subjects_become_patients_and_research_subjects(app: TestApp) {
     let rows = subjects();
     assert_eq!(r.json()["created"].as_u64(), Some(2 * rows.len() as u64));
     assert_eq!(app.count(&app.admin, "Patient").await, rows.len() as u64);
-    assert_eq!(app.count(&app.admin, "ResearchSubject").await, rows.len() as u64);
+    assert_eq!(
+        app.count(&app.admin, "ResearchSubject").await,
+        rows.len() as u64
+    );
     for row in &rows {
-        let patient = app.get(&format!("/fhir/Patient/{}", row.id), &app.admin).await;
+        let patient = app
+            .get(&format!("/fhir/Patient/{}", row.id), &app.admin)
+            .await;
         patient.expect(200);
         let patient = patient.json();
         assert_eq!(
@@ -125,9 +147,13 @@ async fn subjects_become_patients_and_research_subjects(app: TestApp) {
             .await
             .json();
         assert_eq!(rs["individual"]["reference"], format!("Patient/{}", row.id));
-        assert_eq!(rs["study"]["reference"], format!("ResearchStudy/{}", trial_id()));
+        assert_eq!(
+            rs["study"]["reference"],
+            format!("ResearchStudy/{}", trial_id())
+        );
         assert!(
-            rs.to_string().contains(&format!("Organization/{}", row.site)),
+            rs.to_string()
+                .contains(&format!("Organization/{}", row.site)),
             "the site is recorded: {rs}"
         );
     }
@@ -136,7 +162,9 @@ async fn subjects_become_patients_and_research_subjects(app: TestApp) {
 async fn loading_the_same_files_twice_changes_nothing(app: TestApp) {
     app.load_reference_trial().await;
     let trial = trial_id();
-    let before_study = app.get(&format!("/fhir/ResearchStudy/{trial}"), &app.admin).await;
+    let before_study = app
+        .get(&format!("/fhir/ResearchStudy/{trial}"), &app.admin)
+        .await;
     let before_patients = app.count(&app.admin, "Patient").await;
     let r = post_protocol(&app, PROTOCOL_YAML).await;
     r.expect(200);
@@ -154,15 +182,22 @@ async fn loading_the_same_files_twice_changes_nothing(app: TestApp) {
         report["unchanged"].as_u64(),
         Some((1 + p.sites.len() + p.questionnaires.len() + 2 * subjects().len()) as u64)
     );
-    let study = app.get(&format!("/fhir/ResearchStudy/{trial}"), &app.admin).await;
+    let study = app
+        .get(&format!("/fhir/ResearchStudy/{trial}"), &app.admin)
+        .await;
     assert_eq!(study.header("etag"), Some("W/\"1\""));
     assert_eq!(study.text, before_study.text);
     assert_eq!(app.count(&app.admin, "Patient").await, before_patients);
     for row in subjects() {
-        let r = app.get(&format!("/fhir/Patient/{}", row.id), &app.admin).await;
+        let r = app
+            .get(&format!("/fhir/Patient/{}", row.id), &app.admin)
+            .await;
         assert_eq!(r.header("etag"), Some("W/\"1\""));
     }
-    let t = app.get(&format!("/trials/{trial}"), &app.admin).await.json();
+    let t = app
+        .get(&format!("/trials/{trial}"), &app.admin)
+        .await
+        .json();
     assert_eq!(t["versions"].as_array().map(Vec::len), Some(1));
 }
 
@@ -194,13 +229,21 @@ async fn a_new_version_amends_and_keeps_the_old_one(app: TestApp) {
         .iter()
         .map(|v| v["version"].as_u64().expect("a number"))
         .collect();
-    assert_eq!(versions, BTreeSet::from([u64::from(p.version), u64::from(new_version)]));
-    let study = app.get(&format!("/fhir/ResearchStudy/{trial}"), &app.admin).await;
+    assert_eq!(
+        versions,
+        BTreeSet::from([u64::from(p.version), u64::from(new_version)])
+    );
+    let study = app
+        .get(&format!("/fhir/ResearchStudy/{trial}"), &app.admin)
+        .await;
     assert_eq!(study.header("etag"), Some("W/\"2\""));
     assert_eq!(study.json()["title"], new_title.as_str());
     // The old version is still there.
     let v1 = app
-        .get(&format!("/fhir/ResearchStudy/{trial}/_history/1"), &app.admin)
+        .get(
+            &format!("/fhir/ResearchStudy/{trial}/_history/1"),
+            &app.admin,
+        )
         .await
         .json();
     assert_eq!(v1["title"], p.title.as_str());
@@ -223,7 +266,9 @@ async fn the_same_version_with_other_content_is_409(app: TestApp) {
         problem["detail"].as_str().unwrap_or("").contains("version"),
         "{problem}"
     );
-    let study = app.get(&format!("/fhir/ResearchStudy/{trial}"), &app.admin).await;
+    let study = app
+        .get(&format!("/fhir/ResearchStudy/{trial}"), &app.admin)
+        .await;
     assert_eq!(study.header("etag"), Some("W/\"1\""));
     assert_eq!(study.json()["title"], p.title.as_str());
 }
@@ -258,7 +303,10 @@ async fn a_malformed_protocol_is_422_naming_line_and_key(app: TestApp) {
         .map(|l| format!("{l}\n"))
         .collect();
     let problem = post_protocol(&app, &bad).await.problem(422);
-    assert!(problem["detail"].as_str().unwrap_or("").contains("title"), "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap_or("").contains("title"),
+        "{problem}"
+    );
     // Nothing was created.
     assert_eq!(app.count(&app.admin, "ResearchStudy").await, 0);
     app.get(&format!("/trials/{}", trial_id()), &app.admin)
@@ -270,7 +318,9 @@ async fn the_json_form_is_the_same_protocol(app: TestApp) {
     let json_form = protocol().to_json();
     let parsed: Value = serde_json::from_str(&json_form).expect("JSON");
     assert_eq!(parsed["id"], trial_id().as_str());
-    let r = app.post("/trials", &app.admin, "application/json", &json_form).await;
+    let r = app
+        .post("/trials", &app.admin, "application/json", &json_form)
+        .await;
     r.expect(201);
     // The YAML it came from is the same protocol: nothing changes, no 409.
     let r = post_protocol(&app, PROTOCOL_YAML).await;
@@ -281,10 +331,18 @@ async fn the_json_form_is_the_same_protocol(app: TestApp) {
     assert_eq!(report["updated"], 0);
     // Malformed JSON names its line too.
     let problem = app
-        .post("/trials", &app.admin, "application/json", "{\n\"id\": \"X\",\n\"version\": }")
+        .post(
+            "/trials",
+            &app.admin,
+            "application/json",
+            "{\n\"id\": \"X\",\n\"version\": }",
+        )
         .await
         .problem(422);
-    assert!(problem["detail"].as_str().unwrap_or("").contains("line 3"), "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap_or("").contains("line 3"),
+        "{problem}"
+    );
 }
 
 async fn bad_requests_are_problem_json(app: TestApp) {
@@ -292,20 +350,38 @@ async fn bad_requests_are_problem_json(app: TestApp) {
         .await
         .problem(415);
     // Subjects of a trial that is not loaded.
-    app.post("/trials/NO-SUCH-TRIAL/subjects", &app.admin, "text/csv", SUBJECTS_CSV)
+    app.post(
+        "/trials/NO-SUCH-TRIAL/subjects",
+        &app.admin,
+        "text/csv",
+        SUBJECTS_CSV,
+    )
+    .await
+    .problem(404);
+    app.get("/trials/NO-SUCH-TRIAL", &app.admin)
         .await
         .problem(404);
-    app.get("/trials/NO-SUCH-TRIAL", &app.admin).await.problem(404);
     // A subject at a site the protocol does not have.
     post_protocol(&app, PROTOCOL_YAML).await.expect(201);
     let header = SUBJECTS_CSV.lines().next().expect("a header");
     let first = SUBJECTS_CSV.lines().nth(1).expect("a row");
     let site = &subjects()[0].site;
-    let bad = format!("{header}\n{}\n", first.replacen(site.as_str(), "site-999", 1));
+    let bad = format!(
+        "{header}\n{}\n",
+        first.replacen(site.as_str(), "site-999", 1)
+    );
     let problem = app
-        .post(&format!("/trials/{}/subjects", trial_id()), &app.admin, "text/csv", &bad)
+        .post(
+            &format!("/trials/{}/subjects", trial_id()),
+            &app.admin,
+            "text/csv",
+            &bad,
+        )
         .await
         .problem(422);
-    assert!(problem["detail"].as_str().unwrap_or("").contains("site"), "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap_or("").contains("site"),
+        "{problem}"
+    );
     assert_eq!(app.count(&app.admin, "Patient").await, 0);
 }

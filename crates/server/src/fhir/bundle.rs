@@ -278,6 +278,9 @@ fn for_each_object(json: &mut Json, f: &mut impl FnMut(&mut Vec<(String, Json)>)
     }
 }
 
+/// What a reference by identifier names: `(type, system, value)`.
+type IdentifierKey = (String, Option<String>, String);
+
 /// A reference by identifier: `(type, system, value)` of a Reference object
 /// without a literal `reference`.
 fn identifier_ref(obj: &[(String, Json)]) -> Option<(String, Option<String>, String)> {
@@ -372,7 +375,7 @@ async fn transaction(
         }
     }
     // 3. Rewrite literal references to fullUrls; collect references by identifier.
-    let mut wanted: Vec<(usize, (String, Option<String>, String))> = Vec::new();
+    let mut wanted: Vec<(usize, IdentifierKey)> = Vec::new();
     for e in entries.iter_mut() {
         let index = e.index;
         if let Some(r) = e.resource.as_mut() {
