@@ -14,12 +14,12 @@ use std::str::FromStr;
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use clinflow_store::{AuditRecord, Scope, TokenRecord};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use crate::error::{ApiError, FhirError};
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// What a token may do.
