@@ -90,15 +90,20 @@ start_clinflow() {
 
 have_hfs() { [[ -x $HFS_BIN ]]; }
 
-# start_hfs DB_PATH PORT LOGFILE: helios-hfs on a fresh SQLite file.
+# start_hfs DB_PATH PORT LOGFILE: helios-hfs on a fresh SQLite file, with
+# the Observation search parameters clinflow indexes (bench/hfs/README.md).
 start_hfs() {
     local db=$1 port=$2 logf=$3
     port_free "$port" || die "port $port is in use"
     rm -f "$db" "$db-wal" "$db-shm"
-    HFS_DATABASE_URL=$db "$HFS_BIN" --port "$port" >"$logf" 2>&1 &
+    HFS_DATABASE_URL=$db HFS_DATA_DIR=$ROOT/bench/hfs HFS_BASE_URL=http://127.0.0.1:$port \
+        "$HFS_BIN" --port "$port" >"$logf" 2>&1 &
     STARTED_PIDS+=($!)
     wait_http "http://127.0.0.1:$port/metadata" 120 \
         || { tail -20 "$logf" >&2; die "hfs did not start on port $port"; }
+    grep -q "Could not load spec SearchParameters" "$logf" \
+        && die "hfs did not load bench/hfs/search-parameters-r4.json (see $logf)"
+    return 0
 }
 
 # put_patients BASE ID...: creates minimal Patients with these ids (hfs).

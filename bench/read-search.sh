@@ -9,7 +9,8 @@
 #   2. both loaded with the same N Observations (default 100,000; see
 #      bench/load-observations.py: 6 LOINC codes, dates over 2026, subjects
 #      over the demo Patients CARDIO-01-0001..0006) as transaction Bundles;
-#   3. `wrk -t2 -c64 -d10s --latency`, alternating clinflow and hfs, on
+#   3. `wrk -t2 -c64 -d10s --latency --timeout 30s` (a slow answer is
+#      measured, not dropped), alternating clinflow and hfs, on
 #      (a) GET Observation/{id}, rotating over every loaded id
 #          (bench/wrk/read-ids.lua), and
 #      (b) GET Observation?code=http://loinc.org|8480-6&date=ge2026-06-01&date=lt2026-07-01
@@ -73,7 +74,22 @@ for s in "${SYSTEMS[@]}"; do
     # The search must find something, on both servers.
     curl -fsS -H "Authorization: Bearer $TOKEN" -H 'Accept: application/fhir+json' \
         "$(base_of "$s")/$SEARCH" >"$WORK/search-$s.json" || die "$s: the search failed"
-    entries=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1])).get("entry", [])))' "$WORK/search-$s.json")
+    # ... and only what it asks for: a server that ignores a parameter
+    # (and says so in an OperationOutcome) would be measured on another query.
+    entries=$(python3 - "$WORK/search-$s.json" <<'EOF'
+import json, sys
+b = json.load(open(sys.argv[1]))
+es = b.get("entry", [])
+for e in es:
+    r = e["resource"]
+    if r["resourceType"] == "OperationOutcome":
+        sys.exit("the search answered with warnings: " + json.dumps(r)[:300])
+    codes = {c.get("code") for c in r["code"]["coding"]}
+    if "8480-6" not in codes or not r["effectiveDateTime"].startswith("2026-06"):
+        sys.exit(f"the search returned a non-matching Observation {r.get('id')}")
+print(len(es))
+EOF
+) || die "$s: the search is not filtered as asked"
     ((entries > 0)) || die "$s: the search found nothing"
     echo "$entries" >"$WORK/entries-$s"
 done
@@ -83,7 +99,7 @@ bench() {
     local name=$1 system=$2 out=$WORK/wrk-$1-$2.txt
     shift 2
     log "wrk: $name on $system (load $(loadavg))"
-    wrk -t2 -c64 -d"$DURATION" --latency "$@" >"$out" 2>&1 || { cat "$out" >&2; die "wrk failed"; }
+    wrk -t2 -c64 -d"$DURATION" --timeout 30s --latency "$@" >"$out" 2>&1 || { cat "$out" >&2; die "wrk failed"; }
     python3 - "$out" "$name" "$system" "$(loadavg)" >>"$RESULTS" <<'EOF' || { cat "$out" >&2; die "wrk run $name on $system failed"; }
 import json, re, sys
 text, name, system, load = open(sys.argv[1]).read(), *sys.argv[2:5]

@@ -17,7 +17,9 @@
 #      and 800 per transaction (the 8 clients' Bundles, which clinflow's
 #      group commit can merge into one transaction); the faster is "the limit";
 #   3. SQLite only, when /tmp/hfs/bin/hfs exists (HFS_BIN): helios-hfs on a
-#      fresh SQLite file under the same txload run.
+#      fresh SQLite file under the same txload run, indexing the same
+#      Observation search parameters as clinflow (bench/hfs/README.md; without
+#      them hfs indexes nothing and stores about twice as fast).
 # Then prints a table of Observations/s, p50/p99 (per bundle for the
 # servers, per batch transaction for the limit) and the ratios to the
 # issue's targets. Exits non-zero when anything fails (not when a target is

@@ -74,9 +74,26 @@ struct Cols<'a> {
     body: Vec<&'a str>,
     token: [Vec<&'a str>; 4],
     string: [Vec<&'a str>; 3],
-    date: (Vec<&'a str>, Vec<&'a str>, Vec<i64>, Vec<i64>),
+    date: DateCols<'a>,
     reference: [Vec<&'a str>; 4],
-    quantity: (Vec<&'a str>, Vec<&'a str>, Vec<f64>, Vec<&'a str>, Vec<&'a str>),
+    quantity: QuantityCols<'a>,
+}
+
+#[derive(Default)]
+struct DateCols<'a> {
+    id: Vec<&'a str>,
+    param: Vec<&'a str>,
+    low: Vec<i64>,
+    high: Vec<i64>,
+}
+
+#[derive(Default)]
+struct QuantityCols<'a> {
+    id: Vec<&'a str>,
+    param: Vec<&'a str>,
+    value: Vec<f64>,
+    system: Vec<&'a str>,
+    code: Vec<&'a str>,
 }
 
 impl<'a> Cols<'a> {
@@ -104,10 +121,10 @@ impl<'a> Cols<'a> {
                         v.push(value);
                     }
                     IndexValue::Date { low, high } => {
-                        c.date.0.push(&r.id);
-                        c.date.1.push(e.param);
-                        c.date.2.push(*low);
-                        c.date.3.push(*high);
+                        c.date.id.push(&r.id);
+                        c.date.param.push(e.param);
+                        c.date.low.push(*low);
+                        c.date.high.push(*high);
                     }
                     IndexValue::Reference {
                         target_type,
@@ -124,11 +141,11 @@ impl<'a> Cols<'a> {
                         system,
                         code,
                     } => {
-                        c.quantity.0.push(&r.id);
-                        c.quantity.1.push(e.param);
-                        c.quantity.2.push(*value);
-                        c.quantity.3.push(system.as_deref().unwrap_or(""));
-                        c.quantity.4.push(code.as_deref().unwrap_or(""));
+                        c.quantity.id.push(&r.id);
+                        c.quantity.param.push(e.param);
+                        c.quantity.value.push(*value);
+                        c.quantity.system.push(system.as_deref().unwrap_or(""));
+                        c.quantity.code.push(code.as_deref().unwrap_or(""));
                     }
                 }
             }
@@ -165,17 +182,20 @@ async fn write_batch(c: &Client, st: &Stmts, rows: &[Row]) -> anyhow::Result<()>
     if !a.is_empty() {
         steps.push(exec(&st.string, vec![a, b, v]));
     }
-    let (a, b, lo, hi) = &cols.date;
-    if !a.is_empty() {
-        steps.push(exec(&st.date, vec![a, b, lo, hi]));
+    let d = &cols.date;
+    if !d.id.is_empty() {
+        steps.push(exec(&st.date, vec![&d.id, &d.param, &d.low, &d.high]));
     }
     let [a, b, t, tid] = &cols.reference;
     if !a.is_empty() {
         steps.push(exec(&st.reference, vec![a, b, t, tid]));
     }
-    let (a, b, v, s, cd) = &cols.quantity;
-    if !a.is_empty() {
-        steps.push(exec(&st.quantity, vec![a, b, v, s, cd]));
+    let q = &cols.quantity;
+    if !q.id.is_empty() {
+        steps.push(exec(
+            &st.quantity,
+            vec![&q.id, &q.param, &q.value, &q.system, &q.code],
+        ));
     }
     // COMMIT of a transaction that failed rolls it back; the failing
     // statement's error is reported below.

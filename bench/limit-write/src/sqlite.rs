@@ -67,7 +67,9 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
                         system.as_deref().unwrap_or(""),
                         code
                     ])?,
-                    IndexValue::String { value } => string.execute(params![r.id, e.param, value])?,
+                    IndexValue::String { value } => {
+                        string.execute(params![r.id, e.param, value])?
+                    }
                     IndexValue::Date { low, high } => {
                         date.execute(params![r.id, e.param, low, high])?
                     }

@@ -349,7 +349,7 @@ async fn transaction(
                         format!("{rtype:?} is not an R4 resource type"),
                     ));
                 }
-                (rtype, uuid::Uuid::new_v4().to_string())
+                (rtype, super::write::new_id())
             }
             Method::Put | Method::Delete => type_and_id(e.index, &e.url)?,
         };

