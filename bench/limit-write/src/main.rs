@@ -50,9 +50,9 @@ struct Args {
     /// benchmark runs with clinflow's settings only.
     #[arg(long = "sqlite-pragma")]
     sqlite_pragmas: Vec<String>,
-    /// Resource ids: random UUIDs as clinflow makes them, or time-ordered
-    /// ones (an experiment: what ordered keys would change).
-    #[arg(long, value_enum, default_value_t = workload::Ids::Random)]
+    /// Resource ids: time-ordered (UUIDv7 layout) as clinflow assigns them,
+    /// or random v4 UUIDs (what clinflow did before: for comparison).
+    #[arg(long, value_enum, default_value_t = workload::Ids::Ordered)]
     ids: workload::Ids,
     /// Seed of the values and codes drawn.
     #[arg(long, default_value_t = 1)]

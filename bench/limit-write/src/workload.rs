@@ -36,10 +36,10 @@ pub struct Row {
 /// How resource ids are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Ids {
-    /// Random UUIDs (v4), as clinflow assigns them.
+    /// Random UUIDs (v4): clinflow's ids before it moved to v7.
     Random,
-    /// Time-ordered UUIDs (v7 layout: milliseconds, then a counter), for the
-    /// experiment of what ordered keys would change.
+    /// Time-ordered UUIDs (v7 layout: milliseconds, then a counter), as
+    /// clinflow assigns them.
     Ordered,
 }
 
