@@ -748,11 +748,26 @@ fn commit_group(conn: &mut Connection, jobs: Vec<Job>) {
         for job in jobs {
             match job {
                 Job::Write(req, reply) => {
-                    let r = in_savepoint(conn, |c| apply_ops(c, &req.ops));
-                    if r.is_ok() {
-                        audit_records.extend(req.audit);
+                    // Checked first, so that a request that cannot commit
+                    // writes nothing and needs no savepoint: savepoints made
+                    // SQLite copy every page an earlier request of the group
+                    // had touched into its sub-journal (seen in profiles).
+                    // The writer holds the database's write lock, so what
+                    // the check reads stays true until the apply.
+                    match precheck(conn, &req.ops) {
+                        Err(e) => outcomes.push(Outcome::Write(reply, Err(e))),
+                        Ok(()) => match apply_ops(conn, &req.ops) {
+                            Ok(()) => {
+                                audit_records.extend(req.audit);
+                                outcomes.push(Outcome::Write(reply, Ok(())));
+                            }
+                            Err(e) => {
+                                // Half-applied: only undoing the whole group is safe.
+                                outcomes.push(Outcome::Write(reply, Err(WriteError::Db(anyhow!("write failed")))));
+                                return Err(anyhow!("a checked write failed: {e}"));
+                            }
+                        },
                     }
-                    outcomes.push(Outcome::Write(reply, r));
                 }
                 Job::Custom(f, audit, reply) => {
                     let r = in_savepoint(conn, |c| f(c).map_err(WriteError::Db))
@@ -824,6 +839,34 @@ fn in_savepoint(
             Err(e)
         }
     }
+}
+
+/// Checks every op's `Expect` as if the request's ops were applied one
+/// after the other (a create then an update of one resource is fine; the
+/// same create twice conflicts). Reads only.
+fn precheck(c: &Connection, ops: &[WriteOp]) -> Result<(), WriteError> {
+    let mut after: std::collections::HashMap<(&str, &str), u64> = std::collections::HashMap::new();
+    for op in ops {
+        let key = (op.resource_type.as_str(), op.id.as_str());
+        let found = match after.get(&key) {
+            Some(v) => Some(*v),
+            None => current_version(c, &op.resource_type, &op.id)?,
+        };
+        let holds = match op.expect {
+            Expect::Absent => found.is_none(),
+            Expect::Version(v) => found == Some(v),
+        };
+        if !holds {
+            return Err(WriteError::Conflict {
+                resource_type: op.resource_type.clone(),
+                id: op.id.clone(),
+                expected: op.expect,
+                found,
+            });
+        }
+        after.insert(key, op.new_version);
+    }
+    Ok(())
 }
 
 fn db(e: rusqlite::Error) -> WriteError {
