@@ -1447,7 +1447,9 @@ async fn audit_records_are_chained_and_filtered(engine: Engine) {
     );
     assert_eq!(all[0].prev_hash, audit::GENESIS);
     assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
-    assert_eq!(all[1].record, read);
+    // Records queued separately may commit in either order on PostgreSQL
+    // (several writers); each is there once, with its fields intact.
+    assert_eq!(all.iter().filter(|a| a.record == read).count(), 1);
     assert_eq!(s.verify_audit().await.unwrap(), Ok(4));
 
     let seqs = |q: AuditQuery| async move {

@@ -26,6 +26,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -85,7 +86,17 @@ pub struct PgStore {
     writer: mpsc::Sender<Job>,
     /// Read connections; each keeps its own prepared-statement cache.
     pool: Pool,
+    /// Held (shared) by each writer from the moment it takes a group off the
+    /// queue until that group is committed; `flush` takes it exclusively, so
+    /// it returns only once every group dequeued before its own is committed.
+    in_flight: Arc<tokio::sync::RwLock<()>>,
 }
+
+/// Writer tasks, each with its own connection, sharing one queue. PostgreSQL
+/// runs their transactions in parallel (one backend each: with one writer,
+/// its backend was the bottleneck at ~one core); appends to the audit chain
+/// stay serialised by the `audit_head` row lock each takes last.
+const WRITERS: usize = 3;
 
 /// The driver's configuration and the schema to work in, from a
 /// `postgres://` URL with an optional `schema=NAME` query parameter.
@@ -212,12 +223,29 @@ impl PgStore {
             .build()
             .context("building the PostgreSQL pool")?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let writer = Writer {
-            config,
-            conn: Some((client, stmts)),
-        };
-        tokio::spawn(writer.run(rx));
-        Ok(PgStore { writer: tx, pool })
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let in_flight = Arc::new(tokio::sync::RwLock::new(()));
+        let mut first = Some((client, stmts));
+        for _ in 0..WRITERS {
+            let conn = match first.take() {
+                Some(c) => c,
+                None => {
+                    let client = connect(&config).await?;
+                    let stmts = Stmts::prepare(&client).await?;
+                    (client, stmts)
+                }
+            };
+            let writer = Writer {
+                config: config.clone(),
+                conn: Some(conn),
+            };
+            tokio::spawn(writer.run(rx.clone(), in_flight.clone()));
+        }
+        Ok(PgStore {
+            writer: tx,
+            pool,
+            in_flight,
+        })
     }
 
     async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
@@ -252,7 +280,10 @@ impl PgStore {
             .send(Job::Flush(tx))
             .await
             .map_err(|_| anyhow!("store closed"))?;
-        rx.await.map_err(|_| anyhow!("store closed"))
+        rx.await.map_err(|_| anyhow!("store closed"))?;
+        // Groups other writers took off the queue before the flush job.
+        drop(self.in_flight.write().await);
+        Ok(())
     }
 
     async fn op(&self, op: Op, audit: Vec<AuditRecord>) -> anyhow::Result<u64> {
@@ -798,22 +829,34 @@ impl Outcome {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(first) = rx.recv().await {
-            // Read-audit jobs are small and do not count toward the group's
-            // size; write requests do, so one group's transaction stays short.
-            let mut writes = usize::from(!matches!(first, Job::Audit(_)));
-            let mut jobs = vec![first];
-            while writes < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(j) => {
-                        writes += usize::from(!matches!(j, Job::Audit(_)));
-                        jobs.push(j);
+    async fn run(
+        mut self,
+        rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+        in_flight: Arc<tokio::sync::RwLock<()>>,
+    ) {
+        loop {
+            // One writer at a time takes a group off the queue; it marks the
+            // group in flight before letting the next writer take one.
+            let (jobs, guard) = {
+                let mut rx = rx.lock().await;
+                let Some(first) = rx.recv().await else { break };
+                // Read-audit jobs are small and do not count toward the
+                // group's size; write requests do, so a transaction stays short.
+                let mut writes = usize::from(!matches!(first, Job::Audit(_)));
+                let mut jobs = vec![first];
+                while writes < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(j) => {
+                            writes += usize::from(!matches!(j, Job::Audit(_)));
+                            jobs.push(j);
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
                 }
-            }
+                (jobs, in_flight.clone().read_owned().await)
+            };
             self.commit_group(jobs).await;
+            drop(guard);
         }
         tracing::debug!("postgres writer stopped: every sender is gone");
     }
