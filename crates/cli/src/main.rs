@@ -136,7 +136,11 @@ fn init_tracing(format: LogFormat) {
     // Dependencies that log the data they carry at debug level (the
     // PostgreSQL driver logs bound query parameters: patient ids) are held
     // at info whatever RUST_LOG says: no patient identifier in a log line.
-    for quiet in ["tokio_postgres=info", "postgres_protocol=info", "rusqlite=info"] {
+    for quiet in [
+        "tokio_postgres=info",
+        "postgres_protocol=info",
+        "rusqlite=info",
+    ] {
         if let Ok(d) = quiet.parse() {
             filter = filter.add_directive(d);
         }

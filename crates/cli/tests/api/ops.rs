@@ -379,7 +379,8 @@ async fn read_response(conn: &mut TcpStream) -> (String, String) {
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0);
     while got.len() < head_end + len {
@@ -401,7 +402,9 @@ async fn requests_past_the_in_flight_limit_get_503_with_retry_after(app: TestApp
     assert!(r.header("retry-after").is_some(), "Retry-After is set");
     let outcome = r.outcome(503);
     assert_eq!(outcome["issue"][0]["code"], "throttled");
-    conn.write_all(body.as_bytes()).await.expect("the body is sent");
+    conn.write_all(body.as_bytes())
+        .await
+        .expect("the body is sent");
     let (head, _) = read_response(&mut conn).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     // The permit is back: the next request is served.
@@ -430,7 +433,15 @@ async fn logs_carry_no_patient_identifiers(app: TestApp) {
     app.load_reference_trial().await;
     let secret = crate::helpers::unique("log-admin");
     let mut child = std::process::Command::new(crate::helpers::clinflow_bin())
-        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0", "--database", &app.db_url])
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &app.db_url,
+        ])
         .env("CLINFLOW_ADMIN_TOKEN", &secret)
         .env("RUST_LOG", "debug")
         .stdout(std::process::Stdio::piped())
@@ -445,7 +456,12 @@ async fn logs_carry_no_patient_identifiers(app: TestApp) {
     let client = reqwest::Client::new();
     let subjects = crate::helpers::subjects();
     let first = &subjects[0].id;
-    let get = |path: String| client.get(format!("{base}{path}")).bearer_auth(&secret).send();
+    let get = |path: String| {
+        client
+            .get(format!("{base}{path}"))
+            .bearer_auth(&secret)
+            .send()
+    };
     for path in [
         format!("/fhir/Patient/{first}"),
         format!("/fhir/Patient/{first}-missing"),
@@ -484,9 +500,18 @@ async fn logs_carry_no_patient_identifiers(app: TestApp) {
         .expect("the output");
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     // The log is real: JSON lines, one per request answered, by route.
-    let answered = log.lines().filter(|l| l.contains("request answered")).count();
-    assert!(answered >= 7, "expected a line per request, got {answered}:\n{log}");
-    assert!(log.contains("/fhir/{rtype}/{id}"), "routes are logged as templates");
+    let answered = log
+        .lines()
+        .filter(|l| l.contains("request answered"))
+        .count();
+    assert!(
+        answered >= 7,
+        "expected a line per request, got {answered}:\n{log}"
+    );
+    assert!(
+        log.contains("/fhir/{rtype}/{id}"),
+        "routes are logged as templates"
+    );
     let protocol_csv = include_str!("../../../../reference-trial/subjects.csv");
     let mut forbidden: Vec<String> = Vec::new();
     for line in protocol_csv.lines().skip(1) {

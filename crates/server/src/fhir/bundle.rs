@@ -113,12 +113,14 @@ fn read_entries(mut bundle: Json, max: usize) -> Result<(String, Vec<Entry>), Fh
             Some("POST") => Method::Post,
             Some("PUT") => Method::Put,
             Some("DELETE") => Method::Delete,
-            other => return Err(entry_error(
-                index,
-                format!(
+            other => {
+                return Err(entry_error(
+                    index,
+                    format!(
                     "entry.request.method {other:?} is not supported: use GET, POST, PUT or DELETE"
                 ),
-            )),
+                ))
+            }
         };
         let url = take(&mut req, "url")
             .and_then(|u| u.as_str().map(|s| s.trim_start_matches('/').to_string()))
@@ -423,14 +425,16 @@ async fn transaction(
                     ),
                 ))
             }
-            _ => return Err(FhirError::of(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                IssueCode::Duplicate,
-                format!(
+            _ => {
+                return Err(FhirError::of(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    IssueCode::Duplicate,
+                    format!(
                     "Bundle.entry[{index}]: more than one {rtype} has the identifier {}|{value}",
                     system.as_deref().unwrap_or("")
                 ),
-            )),
+                ))
+            }
         }
     }
     if !wanted.is_empty() {

@@ -139,7 +139,9 @@ impl SqliteStore {
                 }
             }
             let mut w = open_conn(&p, false)?;
-            w.execute_batch(&format!("PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT}"))?;
+            w.execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT}"
+            ))?;
             migrate(&mut w)?;
             let readers = (0..4)
                 .map(|_| open_conn(&p, true))
@@ -506,7 +508,8 @@ impl SqliteStore {
             // One read transaction: the head and the records are one snapshot.
             c.execute_batch("BEGIN")?;
             let result = (|| {
-                let head: i64 = c.query_row("SELECT seq FROM audit_head WHERE id = 1", [], |r| r.get(0))?;
+                let head: i64 =
+                    c.query_row("SELECT seq FROM audit_head WHERE id = 1", [], |r| r.get(0))?;
                 let mut st = c.prepare(&format!("{AUDIT_SELECT} ORDER BY seq"))?;
                 let mut rows = st.query([])?;
                 let mut v = audit::Verifier::new();
@@ -763,7 +766,10 @@ fn commit_group(conn: &mut Connection, jobs: Vec<Job>) {
                             }
                             Err(e) => {
                                 // Half-applied: only undoing the whole group is safe.
-                                outcomes.push(Outcome::Write(reply, Err(WriteError::Db(anyhow!("write failed")))));
+                                outcomes.push(Outcome::Write(
+                                    reply,
+                                    Err(WriteError::Db(anyhow!("write failed"))),
+                                ));
                                 return Err(anyhow!("a checked write failed: {e}"));
                             }
                         },
