@@ -3,9 +3,9 @@
 #
 # Builds in its own target directory (target/compile-bench) so that it
 # neither waits for nor invalidates other builds in target/. Each figure is
-# the median of REPS (default 3) wall-clock timings, with the load average
-# printed beside it, since on a shared 2-core machine that matters more than
-# anything measured here.
+# the median of REPS (default 3) timings, wall clock and CPU, with the load
+# average printed beside each run: on a shared 2-core machine other builds
+# move the wall-clock figure more than anything measured here.
 #
 #   fhirkit + clinflow-fhir   cargo clean -p fhirkit, then build clinflow-fhir
 #   clinflow-fhir alone       cargo clean -p clinflow-fhir, then build it
@@ -33,26 +33,28 @@ profile_flag=(--profile "$profile")
 
 load() { cut -d' ' -f1 /proc/loadavg; }
 
-# Times "$@" REPS times after running the preparation command in $prep.
-# Prints one line: label, median seconds, every run with the load before it.
+# Times "$@" REPS times, each after running the preparation command $prep.
+# Prints the medians of wall-clock and CPU (user + system) seconds, then
+# every run with the 1-minute load average before it. CPU time is the steadier
+# figure when other builds share the machine; wall time is what one waits.
 measure() {
     local label=$1 prep=$2
     shift 2
-    local times=() notes=()
+    local walls=() cpus=() notes=()
     for _ in $(seq "$reps"); do
         eval "$prep"
-        local l start end
+        local l wall user sys
         l=$(load)
-        start=$(date +%s.%N)
-        "$@" >/dev/null 2>&1
-        end=$(date +%s.%N)
-        times+=("$(echo "$end - $start" | bc)")
-        notes+=("$(printf '%.1fs@load%s' "${times[-1]}" "$l")")
+        read -r wall user sys < <(/usr/bin/time -f '%e %U %S' "$@" 2>&1 >/dev/null | tail -1)
+        walls+=("$wall")
+        cpus+=("$(echo "$user + $sys" | bc)")
+        notes+=("$(printf '%.1f/%.1fs@load%s' "$wall" "${cpus[-1]}" "$l")")
     done
-    local median
-    median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(((reps + 1) / 2))p")
-    printf '%-28s median %6.1f s   (%s)\n' "$label" "$median" "${notes[*]}"
+    printf '%-28s wall %6.1f s  cpu %6.1f s   (wall/cpu: %s)\n' "$label" \
+        "$(median "${walls[@]}")" "$(median "${cpus[@]}")" "${notes[*]}"
 }
+
+median() { printf '%s\n' "$@" | sort -n | sed -n "$((($# + 1) / 2))p"; }
 
 # The serde models as a crate outside the workspace, with the workspace's
 # profile settings and locked versions.

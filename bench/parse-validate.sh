@@ -67,6 +67,8 @@ bin=$root/target/release/examples/validate_ndjson
 # 4. Run both. A failure of one side is reported, and the other still runs.
 echo "== load before: $(uptime | sed 's/.*load average/load average/')"
 status=0
+# No stale result may stand in for a side that fails this time.
+rm -f "$data_dir/clinflow.json" "$data_dir/clinflow-index.json" "$data_dir/fhir-resources.json"
 echo "== clinflow: parse_resource per line, 1 thread and all cores ($rounds rounds each)"
 "$bin" "$data" --threads 1,0 --rounds "$rounds" >"$data_dir/clinflow.json" || status=1
 echo "== clinflow with search-index extraction"

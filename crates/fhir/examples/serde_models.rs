@@ -28,19 +28,16 @@ use serde_json::{json, Value};
 use std::hint::black_box;
 use std::time::Instant;
 
+/// One way of parsing + validating a line; `true` when it is accepted.
+type Check = fn(&str) -> bool;
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut path = None;
     let mut rounds = 5usize;
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--rounds" => {
-                rounds = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(5)
-                    .max(1)
-            }
+            "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(5).max(1),
             _ => path = Some(a),
         }
     }
@@ -62,7 +59,7 @@ fn main() {
     }
     let bytes: usize = lines.iter().map(|l| l.len()).sum();
 
-    let modes: [(&str, fn(&str) -> bool); 4] = [
+    let modes: [(&str, Check); 4] = [
         ("serde_json_value", |l| {
             black_box(serde_json::from_str::<Value>(l)).is_ok()
         }),
@@ -71,7 +68,9 @@ fn main() {
             match fhirkit::from_json::<fhirkit::r4::Observation>(l) {
                 Ok((Some(o), issues)) => {
                     black_box(o);
-                    !issues.iter().any(|i| i.severity == fhirkit::Severity::Error)
+                    !issues
+                        .iter()
+                        .any(|i| i.severity == fhirkit::Severity::Error)
                 }
                 _ => false,
             }
@@ -201,7 +200,8 @@ fn at_most_one(element: &str, present: &[bool]) -> Result<(), String> {
 
 /// Small documents on which the approaches differ, with each one's verdict.
 fn probes() -> Value {
-    const BASE: &str = r#""resourceType":"Observation","status":"final","code":{"text":"Heart rate"}"#;
+    const BASE: &str =
+        r#""resourceType":"Observation","status":"final","code":{"text":"Heart rate"}"#;
     let probes = [
         (
             "decimal 7.40 keeps its precision (valid)",

@@ -200,7 +200,11 @@ fn inspect(lines: &[&str], with_index: bool, show: usize) -> (Tally, Rejects) {
         });
         let rtype = Json::parse(line)
             .ok()
-            .and_then(|j| j.get("resourceType").and_then(Json::as_str).map(String::from))
+            .and_then(|j| {
+                j.get("resourceType")
+                    .and_then(Json::as_str)
+                    .map(String::from)
+            })
             .unwrap_or_else(|| "?".into());
         match by_type.iter_mut().find(|(k, _)| *k == rtype) {
             Some((_, Json::Number(c))) => *c = (c.parse::<usize>().unwrap_or(0) + 1).to_string(),
@@ -268,7 +272,11 @@ fn parse_args() -> Result<Args, String> {
                 let v = it.next().ok_or("--threads needs a list, e.g. 1,0")?;
                 args.threads = v
                     .split(',')
-                    .map(|t| t.trim().parse().map_err(|_| format!("bad thread count {t:?}")))
+                    .map(|t| {
+                        t.trim()
+                            .parse()
+                            .map_err(|_| format!("bad thread count {t:?}"))
+                    })
                     .collect::<Result<_, _>>()?;
             }
             "--rounds" => args.rounds = number("--rounds", it.next())?.max(1),
@@ -286,7 +294,12 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn obj(members: Vec<(&str, Json)>) -> Json {
-    Json::Object(members.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    Json::Object(
+        members
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
 }
 
 fn s(v: &str) -> Json {
