@@ -27,7 +27,7 @@ export CLINFLOW_TEST_PG="${CLINFLOW_TEST_PG:-postgres://postgres@127.0.0.1:5432/
 
 # 2. The official R4 examples (npm package hl7.fhir.r4.examples, CC0) for the
 #    conformance test.
-corpus="target/r4-examples/node_modules/hl7.fhir.r4.examples/package"
+corpus="target/r4-examples/node_modules/hl7.fhir.r4.examples"
 if [ ! -f "$corpus/package.json" ]; then
   say "installing the R4 examples corpus (npm hl7.fhir.r4.examples@4.0.1)"
   mkdir -p target/r4-examples
