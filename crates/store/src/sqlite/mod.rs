@@ -264,17 +264,7 @@ impl SqliteStore {
                 "SELECT r.vid, r.last_updated, r.deleted, r.patient, v.body FROM resources r JOIN resource_versions v ON v.rtype = r.rtype AND v.id = r.id AND v.vid = r.vid WHERE r.rtype = ? AND r.id = ?",
             )?;
             Ok(st
-                .query_row(params![rtype, id], |row| {
-                    Ok(StoredResource {
-                        resource_type: rtype.clone(),
-                        id: id.clone(),
-                        version: row.get::<_, i64>(0)? as u64,
-                        last_updated: row.get(1)?,
-                        deleted: row.get::<_, i64>(2)? != 0,
-                        patient: row.get(3)?,
-                        body: row.get(4)?,
-                    })
-                })
+                .query_row(params![rtype, id], |row| version_row(&rtype, &id, row))
                 .optional()?)
         })
         .await
@@ -292,17 +282,7 @@ impl SqliteStore {
                 "SELECT v.vid, v.last_updated, v.deleted, r.patient, v.body FROM resource_versions v JOIN resources r ON r.rtype = v.rtype AND r.id = v.id WHERE v.rtype = ? AND v.id = ? AND v.vid = ?",
             )?;
             Ok(st
-                .query_row(params![rtype, id, vid as i64], |row| {
-                    Ok(StoredResource {
-                        resource_type: rtype.clone(),
-                        id: id.clone(),
-                        version: row.get::<_, i64>(0)? as u64,
-                        last_updated: row.get(1)?,
-                        deleted: row.get::<_, i64>(2)? != 0,
-                        patient: row.get(3)?,
-                        body: row.get(4)?,
-                    })
-                })
+                .query_row(params![rtype, id, vid as i64], |row| version_row(&rtype, &id, row))
                 .optional()?)
         })
         .await
@@ -324,17 +304,7 @@ impl SqliteStore {
             )?;
             let rows = st.query_map(
                 params![rtype, id, before.map_or(i64::MAX, |b| b as i64), limit as i64],
-                |row| {
-                    Ok(StoredResource {
-                        resource_type: rtype.clone(),
-                        id: id.clone(),
-                        version: row.get::<_, i64>(0)? as u64,
-                        last_updated: row.get(1)?,
-                        deleted: row.get::<_, i64>(2)? != 0,
-                        patient: row.get(3)?,
-                        body: row.get(4)?,
-                    })
-                },
+                |row| version_row(&rtype, &id, row),
             )?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -587,6 +557,19 @@ fn audit_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChainedAudit> {
         },
         prev_hash: row.get(12)?,
         hash: row.get(13)?,
+    })
+}
+
+/// A version read as `vid, last_updated, deleted, patient, body`.
+fn version_row(rtype: &str, id: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredResource> {
+    Ok(StoredResource {
+        resource_type: rtype.to_string(),
+        id: id.to_string(),
+        version: row.get::<_, i64>(0)? as u64,
+        last_updated: row.get(1)?,
+        deleted: row.get::<_, i64>(2)? != 0,
+        patient: row.get(3)?,
+        body: row.get(4)?,
     })
 }
 
