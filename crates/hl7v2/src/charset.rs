@@ -52,6 +52,7 @@ impl Charset {
 
     /// Decodes `bytes`: borrowed when they already are valid UTF-8 text of
     /// the same meaning. On error, the index of the first bad byte.
+    #[inline]
     pub fn decode(self, bytes: &[u8]) -> Result<Cow<'_, str>, (usize, ErrorKind)> {
         match self {
             Charset::Utf8 => std::str::from_utf8(bytes)
@@ -143,7 +144,10 @@ mod tests {
             Err((1, ErrorKind::NonAscii { byte: 0xE9 }))
         );
         assert_eq!(Charset::Latin1.decode(b"caf\xE9").unwrap(), "café");
-        assert!(matches!(Charset::Latin1.decode(b"cafe"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(
+            Charset::Latin1.decode(b"cafe"),
+            Ok(Cow::Borrowed(_))
+        ));
     }
 
     #[test]

@@ -55,7 +55,7 @@ impl Delimiters {
         };
         for (i, b) in encoding.iter().enumerate() {
             check(*b).map_err(|k| (i + 1, k))?;
-            let before = std::iter::once(&field).chain(&encoding[..i]);
+            let before = std::iter::once(&field).chain(encoding.get(..i).unwrap_or_default());
             if before.into_iter().any(|x| x == b) {
                 return Err((i + 1, ErrorKind::DuplicateDelimiter { byte: *b }));
             }

@@ -94,7 +94,10 @@ fn interpret<'s>(content: &'s [u8], d: &Delimiters) -> Action<'s> {
 }
 
 fn formatting(cmd: &[u8]) -> Action<'_> {
-    let (name, arg) = (cmd.get(..2).unwrap_or_default(), cmd.get(2..).unwrap_or_default());
+    let (name, arg) = (
+        cmd.get(..2).unwrap_or_default(),
+        cmd.get(2..).unwrap_or_default(),
+    );
     let count = |default: usize| -> Option<usize> {
         let arg = arg.trim_ascii();
         let arg = arg.strip_prefix(b"+").unwrap_or(arg);
@@ -273,12 +276,18 @@ mod tests {
     }
 
     fn text(raw: &str) -> String {
-        dec(raw.as_bytes(), Charset::Utf8).unwrap().text.into_owned()
+        dec(raw.as_bytes(), Charset::Utf8)
+            .unwrap()
+            .text
+            .into_owned()
     }
 
     #[test]
     fn delimiter_escapes() {
-        assert_eq!(text(r"Fasting sample \T\ analysed"), "Fasting sample & analysed");
+        assert_eq!(
+            text(r"Fasting sample \T\ analysed"),
+            "Fasting sample & analysed"
+        );
         assert_eq!(text(r"\F\\S\\T\\R\\E\"), r"|^&~\");
         assert!(matches!(
             dec(b"plain", Charset::Utf8).unwrap().text,
@@ -289,8 +298,14 @@ mod tests {
     #[test]
     fn custom_delimiters() {
         let d = Delimiters::new(b'#', b"@!$%").unwrap();
-        let got = decode(br"a$F$b$S$c$T$d$R$e$E$", &d, Charset::Ascii, &|i| Location::at(i, 1), None)
-            .unwrap();
+        let got = decode(
+            br"a$F$b$S$c$T$d$R$e$E$",
+            &d,
+            Charset::Ascii,
+            &|i| Location::at(i, 1),
+            None,
+        )
+        .unwrap();
         assert_eq!(got, "a#b@c%d!e$");
         assert_eq!(escape("a#b@c%d!e$", &d), "a$F$b$S$c$T$d$R$e$E$");
     }

@@ -27,7 +27,9 @@ pub struct Hd<'a> {
 impl Hd<'_> {
     /// Whether all components are empty.
     pub fn is_empty(&self) -> bool {
-        self.namespace_id.is_empty() && self.universal_id.is_empty() && self.universal_id_type.is_empty()
+        self.namespace_id.is_empty()
+            && self.universal_id.is_empty()
+            && self.universal_id_type.is_empty()
     }
 }
 
@@ -145,10 +147,17 @@ fn hd<'a>(seg: &Segment<'a>, n: usize) -> Result<Hd<'a>, ParseError> {
     })
 }
 
-fn required<'a>(seg: &Segment<'a>, n: usize, name: &'static str) -> Result<Cow<'a, str>, ParseError> {
+fn required<'a>(
+    seg: &Segment<'a>,
+    n: usize,
+    name: &'static str,
+) -> Result<Cow<'a, str>, ParseError> {
     let v = component(seg.field(n), 1)?;
     if v.trim().is_empty() {
-        return Err(ParseError::new(ErrorKind::MissingField { name }, seg.field_location(n)));
+        return Err(ParseError::new(
+            ErrorKind::MissingField { name },
+            seg.field_location(n),
+        ));
     }
     Ok(v)
 }
@@ -166,8 +175,9 @@ impl<'a> Msh<'a> {
             )
         })?;
         let charset = match seg.field(18).and_then(|f| f.component(1)) {
-            Some(c) => Charset::from_msh18(c.raw())
-                .map_err(|kind| ParseError::new(kind, c.location()))?,
+            Some(c) => {
+                Charset::from_msh18(c.raw()).map_err(|kind| ParseError::new(kind, c.location()))?
+            }
             None => Charset::Ascii,
         };
         let code = required(seg, 9, "MSH-9")?;
@@ -259,12 +269,19 @@ mod tests {
 
     #[test]
     fn versions() {
-        for ok in ["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.2"] {
+        for ok in [
+            "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.2",
+        ] {
             assert!(Version::parse(ok).is_some(), "{ok}");
         }
-        for bad in ["", "2", "2.2", "2.9", "3.0", "2.5.1.1", "2.x", "2..1", "2.5.", "2.5.100"] {
+        for bad in [
+            "", "2", "2.2", "2.9", "3.0", "2.5.1.1", "2.x", "2..1", "2.5.", "2.5.100",
+        ] {
             assert!(Version::parse(bad).is_none(), "{bad}");
         }
-        assert_eq!(Version::parse("2.5.1").map(|v| v.to_string()).as_deref(), Some("2.5.1"));
+        assert_eq!(
+            Version::parse("2.5.1").map(|v| v.to_string()).as_deref(),
+            Some("2.5.1")
+        );
     }
 }
