@@ -12,16 +12,36 @@ cd "$root"
 say() { printf '==> %s\n' "$*" >&2; }
 
 # 1. PostgreSQL: the storage and API suites run on it as well as on SQLite.
-if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
-  if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
-    say "starting PostgreSQL"
-    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+#    CI has it running; on a fresh Debian machine it is installed, started
+#    with trust auth on 127.0.0.1 and given a database `test`.
+pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
+if ! pg_up; then
+  if ! command -v pg_ctlcluster >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing PostgreSQL (Debian package postgresql)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
   fi
-  for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null && break; sleep 1; done
-  if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
+  if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+    ver="$(ls /etc/postgresql | sort -n | tail -n1)"
+    hba="/etc/postgresql/$ver/main/pg_hba.conf"
+    if [ -w "$hba" ] && ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+      say "PostgreSQL $ver: trust auth on 127.0.0.1 (a test database only)"
+      sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+    fi
+    say "starting PostgreSQL $ver"
+    pg_ctlcluster --skip-systemctl-redirect "$ver" main start 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect "$ver" main reload || true
+  fi
+  for _ in $(seq 1 30); do pg_up && break; sleep 1; done
+  if ! pg_up; then
     echo "error: PostgreSQL is not reachable on 127.0.0.1:5432; the test suite runs on it too" >&2
     exit 1
   fi
+fi
+if command -v psql >/dev/null 2>&1 && ! psql -h 127.0.0.1 -U postgres -d test -Atc "SELECT 1" >/dev/null 2>&1; then
+  say "creating database test"
+  psql -h 127.0.0.1 -U postgres -d postgres -qc 'CREATE DATABASE test' || {
+    echo "error: cannot reach or create database test on 127.0.0.1:5432 as postgres (trust auth)" >&2
+    exit 1
+  }
 fi
 export CLINFLOW_TEST_PG="${CLINFLOW_TEST_PG:-postgres://postgres@127.0.0.1:5432/test}"
 
@@ -29,6 +49,10 @@ export CLINFLOW_TEST_PG="${CLINFLOW_TEST_PG:-postgres://postgres@127.0.0.1:5432/
 #    conformance test.
 corpus="target/r4-examples/node_modules/hl7.fhir.r4.examples"
 if [ ! -f "$corpus/package.json" ]; then
+  if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing npm (Debian package npm)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
+  fi
   say "installing the R4 examples corpus (npm hl7.fhir.r4.examples@4.0.1)"
   mkdir -p target/r4-examples
   npm install --no-audit --no-fund --silent --prefix target/r4-examples hl7.fhir.r4.examples@4.0.1
