@@ -448,6 +448,7 @@ pub fn build_reject_ack_without_message(
 /// the value (its first component) must be 1 to 199 printable ASCII
 /// characters.
 pub fn salvage_control_id(bytes: &[u8]) -> Option<String> {
+    let bytes = bytes.strip_prefix(&[0xEF, 0xBB, 0xBF]).unwrap_or(bytes);
     let line = Lines::new(bytes, 0, 1)
         .map(|l| bytes.get(l.start..l.end).unwrap_or_default())
         .find(|l| !is_blank(l))?;
@@ -605,6 +606,10 @@ mod tests {
         assert_eq!(segs[1], "MSA|AR|CTRL-9");
         assert!(segs[2].starts_with("ERR||MSH^1^12|203^Unsupported version id^HL70357|E||||"));
         assert!(Message::parse(&ack).is_ok());
+        assert_eq!(
+            salvage_control_id(b"\xEF\xBB\xBFMSH|^~\\&|||||||ORU|C-7|P|9").as_deref(),
+            Some("C-7")
+        );
         assert_eq!(salvage_control_id(b"MSH|^~"), None);
         assert_eq!(salvage_control_id(b""), None);
         assert_eq!(salvage_control_id(b"garbage"), None);

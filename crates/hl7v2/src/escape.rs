@@ -8,7 +8,7 @@
 //! | --- | --- |
 //! | `\F\` `\S\` `\T\` `\R\` `\E\` | the field, component, subcomponent, repetition, escape character |
 //! | `\P\` | the truncation character (v2.7+, when MSH-2 has one); otherwise unknown |
-//! | `\Xhhhh..\` | those bytes, decoded through the message's character set: `\XC3A9\` is `é` in UTF-8, `\XE9\` is `é` in ISO 8859-1. Bytes invalid for the character set are an error at the escape. Each `\X..\` is decoded alone (a UTF-8 character must not be split across two). |
+//! | `\Xhhhh..\` | those bytes, decoded through the message's character set: `\XC3A9\` is `é` in UTF-8, `\XE9\` is `é` in ISO 8859-1. Adjacent `\X..\` sequences are decoded together, so a sender may write one byte each (`\XC3\\XA9\`). Bytes invalid for the character set are an error at the first escape of the run. |
 //! | `\.br\` | a newline |
 //! | `\.sp\`, `\.spN\` | N newlines (default 1, at most 100) |
 //! | `\.ce\` | a newline (centering is not kept) |
@@ -176,10 +176,25 @@ pub(crate) fn decode<'a>(
             .map_err(|(i, kind)| ParseError::new(kind, locate(from + i)))
     };
     literal(&mut out, 0, first)?;
+    // Bytes of a run of adjacent `\X..\` escapes, decoded together when
+    // the run ends, and the offset of the run's first escape.
+    let mut hex_run: Vec<u8> = Vec::new();
+    let mut hex_at = first;
+    let flush = |out: &mut String, run: &mut Vec<u8>, at: usize| {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let r = charset
+            .push_decoded(run, out)
+            .map_err(|(_, kind)| ParseError::new(kind, locate(at)));
+        run.clear();
+        r
+    };
     let mut i = first;
     while i < raw.len() {
         let after = raw.get(i + 1..).unwrap_or_default();
         let Some(rel) = after.iter().position(|b| *b == esc) else {
+            flush(&mut out, &mut hex_run, hex_at)?;
             if let Some(w) = warnings.as_deref_mut() {
                 w.push(EscapeWarning {
                     kind: EscapeWarningKind::Unterminated,
@@ -192,15 +207,19 @@ pub(crate) fn decode<'a>(
         };
         let j = i + 1 + rel;
         let content = raw.get(i + 1..j).unwrap_or_default();
-        match interpret(content, d) {
+        let action = interpret(content, d);
+        if !matches!(action, Action::Hex(_)) {
+            flush(&mut out, &mut hex_run, hex_at)?;
+        }
+        match action {
             Action::Push(c) => out.push(c),
             Action::PushRepeat(c, n) => out.extend(std::iter::repeat_n(c, n)),
             Action::Nothing => {}
             Action::Hex(hex) => {
-                let bytes = hex_bytes(hex);
-                charset
-                    .push_decoded(&bytes, &mut out)
-                    .map_err(|(_, kind)| ParseError::new(kind, locate(i)))?;
+                if hex_run.is_empty() {
+                    hex_at = i;
+                }
+                hex_run.extend(hex_bytes(hex));
             }
             Action::Keep(kind) => {
                 if let Some(w) = warnings.as_deref_mut() {
@@ -218,9 +237,13 @@ pub(crate) fn decode<'a>(
             .get(i..)
             .and_then(|r| r.iter().position(|b| *b == esc))
             .map_or(raw.len(), |p| i + p);
-        literal(&mut out, i.min(raw.len()), next)?;
+        if next > i {
+            flush(&mut out, &mut hex_run, hex_at)?;
+            literal(&mut out, i, next)?;
+        }
         i = next;
     }
+    flush(&mut out, &mut hex_run, hex_at)?;
     Ok(Cow::Owned(out))
 }
 
@@ -322,6 +345,15 @@ mod tests {
         let e = dec(br"ab\XE9\", Charset::Ascii).unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::NonAscii { byte: 0xE9 });
         assert_eq!(text(r"\X0D0A\"), "\r\n");
+        // Adjacent hex escapes form one byte run: a UTF-8 character may be
+        // split across them; a run cut by text is decoded in parts.
+        assert_eq!(text(r"caf\XC3\\XA9\!"), "café!");
+        assert_eq!(text(r"\XE2\\X82\\XAC\\X41\"), "€A");
+        let e = dec(br"ok \XC3\x\XA9\", Charset::Utf8).unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::InvalidUtf8);
+        assert_eq!(e.location().offset, 3);
+        let e = dec(br"\T\\XC3\\T\\XA9\", Charset::Utf8).unwrap_err();
+        assert_eq!(e.location().offset, 3);
         assert_eq!(text(r"a\X\b"), "ab");
     }
 

@@ -2,11 +2,12 @@
 //! [`Field`], [`Repetition`], [`Component`] and [`Subcomponent`].
 //!
 //! [`Message::parse`] reads the delimiters from MSH-1/MSH-2, cuts the input
-//! into segments (`\r`, `\n` or `\r\n`, mixed; blank lines skipped), checks
-//! each segment id, and decodes the header ([`Msh`]): character set
-//! (MSH-18), version (MSH-12, 2.3 to 2.8), type, control id. Fields and
-//! below are found on demand by scanning the segment's slice, so parsing
-//! costs one pass over the bytes plus one small `Vec` of segment spans.
+//! into segments (`\r`, `\n` or `\r\n`, mixed; blank lines and a leading
+//! UTF-8 byte order mark skipped), checks each segment id, and decodes the
+//! header ([`Msh`]): character set (MSH-18), version (MSH-12, 2.3 to 2.8),
+//! type, control id. Fields and below are found on demand by scanning the
+//! segment's slice, so parsing costs one pass over the bytes plus one small
+//! `Vec` of segment spans.
 //!
 //! Invariants:
 //! - Every view borrows the input (`'a`); [`Field::raw`] and friends are
@@ -99,7 +100,14 @@ impl<'a> Message<'a> {
                 origin.line.saturating_add(line - 1),
             )
         };
-        let mut lines = Lines::new(bytes, 0, 1)
+        // A UTF-8 byte order mark is skipped, as `split_messages` does, so
+        // that an MLLP payload parses like the same bytes in a file.
+        let start = if bytes.starts_with(&[0xEF, 0xBB, 0xBF]) {
+            3
+        } else {
+            0
+        };
+        let mut lines = Lines::new(bytes, start, 1)
             .filter(|l| !is_blank(bytes.get(l.start..l.end).unwrap_or_default()));
         let Some(first) = lines.next() else {
             return Err(ParseError::new(ErrorKind::Empty, at(0, 1)));
@@ -1147,6 +1155,18 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.location().offset, 100 + input.len() - 3);
         assert_eq!(e.location().line, 11);
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped() {
+        let input = format!("\u{feff}{MIN}\rPID|1");
+        let m = Message::parse(input.as_bytes()).unwrap();
+        assert_eq!(m.segment_count(), 2);
+        assert_eq!(m.segment(1).unwrap().offset(), 3);
+        assert_eq!(m.segment(2).unwrap().line(), 2);
+        // Only at the very start, and only once.
+        let input = format!("\u{feff}\u{feff}{MIN}");
+        assert_eq!(kind(input.as_bytes()), ErrorKind::NotMsh);
     }
 
     #[test]

@@ -90,6 +90,38 @@ proptest! {
     }
 
     #[test]
+    fn never_panics_with_any_delimiters_and_charset(
+        delims in delimiters(),
+        charset in prop_oneof![Just(""), Just("UNICODE UTF-8"), Just("8859/1"), Just("ASCII")],
+        body in proptest::collection::vec(any::<u8>(), 0..200),
+    ) {
+        // A valid header with these delimiters, then arbitrary bytes in which
+        // the delimiters and escape characters are frequent.
+        let fs = char::from(delims.field());
+        let mut input = format!(
+            "MSH{fs}{}{fs}A{fs}B{fs}C{fs}D{fs}20260302{fs}{fs}ORU{}R01{fs}1{fs}P{fs}2.5.1{fs}{fs}{fs}{fs}{fs}{fs}{charset}\r",
+            delims.encoding_characters(),
+            char::from(delims.component()),
+        )
+        .into_bytes();
+        let specials = [
+            delims.field(),
+            delims.component(),
+            delims.repetition(),
+            delims.escape(),
+            delims.subcomponent(),
+            b'X',
+            b'\r',
+        ];
+        prop_assert!(Message::parse(&input).is_ok(), "the header alone parses");
+        input.extend(body.iter().map(|b| match b % 4 {
+            0 => specials[usize::from(*b) % specials.len()],
+            _ => *b,
+        }));
+        exercise(&input);
+    }
+
+    #[test]
     fn never_panics_on_mutated_samples(edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
         let mut input = SAMPLE.to_vec();
         for (at, b) in edits {
