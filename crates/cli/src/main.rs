@@ -16,6 +16,12 @@ use clinflow_server::auth::{create_token, Role};
 use clinflow_server::{Application, Config};
 use clinflow_store::{AuditRecord, DatabaseUrl, Store};
 
+/// The server allocates and frees many small objects per request (JSON
+/// trees of Bundles, index rows, response entries) on several threads;
+/// glibc's allocator showed in profiles (malloc_consolidate, unlink_chunk).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The reference trial, built in, for `serve --demo`.
 const DEMO_PROTOCOL: &str = include_str!("../../../reference-trial/protocol.yaml");
 const DEMO_SUBJECTS: &str = include_str!("../../../reference-trial/subjects.csv");

@@ -42,7 +42,10 @@ use crate::sql::{self, Dialect, SqlValue};
 use crate::sqlite::{push_audit_filters, AUDIT_SELECT};
 use clinflow_fhir::IndexValue;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("0001_init.sql")),
+    (2, include_str!("0002_no_random_order_indexes.sql")),
+];
 
 /// How many queued write requests one group commit takes at most.
 const MAX_GROUP: usize = 64;

@@ -25,6 +25,7 @@ use clinflow_fhir::IndexValue;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("0001_init.sql")),
     (2, include_str!("0002_audit_head.sql")),
+    (3, include_str!("0003_no_random_order_indexes.sql")),
 ];
 
 /// How many queued write requests one group commit takes at most.
