@@ -121,6 +121,32 @@ pub fn reference_target(resource_type: &str, name: &str) -> Option<&'static str>
         .target
 }
 
+/// Where a reference parameter's rows are stored when it is another
+/// parameter restricted to one target type: `patient` of Observation is
+/// `subject` where the target is a Patient, so its rows are `subject`'s
+/// (with `target_type = 'Patient'`) and are not written twice. Returns
+/// `(stored parameter, target type)`; `None` for parameters with rows of
+/// their own.
+pub fn reference_alias(resource_type: &str, name: &str) -> Option<(&'static str, &'static str)> {
+    let t = table(resource_type)?;
+    let spec = t.specs.iter().find(|s| s.name == name)?;
+    alias_of(t, spec)
+}
+
+fn alias_of(t: &TypeTable, spec: &Spec) -> Option<(&'static str, &'static str)> {
+    let How::RefTo(paths, only) = spec.how else {
+        return None;
+    };
+    t.specs
+        .iter()
+        .find(|o| {
+            o.kind == ParamKind::Reference
+                && o.target.is_none_or(|target| target == only)
+                && matches!(o.how, How::Paths(p) if p == paths)
+        })
+        .map(|o| (o.name, only))
+}
+
 /// Index entries, compartment and sort key of a resource.
 pub fn extract(resource: &Resource) -> Extracted {
     let rtype = resource.resource_type();
@@ -130,7 +156,9 @@ pub fn extract(resource: &Resource) -> Extracted {
     };
     let mut entries = Vec::with_capacity(t.specs.len() + 4);
     for spec in t.specs {
-        extract_param(spec, json, &mut entries);
+        if alias_of(t, spec).is_none() {
+            extract_param(spec, json, &mut entries);
+        }
     }
     let patient = if rtype == "Patient" {
         resource.id().map(str::to_string)
@@ -183,7 +211,9 @@ enum How {
     /// The nodes at these paths, read according to the parameter's kind.
     Paths(&'static [&'static str]),
     /// References at these paths, kept only when they point at this type
-    /// (`patient` is `subject.where(resolve() is Patient)`).
+    /// (`patient` is `subject.where(resolve() is Patient)`). When another
+    /// parameter indexes the same paths, that one's rows serve both and
+    /// none are written for this one ([`reference_alias`]).
     RefTo(&'static [&'static str], &'static str),
     /// A `canonical` that is indexed as a reference to this type when it has
     /// the form `[base/]Type/id[|version]`, else as a token (system-less code
@@ -733,7 +763,13 @@ mod tests {
             [tok(Some("urn:ietf:rfc:3986"), "urn:uuid:1")]
         );
         assert_eq!(entries(&x, "subject"), [rf("Patient", "p1")]);
-        assert_eq!(entries(&x, "patient"), [rf("Patient", "p1")]);
+        // `patient` is `subject` restricted to Patients: read from its rows.
+        assert!(entries(&x, "patient").is_empty());
+        assert_eq!(
+            reference_alias("Observation", "patient"),
+            Some(("subject", "Patient"))
+        );
+        assert_eq!(reference_alias("Observation", "subject"), None);
         assert_eq!(entries(&x, "encounter"), [rf("Encounter", "e1")]);
         let d = date("2026-03-01T07:00:00Z", "2026-03-01T07:00:00Z");
         assert_eq!(entries(&x, "date"), std::slice::from_ref(&d));
@@ -820,7 +856,11 @@ mod tests {
         assert_eq!(x.patient.as_deref(), Some("p1"));
         assert_eq!(entries(&x, "study"), [rf("ResearchStudy", "cardio-01")]);
         assert_eq!(entries(&x, "individual"), [rf("Patient", "p1")]);
-        assert_eq!(entries(&x, "patient"), [rf("Patient", "p1")]);
+        assert!(entries(&x, "patient").is_empty());
+        assert_eq!(
+            reference_alias("ResearchSubject", "patient"),
+            Some(("individual", "Patient"))
+        );
         assert_eq!(entries(&x, "status"), [tok(None, "on-study")]);
         assert_eq!(entries(&x, "identifier"), [tok(None, "CARDIO-01-0001")]);
         assert_eq!(x.sort_date, None);
@@ -865,7 +905,11 @@ mod tests {
             entries(&x, "actor"),
             [rf("Practitioner", "dr"), rf("Patient", "p6")]
         );
-        assert_eq!(entries(&x, "patient"), [rf("Patient", "p6")]);
+        assert!(entries(&x, "patient").is_empty());
+        assert_eq!(
+            reference_alias("Appointment", "patient"),
+            Some(("actor", "Patient"))
+        );
         assert_eq!(x.patient.as_deref(), Some("p6"));
         assert_eq!(
             entries(&x, "date"),

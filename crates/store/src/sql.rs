@@ -235,6 +235,16 @@ fn open_probe(sql: &mut Sql, table: &str, rtype: &str, param: &str) {
         .text(param);
 }
 
+/// The parameter whose rows a reference parameter reads, and the target
+/// type those rows must have: `patient` reads `subject`'s rows that point
+/// at a Patient (`clinflow_fhir::index::reference_alias`).
+fn stored_reference<'a>(rtype: &str, param: &'a str) -> (&'a str, Option<&'static str>) {
+    match clinflow_fhir::index::reference_alias(rtype, param) {
+        Some((stored, only)) => (stored, Some(only)),
+        None => (param, None),
+    }
+}
+
 fn push_predicate(sql: &mut Sql, rtype: &str, param: &str, p: &Predicate) {
     match p {
         Predicate::Id(id) => {
@@ -307,15 +317,26 @@ fn push_predicate(sql: &mut Sql, rtype: &str, param: &str, p: &Predicate) {
             target_type,
             target_id,
         } => {
+            let (param, only) = stored_reference(rtype, param);
             open_index(sql, "idx_reference", rtype, param);
             sql.push(" AND x.target_id = ").text(target_id);
-            if let Some(t) = target_type {
-                sql.push(" AND x.target_type = ").text(t);
+            match (target_type.as_deref(), only) {
+                (Some(t), Some(o)) if t != o => {
+                    sql.push(" AND 1=0");
+                }
+                (Some(t), _) | (None, Some(t)) => {
+                    sql.push(" AND x.target_type = ").text(t);
+                }
+                (None, None) => {}
             }
             sql.push(")");
         }
         Predicate::ReferenceIdentifier { system, value } => {
+            let (param, only) = stored_reference(rtype, param);
             open_index(sql, "idx_reference", rtype, param);
+            if let Some(o) = only {
+                sql.push(" AND x.target_type = ").text(o);
+            }
             sql.push(" AND x.target_id IN (SELECT t.id FROM idx_token t WHERE t.rtype = x.target_type AND t.param = 'identifier' AND t.code = ")
                 .text(value);
             if let Some(s) = system {
