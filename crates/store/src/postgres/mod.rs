@@ -953,22 +953,17 @@ async fn run_group(
 ) -> anyhow::Result<()> {
     c.batch_execute("BEGIN").await?;
     let mut audit_records = Vec::new();
-    for job in jobs.by_ref() {
+    while let Some(job) = jobs.next() {
         match job {
             Job::Write(req, reply) => {
-                outcomes.push(Outcome::Write(reply, Ok(())));
-                if req.ops.is_empty() {
-                    audit_records.extend(req.audit);
-                    continue;
+                // The write requests queued one after the other run as one.
+                let mut run = vec![(req, reply)];
+                while matches!(jobs.as_slice().first(), Some(Job::Write(..))) {
+                    if let Some(Job::Write(req, reply)) = jobs.next() {
+                        run.push((req, reply));
+                    }
                 }
-                let r = apply_ops(c, st, &req.ops).await;
-                let r = settle(c, r).await?;
-                if r.is_ok() {
-                    audit_records.extend(req.audit);
-                }
-                if let Some(Outcome::Write(_, slot)) = outcomes.last_mut() {
-                    *slot = r;
-                }
+                write_run(c, st, run, outcomes, &mut audit_records).await?;
             }
             Job::Op(op, audit, reply) => {
                 outcomes.push(Outcome::Op(reply, Ok(0)));
@@ -991,6 +986,54 @@ async fn run_group(
             .context("appending to the audit trail")?;
     }
     c.batch_execute("COMMIT").await.context("committing")?;
+    Ok(())
+}
+
+/// Applies consecutive write requests of a group. First all of them as one
+/// (one savepoint, one statement per table: the server parses and plans a
+/// statement once per group instead of once per request); when that fails
+/// (a version conflict in any of them, rare), it is rolled back and each
+/// request runs in its own savepoint, so that only the conflicting one
+/// fails. The result is what running them one by one gives: `apply_ops`
+/// applies a request's ops in order, and so the run's.
+async fn write_run(
+    c: &Client,
+    st: &Stmts,
+    run: Vec<(WriteRequest, oneshot::Sender<Result<(), WriteError>>)>,
+    outcomes: &mut Vec<Outcome>,
+    audit_records: &mut Vec<AuditRecord>,
+) -> anyhow::Result<()> {
+    let first = outcomes.len();
+    let mut requests = Vec::with_capacity(run.len());
+    for (req, reply) in run {
+        outcomes.push(Outcome::Write(reply, Ok(())));
+        requests.push(req);
+    }
+    if requests.len() > 1 {
+        let all: Vec<&WriteOp> = requests.iter().flat_map(|r| r.ops.iter()).collect();
+        let r = apply_ops(c, st, &all).await;
+        if settle(c, r).await?.is_ok() {
+            for req in requests {
+                audit_records.extend(req.audit);
+            }
+            return Ok(());
+        }
+    }
+    for (k, req) in requests.into_iter().enumerate() {
+        if req.ops.is_empty() {
+            audit_records.extend(req.audit);
+            continue;
+        }
+        let ops: Vec<&WriteOp> = req.ops.iter().collect();
+        let r = apply_ops(c, st, &ops).await;
+        let r = settle(c, r).await?;
+        if r.is_ok() {
+            audit_records.extend(req.audit);
+        }
+        if let Some(Outcome::Write(_, slot)) = outcomes.get_mut(first + k) {
+            *slot = r;
+        }
+    }
     Ok(())
 }
 
@@ -1231,7 +1274,7 @@ impl<'a> IndexRows<'a> {
 /// insert of every created resource and the compare-and-set update of each
 /// updated one, and checks the `Expect`s; phase 2 pipelines the version
 /// rows, the index rows of each resource's last op and the site upserts.
-async fn apply_ops(c: &Client, st: &Stmts, ops: &[WriteOp]) -> Result<(), WriteError> {
+async fn apply_ops(c: &Client, st: &Stmts, ops: &[&WriteOp]) -> Result<(), WriteError> {
     fn sort_date(op: &WriteOp) -> i64 {
         op.extracted.sort_date.unwrap_or(sql::NO_SORT_DATE)
     }
