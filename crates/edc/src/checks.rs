@@ -115,9 +115,9 @@ pub(crate) fn canonical_extension(m: &Measurement, checked: &CheckedValue) -> Op
 }
 
 /// The data query for a stored value outside the soft range, if it is.
+/// `(index, resource)`: the item's index and the resource's in the item.
 pub(crate) fn soft_query(
-    index: usize,
-    resource: usize,
+    (index, resource): (usize, usize),
     subject: &str,
     enrolment: &Enrolment,
     m: &Measurement,

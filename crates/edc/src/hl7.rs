@@ -189,8 +189,7 @@ impl Mapper<'_> {
                             item.stored.push(p);
                             first_visit.get_or_insert(visit);
                             if let Some(q) = soft_query(
-                                item.index,
-                                resource_index,
+                                (item.index, resource_index),
                                 who.subject,
                                 who.enrolment,
                                 m,
@@ -217,7 +216,8 @@ impl Mapper<'_> {
         }
     }
 
-    #[allow(clippy::type_complexity)]
+    // Rejections are the cold path and carry their texts: not worth boxing.
+    #[allow(clippy::type_complexity, clippy::result_large_err)]
     fn observation<'m>(
         &'m self,
         who: &Who<'_>,

@@ -140,7 +140,8 @@ fn row(
     item
 }
 
-#[allow(clippy::too_many_arguments)]
+// Rejections are the cold path and carry their texts: not worth boxing.
+#[allow(clippy::too_many_arguments, clippy::result_large_err)]
 fn check_row(
     ctx: &TrialContext,
     prov: &Provenance,
@@ -191,8 +192,7 @@ fn check_row(
     let visit = check_date(protocol, enrolment, when.date()).map_err(|r| (r, "time"))?;
     let here = format!("line {line}");
     let query = soft_query(
-        item.index,
-        0,
+        (item.index, 0),
         subject,
         enrolment,
         m,
