@@ -9,14 +9,17 @@
 //! - OBR -> `DiagnosticReport` (code OBR-4, effective OBR-7, issued OBR-22,
 //!   status OBR-25, identifiers OBR-2/OBR-3, conclusion from the OBR's
 //!   NTEs) whose `result` lists the order's stored Observations by their
-//!   `urn:uuid:` fullUrl. It is produced when at least one result is.
+//!   `urn:uuid:` fullUrl. It is produced when at least one result is, and
+//!   takes the visit of its first stored result.
 //! - OBX -> `Observation`: `value[x]` by OBX-2 ([`value_x`]), code from
 //!   every coding triplet of OBX-3 (`LN` -> `http://loinc.org`), OBX-6 as
 //!   the UCUM unit, `referenceRange` from OBX-7, `interpretation` from
 //!   OBX-8, `status` from OBX-11, effective from OBX-14 else OBR-7 (offset
 //!   kept; a time without offset takes MSH-7's), NTE -> `note`.
-//! - Edit checks per OBX: measurement known (an OBX-3 LOINC code of the
-//!   protocol), numeric value (NM, or SN with a single number), unit,
+//! - Edit checks per OBX: measurement known (an OBX-3 coding with system
+//!   `LN`, or none, whose code is a protocol measurement's LOINC), numeric
+//!   value (NM, or SN with a single number; a bound such as `<5` is
+//!   checked as its number), unit,
 //!   hard range, soft range (query), trial period, visit. A rejected OBX is
 //!   listed with its location (`OBX[2].5`: the second OBX of the message,
 //!   field 5); the message's other results are still produced.
@@ -795,4 +798,51 @@ fn tm(raw: &str) -> Result<String, Reason> {
         out.push_str(f);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_ranges() {
+        let r = |t: &str| reference_range(t, "mg/dL").to_compact();
+        assert!(
+            r("70-99").contains(r#""low":{"value":70"#)
+                && r("70-99").contains(r#""high":{"value":99"#)
+        );
+        assert!(
+            r("-5--1").contains(r#""low":{"value":-5"#)
+                && r("-5--1").contains(r#""high":{"value":-1"#)
+        );
+        assert!(r("<5").contains(r#""high""#) && !r("<5").contains(r#""low""#));
+        assert!(r(">=10").contains(r#""low""#) && !r(">=10").contains(r#""high""#));
+        assert_eq!(r("negative"), r#"{"text":"negative"}"#);
+        assert_eq!(r("1-x"), r#"{"text":"1-x"}"#);
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(tm("0815").unwrap(), "08:15:00");
+        assert_eq!(tm("081530.25+0100").unwrap(), "08:15:30.25");
+        for bad in ["", "8", "2460", "081560", "08a5", "0815.5", "081530."] {
+            assert!(tm(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(observation_status("F"), Some("final"));
+        assert_eq!(observation_status("C"), Some("corrected"));
+        assert_eq!(observation_status("W"), Some("entered-in-error"));
+        assert_eq!(observation_status("f"), None);
+        assert_eq!(report_status(Some("F")), "final");
+        assert_eq!(report_status(None), "unknown");
+    }
+
+    #[test]
+    fn coding_systems() {
+        assert_eq!(system_for("LN"), Some("http://loinc.org"));
+        assert_eq!(system_for("99LOCAL"), None);
+    }
 }
