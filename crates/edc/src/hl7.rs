@@ -315,6 +315,15 @@ impl Mapper<'_> {
         let mut extension = self.prov.extensions(&at, protocol.version, &visit);
         extension.extend(canonical_extension(m, &checked));
         let mut quantity_json = quantity(text, unit);
+        // The IG puts OBX-6.2 (the unit's text) in `unit`, OBX-6.1 in `code`.
+        let unit_text = obx.units.as_ref().and_then(|u| u.display.as_deref());
+        if let (Some(t), false, Json::Object(members)) =
+            (unit_text, unit.is_empty(), &mut quantity_json)
+        {
+            if let Some((_, v)) = members.iter_mut().find(|(k, _)| k == "unit") {
+                *v = s(t);
+            }
+        }
         if let (Some(c), Json::Object(members)) = (comparator, &mut quantity_json) {
             members.insert(1, ("comparator".into(), s(c)));
         }
