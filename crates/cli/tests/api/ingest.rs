@@ -33,6 +33,7 @@ engine_tests!(
     a_diary_missing_a_required_answer_is_rejected_whole,
     the_same_body_twice_is_one_batch_stored_once,
     the_same_messages_re_encoded_are_duplicates,
+    concurrent_batches_of_the_same_messages_store_them_once,
     only_ingest_roles_may_ingest,
     bad_requests_are_problem_json,
     a_full_pipeline_answers_429 with |c: &mut clinflow_server::Config| {
@@ -333,6 +334,18 @@ async fn invalid_wearable_rows_are_rejected_with_reason_and_location(app: TestAp
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0]["resource"]["valueQuantity"]["value"], 150);
     assert_eq!(app.count(&app.admin, "Observation").await, 1);
+    // Rejections are counted by reason code; metrics name no subject.
+    let metrics = app.get("/metrics", &app.admin).await.text;
+    assert!(
+        metrics.contains("clinflow_ingest_rejections_total{reason=\"hard-range\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("clinflow_ingest_items_total{format=\"wearable-csv\",fate=\"rejected\"} 4"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("CARDIO-01"), "no subject ids in metrics");
 }
 
 async fn an_unknown_subject_and_garbage_between_messages_are_rejected_items(app: TestApp) {
@@ -433,6 +446,43 @@ async fn the_same_messages_re_encoded_are_duplicates(app: TestApp) {
     assert_eq!(status["stored"], 0);
     assert_counts_add_up(&status);
     assert_eq!(app.count(&app.admin, "Observation").await, observations);
+}
+
+async fn concurrent_batches_of_the_same_messages_store_them_once(app: TestApp) {
+    app.load_reference_trial().await;
+    // Three encodings of the same two messages, processed by two workers
+    // at once: each message is stored by exactly one batch.
+    let bodies = [
+        LAB.to_string(),
+        LAB.replace('\n', "\r"),
+        LAB.replace('\n', "\r\n"),
+    ];
+    let ids = futures::future::join_all(
+        bodies
+            .iter()
+            .map(|b| ingest(&app, &app.admin, "/ingest/hl7v2", HL7, b)),
+    )
+    .await;
+    let mut stored = 0;
+    let mut duplicates = 0;
+    for id in &ids {
+        let status = done(&app, &app.admin, id).await;
+        assert_counts_add_up(&status);
+        stored += status["stored"].as_u64().unwrap();
+        duplicates += status["duplicates"].as_u64().unwrap();
+    }
+    let expected = Expected::of("/ingest/hl7v2", LAB);
+    let messages = expected.items.len() as u64;
+    assert_eq!(stored, messages, "each message stored once");
+    assert_eq!(duplicates, messages * (bodies.len() as u64 - 1));
+    assert_eq!(
+        app.count(&app.admin, "Observation").await,
+        expected.resources("Observation")
+    );
+    assert_eq!(
+        app.count(&app.admin, "DiagnosticReport").await,
+        expected.resources("DiagnosticReport")
+    );
 }
 
 async fn only_ingest_roles_may_ingest(app: TestApp) {

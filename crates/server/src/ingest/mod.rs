@@ -185,7 +185,7 @@ async fn accept(
         ));
     }
     // A place in the queue first: a batch once stored always gets one.
-    let permit = state.ingest.reserve()?;
+    let place = state.ingest.reserve()?;
     let sha256 = hex::encode(Sha256::digest(&body));
     let id = crate::fhir::write::new_id();
     let mut rec = caller.audit("ingest-accept", "success");
@@ -205,7 +205,7 @@ async fn accept(
     };
     let (batch, created) = state.store.put_batch(batch, vec![rec]).await?;
     if created {
-        permit.send(batch.id.clone());
+        place.send(batch.id.clone());
     }
     let mut resp = (
         StatusCode::ACCEPTED,

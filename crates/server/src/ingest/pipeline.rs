@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::{context, Format};
 use crate::error::ApiError;
 use crate::fhir::write::{build_op, new_id};
-use crate::metrics::Metrics;
+use crate::metrics::{IngestItemLabels, Metrics, RejectionLabels};
 
 /// Items of one batch written at once: their writes join the store's group
 /// commits instead of waiting for one commit each.
@@ -47,16 +47,35 @@ const RETRY_AFTER: u64 = 1;
 #[derive(Clone)]
 pub struct IngestQueue {
     tx: mpsc::Sender<String>,
+    metrics: Arc<Metrics>,
 }
 
 impl IngestQueue {
     /// A place in the queue, taken before the batch is stored so that an
     /// accepted batch always finds one; 429 when the queue is full.
-    pub fn reserve(&self) -> Result<mpsc::Permit<'_, String>, ApiError> {
-        self.tx.try_reserve().map_err(|e| match e {
+    pub fn reserve(&self) -> Result<Place<'_>, ApiError> {
+        let permit = self.tx.try_reserve().map_err(|e| match e {
             mpsc::error::TrySendError::Full(()) => ApiError::TooManyRequests(RETRY_AFTER),
             mpsc::error::TrySendError::Closed(()) => ApiError::Unavailable(RETRY_AFTER),
+        })?;
+        Ok(Place {
+            permit,
+            metrics: &self.metrics,
         })
+    }
+}
+
+/// A reserved place in the queue; dropping it unused gives it back.
+pub struct Place<'a> {
+    permit: mpsc::Permit<'a, String>,
+    metrics: &'a Metrics,
+}
+
+impl Place<'_> {
+    /// Queues the batch.
+    pub fn send(self, batch: String) {
+        self.metrics.ingest_queue_depth.inc();
+        self.permit.send(batch);
     }
 }
 
@@ -100,20 +119,23 @@ impl Pipeline {
                 batches = unfinished.len(),
                 "resuming ingest batches not done"
             );
-            let (tx, cancel) = (tx.clone(), cancel.clone());
+            let (tx, cancel, metrics) = (tx.clone(), cancel.clone(), metrics.clone());
             // Waits for places like any producer; never more than the queue.
             tasks.push(tokio::spawn(async move {
                 for id in unfinished {
                     tokio::select! {
                         biased;
                         _ = cancel.cancelled() => break,
-                        r = tx.send(id) => if r.is_err() { break },
+                        r = tx.send(id) => match r {
+                            Ok(()) => { metrics.ingest_queue_depth.inc(); }
+                            Err(_) => break,
+                        },
                     }
                 }
             }));
         }
         (
-            IngestQueue { tx },
+            IngestQueue { tx, metrics },
             Pipeline {
                 cancel,
                 tasks,
@@ -205,13 +227,19 @@ impl Worker {
                 id = async { rx.lock().await.recv().await } => id,
             };
             let Some(id) = next else { break };
+            self.metrics.ingest_queue_depth.dec();
+            let started = std::time::Instant::now();
             // Not raced against the cancellation: a batch started is finished.
-            if let Err(e) = self.process(&id).await {
-                tracing::error!(
+            match self.process(&id).await {
+                Ok(()) => self
+                    .metrics
+                    .ingest_batch_seconds
+                    .observe(started.elapsed().as_secs_f64()),
+                Err(e) => tracing::error!(
                     batch = %id,
                     error = %format!("{e:#}"),
                     "an ingest batch failed; it stays processing and is resumed at the next start"
-                );
+                ),
             }
         }
         tracing::debug!("ingest worker stopped");
@@ -274,8 +302,9 @@ impl Worker {
             ..BatchCounts::default()
         };
         let mut rejections = Vec::new();
-        for (item, fate) in items.iter().zip(fates) {
-            match fate? {
+        let fates: Vec<Fate> = fates.into_iter().collect::<anyhow::Result<_>>()?;
+        for (item, fate) in items.iter().zip(&fates) {
+            match fate {
                 Fate::Duplicate => {
                     counts.duplicates += 1;
                     continue;
@@ -283,7 +312,7 @@ impl Worker {
                 Fate::Rejected => counts.rejected += 1,
                 Fate::Stored { queries } => {
                     counts.stored += 1;
-                    counts.queries_opened += queries as u64;
+                    counts.queries_opened += *queries as u64;
                 }
             }
             rejections.extend(item.rejections.iter().map(|r| BatchRejection {
@@ -292,7 +321,34 @@ impl Worker {
                 location: r.location.clone(),
             }));
         }
-        self.store.finish_batch(id, counts, rejections).await?;
+        let finished = self.store.finish_batch(id, counts, rejections).await?;
+        // Counted once per batch, by the run that finished it.
+        if finished {
+            for (item, fate) in items.iter().zip(&fates) {
+                let fate = match fate {
+                    Fate::Stored { .. } => "stored",
+                    Fate::Rejected => "rejected",
+                    Fate::Duplicate => "duplicate",
+                };
+                self.metrics
+                    .ingest_items
+                    .get_or_create(&IngestItemLabels {
+                        format: batch.format.clone(),
+                        fate: fate.to_string(),
+                    })
+                    .inc();
+                if fate != "duplicate" {
+                    for r in &item.rejections {
+                        self.metrics
+                            .ingest_rejections
+                            .get_or_create(&RejectionLabels {
+                                reason: r.reason.code().to_string(),
+                            })
+                            .inc();
+                    }
+                }
+            }
+        }
         tracing::info!(
             batch = %id,
             format = batch.format,
