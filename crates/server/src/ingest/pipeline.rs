@@ -40,6 +40,13 @@ use crate::metrics::{IngestItemLabels, Metrics, RejectionLabels};
 /// Items of one batch written at once: their writes join the store's group
 /// commits instead of waiting for one commit each.
 const ITEMS_IN_FLIGHT: usize = 16;
+/// Waits between attempts at a failing batch (the last entry is unused:
+/// after the last attempt it is left for the next start).
+const RETRY_BACKOFF: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(200),
+    std::time::Duration::from_secs(2),
+    std::time::Duration::ZERO,
+];
 /// What a 429 asks the client to wait, in seconds.
 const RETRY_AFTER: u64 = 1;
 
@@ -230,16 +237,40 @@ impl Worker {
             self.metrics.ingest_queue_depth.dec();
             let started = std::time::Instant::now();
             // Not raced against the cancellation: a batch started is finished.
-            match self.process(&id).await {
-                Ok(()) => self
-                    .metrics
-                    .ingest_batch_seconds
-                    .observe(started.elapsed().as_secs_f64()),
-                Err(e) => tracing::error!(
-                    batch = %id,
-                    error = %format!("{e:#}"),
-                    "an ingest batch failed; it stays processing and is resumed at the next start"
-                ),
+            // A failure (the database unreachable, no trial loaded) is
+            // retried a few times; processing is idempotent, so a retry
+            // after a partial run is safe.
+            for (attempt, backoff) in RETRY_BACKOFF.iter().enumerate() {
+                match self.process(&id).await {
+                    Ok(()) => {
+                        self.metrics
+                            .ingest_batch_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        break;
+                    }
+                    Err(e) => {
+                        let last = attempt + 1 == RETRY_BACKOFF.len();
+                        tracing::error!(
+                            batch = %id,
+                            attempt = attempt + 1,
+                            error = %format!("{e:#}"),
+                            "an ingest batch failed"
+                        );
+                        if last {
+                            tracing::error!(
+                                batch = %id,
+                                "the batch stays processing; it is resumed at the next start"
+                            );
+                            break;
+                        }
+                        // A stop does not wait for the retries.
+                        tokio::select! {
+                            biased;
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep(*backoff) => {}
+                        }
+                    }
+                }
             }
         }
         tracing::debug!("ingest worker stopped");
