@@ -44,6 +44,7 @@ engine_tests!(
     an_unprocessed_batch_is_processed_after_a_restart with |c: &mut clinflow_server::Config| {
         c.ingest_workers = 0;
     },
+    a_batch_cut_short_is_resumed_without_storing_twice,
 );
 
 /// The reference trial as clinflow-edc sees it once loaded.
@@ -566,6 +567,31 @@ async fn a_full_pipeline_answers_429(app: TestApp) {
         .expect(413);
 }
 
+/// A second server on `app`'s database (the first one stopped), with
+/// `workers` ingest workers; `app` now talks to it. Returns its stop
+/// switch and task.
+async fn restart(
+    app: &mut TestApp,
+    workers: usize,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let store = open_store(&app.db_url).await;
+    let mut config = app.config.clone();
+    config.ingest_workers = workers;
+    let restarted = Application::with_store(config, store)
+        .await
+        .expect("the server builds");
+    let addr = restarted.local_addr().expect("an address");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(restarted.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    app.base = format!("http://{addr}");
+    (tx, server)
+}
+
 async fn an_unprocessed_batch_is_processed_after_a_restart(mut app: TestApp) {
     app.load_reference_trial().await;
     // No workers: the batch is accepted (durable) and left processing.
@@ -576,27 +602,46 @@ async fn an_unprocessed_batch_is_processed_after_a_restart(mut app: TestApp) {
     app.stopped().await.expect("a clean stop");
 
     // The same database, now with workers: the batch is resumed.
-    let store = open_store(&app.db_url).await;
-    let mut config = app.config.clone();
-    config.ingest_workers = 2;
-    let restarted = Application::with_store(config, store)
-        .await
-        .expect("the server builds");
-    let addr = restarted.local_addr().expect("an address");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(restarted.run_until_stopped(async move {
-        let _ = rx.await;
-    }));
-    app.base = format!("http://{addr}");
+    let (stop, server) = restart(&mut app, 2).await;
     let status = done(&app, &app.admin, &id).await;
     Expected::of("/ingest/hl7v2", LAB).check(&status);
     assert_eq!(
         app.count(&app.admin, "Observation").await,
         Expected::of("/ingest/hl7v2", LAB).resources("Observation")
     );
-    let _ = tx.send(());
+    let _ = stop.send(());
     server
         .await
         .expect("no panic")
         .expect("the restarted server stops cleanly");
+}
+
+async fn a_batch_cut_short_is_resumed_without_storing_twice(mut app: TestApp) {
+    app.load_reference_trial().await;
+    let body = format!("{LAB}GARBAGE\n");
+    let id = ingest(&app, &app.admin, "/ingest/hl7v2", HL7, &body).await;
+    let first = done(&app, &app.admin, &id).await;
+    let expected = Expected::of("/ingest/hl7v2", &body);
+    expected.check(&first);
+    let observations = app.count(&app.admin, "Observation").await;
+    app.signal_shutdown();
+    app.stopped().await.expect("a clean stop");
+    // As if the server had died after writing the items, before the batch
+    // was marked done.
+    app.store
+        .execute_raw(&format!(
+            "DELETE FROM ingest_rejections WHERE batch = '{id}'; \
+             UPDATE ingest_batches SET status = 'processing', received = 0, stored = 0, \
+             rejected = 0, duplicates = 0, queries_opened = 0 WHERE id = '{id}'"
+        ))
+        .await
+        .expect("the batch is put back");
+    let (stop, server) = restart(&mut app, 2).await;
+    let again = done(&app, &app.admin, &id).await;
+    // The items this batch stored count as stored, not as duplicates.
+    expected.check(&again);
+    assert_eq!(again, first);
+    assert_eq!(app.count(&app.admin, "Observation").await, observations);
+    let _ = stop.send(());
+    server.await.expect("no panic").expect("a clean stop");
 }
