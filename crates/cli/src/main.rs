@@ -77,6 +77,13 @@ enum Command {
         /// Requests served at once before answering 503.
         #[arg(long, default_value_t = 2048)]
         max_in_flight: usize,
+        /// Ingest worker tasks (each processes one batch at a time).
+        #[arg(long, default_value_t = 2)]
+        ingest_workers: usize,
+        /// Accepted ingest batches that may wait for a worker before the
+        /// ingest endpoints answer 429 (0 counts as 1).
+        #[arg(long, default_value_t = 64)]
+        ingest_queue: usize,
     },
     /// Creates or migrates the database.
     Migrate,
@@ -229,6 +236,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             body_limit,
             max_bundle_entries,
             max_in_flight,
+            ingest_workers,
+            ingest_queue,
         } => {
             let mut config = Config::new(url.clone());
             config.listen = listen;
@@ -237,6 +246,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.body_limit = body_limit;
             config.max_bundle_entries = max_bundle_entries;
             config.max_in_flight = max_in_flight;
+            config.ingest_workers = ingest_workers;
+            config.ingest_queue = ingest_queue;
             let shutdown = shutdown_signal()?;
             let app = Application::build(config).await?;
             let addr = app.local_addr()?;

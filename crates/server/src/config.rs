@@ -21,6 +21,12 @@ pub struct Config {
     pub max_bundle_entries: usize,
     /// Requests served at once; beyond it, 503 with `Retry-After`.
     pub max_in_flight: usize,
+    /// Ingest worker tasks, each processing one batch at a time. 0 accepts
+    /// batches without processing them (tests of a full pipeline).
+    pub ingest_workers: usize,
+    /// Accepted batches waiting for a worker (at least 1); beyond it, the
+    /// ingest endpoints answer 429 with `Retry-After`.
+    pub ingest_queue: usize,
 }
 
 impl Config {
@@ -34,6 +40,8 @@ impl Config {
             body_limit: 32 * 1024 * 1024,
             max_bundle_entries: 10_000,
             max_in_flight: 2048,
+            ingest_workers: 2,
+            ingest_queue: 64,
         }
     }
 }

@@ -30,6 +30,9 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("the server is busy; retry after {0} s")]
     Unavailable(u64),
+    /// A queue is full (the ingest pipeline): 429 with `Retry-After`.
+    #[error("too many requests; retry after {0} s")]
+    TooManyRequests(u64),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -46,6 +49,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,7 +67,7 @@ impl ApiError {
                 resp.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::Unavailable(secs) => {
+            ApiError::Unavailable(secs) | ApiError::TooManyRequests(secs) => {
                 if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                     resp.headers_mut().insert(header::RETRY_AFTER, v);
                 }
@@ -151,7 +155,7 @@ impl From<ApiError> for FhirError {
             ApiError::Unprocessable(_) => IssueCode::Processing,
             ApiError::UnsupportedMediaType(_) => IssueCode::NotSupported,
             ApiError::PayloadTooLarge(_) => IssueCode::TooCostly,
-            ApiError::Unavailable(_) => IssueCode::Throttled,
+            ApiError::Unavailable(_) | ApiError::TooManyRequests(_) => IssueCode::Throttled,
             ApiError::Internal(_) => IssueCode::Exception,
         };
         FhirError {

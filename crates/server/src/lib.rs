@@ -8,6 +8,7 @@
 //! Route map (everything but `/healthz` behind [`auth::require_auth`]):
 //! - `/fhir/...`: the FHIR R4 REST API ([`fhir`]).
 //! - `/trials...`: trial set-up ([`trials`]).
+//! - `/ingest/...`: HL7 v2, wearable CSV and diary intake, batch status ([`ingest`]).
 //! - `/audit/export`, `/audit/verify`: the audit trail ([`audit_api`]).
 //! - `/metrics`: Prometheus metrics; `/healthz`: liveness and database.
 
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod fhir;
+pub mod ingest;
 pub mod metrics;
 pub mod startup;
 pub mod state;

@@ -11,6 +11,7 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -28,6 +29,21 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// An ingest item's fate, by input format.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IngestItemLabels {
+    pub format: String,
+    /// `stored`, `rejected`, `duplicate`.
+    pub fate: String,
+}
+
+/// An edit-check rejection, by its stable code (never its text: that
+/// names subjects and values).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    pub reason: String,
+}
+
 /// The server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -35,6 +51,12 @@ pub struct Metrics {
     pub latency: Family<RouteLabels, Histogram>,
     pub auth_failures: Counter,
     pub resources_written: Counter,
+    /// Batches accepted and waiting for a worker.
+    pub ingest_queue_depth: Gauge,
+    pub ingest_items: Family<IngestItemLabels, Counter>,
+    pub ingest_rejections: Family<RejectionLabels, Counter>,
+    /// From a worker taking a batch to the batch done.
+    pub ingest_batch_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -52,6 +74,30 @@ impl Metrics {
         });
         let auth_failures = Counter::default();
         let resources_written = Counter::default();
+        let ingest_queue_depth = Gauge::default();
+        let ingest_items = Family::<IngestItemLabels, Counter>::default();
+        let ingest_rejections = Family::<RejectionLabels, Counter>::default();
+        let ingest_batch_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "ingest_queue_depth",
+            "Ingest batches accepted and waiting for a worker",
+            ingest_queue_depth.clone(),
+        );
+        registry.register(
+            "ingest_items",
+            "Ingest items processed, by format and fate",
+            ingest_items.clone(),
+        );
+        registry.register(
+            "ingest_rejections",
+            "Edit-check rejections, by reason",
+            ingest_rejections.clone(),
+        );
+        registry.register(
+            "ingest_batch_duration_seconds",
+            "Time from a worker taking a batch to the batch done",
+            ingest_batch_seconds.clone(),
+        );
         registry.register("http_requests", "HTTP requests answered", requests.clone());
         registry.register(
             "http_request_duration_seconds",
@@ -74,6 +120,10 @@ impl Metrics {
             latency,
             auth_failures,
             resources_written,
+            ingest_queue_depth,
+            ingest_items,
+            ingest_rejections,
+            ingest_batch_seconds,
         }
     }
 

@@ -17,15 +17,18 @@ use tokio::sync::Semaphore;
 use crate::auth::require_auth;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::ingest::Pipeline;
 use crate::metrics::{self, Metrics};
 use crate::state::AppState;
-use crate::{audit_api, fhir, trials};
+use crate::{audit_api, fhir, ingest, trials};
 
 /// A built server, bound to its port, not yet serving.
 pub struct Application {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    /// The ingest workers, stopped after the last request.
+    pipeline: Pipeline,
 }
 
 impl Application {
@@ -38,16 +41,29 @@ impl Application {
     /// As [`Application::build`], with a store opened by the caller.
     pub async fn with_store(config: Config, store: Store) -> anyhow::Result<Application> {
         let listener = TcpListener::bind(config.listen).await?;
+        let metrics = Arc::new(Metrics::new());
+        // Read before any request is taken, so a batch accepted from now on
+        // is queued once, by its request.
+        let unfinished = store.unfinished_batches().await?;
+        let (ingest, pipeline) = Pipeline::start(
+            store.clone(),
+            metrics.clone(),
+            config.ingest_workers,
+            config.ingest_queue,
+            unfinished,
+        );
         let state = AppState {
             store,
             config: Arc::new(config),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
+            ingest,
         };
         let router = router(state.clone());
         Ok(Application {
             listener,
             router,
             state,
+            pipeline,
         })
     }
 
@@ -62,7 +78,8 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves; then stops accepting, finishes the
-    /// requests in flight, and commits queued audit records.
+    /// requests in flight, lets each ingest worker finish its batch, and
+    /// commits queued audit records.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -73,6 +90,7 @@ impl Application {
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await?;
+        self.pipeline.stop().await;
         self.state.store.flush().await?;
         tracing::info!("server stopped; queued audit records committed");
         Ok(())
@@ -87,6 +105,7 @@ pub fn router(state: AppState) -> Router {
         .route("/trials", get(trials::list_trials).post(trials::post_trial))
         .route("/trials/{id}", get(trials::get_trial))
         .route("/trials/{id}/subjects", post(trials::post_subjects))
+        .nest("/ingest", ingest::routes())
         .route("/audit/export", get(audit_api::export))
         .route("/audit/verify", get(audit_api::verify))
         .route("/metrics", get(render_metrics))

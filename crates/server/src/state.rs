@@ -5,6 +5,7 @@ use std::sync::Arc;
 use clinflow_store::Store;
 
 use crate::config::Config;
+use crate::ingest::IngestQueue;
 use crate::metrics::Metrics;
 
 /// Shared application state. Cheap to clone: everything is behind `Arc` or is
@@ -14,4 +15,6 @@ pub struct AppState {
     pub store: Store,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
+    /// Where accepted ingest batches wait for a worker.
+    pub ingest: IngestQueue,
 }

@@ -8,6 +8,7 @@
 //!   current version's search-index rows, written in the same transaction;
 //! - which site each patient is enrolled at (for site scoping);
 //! - API tokens (hashed), trial protocol versions;
+//! - ingest batches: the raw input as received, status, counts, rejections;
 //! - the append-only, hash-chained audit trail ([`audit`]).
 //!
 //! Write path: writes are queued to one writer per process that commits them
@@ -198,6 +199,48 @@ impl Store {
 
     pub async fn list_trials(&self) -> anyhow::Result<Vec<TrialRecord>> {
         dispatch!(self.list_trials())
+    }
+
+    /// Accepts an ingest batch: its row, raw input and `audit` commit
+    /// together and durably before this returns. Content already accepted
+    /// in the same format (same SHA-256) writes nothing and gives the
+    /// existing batch, with `false`.
+    pub async fn put_batch(
+        &self,
+        batch: NewBatch,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<(BatchRecord, bool)> {
+        dispatch!(self.put_batch(batch, audit))
+    }
+
+    pub async fn batch(&self, id: &str) -> anyhow::Result<Option<BatchRecord>> {
+        dispatch!(self.batch(id))
+    }
+
+    /// A batch's raw input, as received.
+    pub async fn batch_input(&self, id: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        dispatch!(self.batch_input(id))
+    }
+
+    /// A batch's rejections, in input order.
+    pub async fn batch_rejections(&self, id: &str) -> anyhow::Result<Vec<BatchRejection>> {
+        dispatch!(self.batch_rejections(id))
+    }
+
+    /// Records a batch's counts and rejections and marks it done, in one
+    /// transaction; `false` (nothing written) when it was not processing.
+    pub async fn finish_batch(
+        &self,
+        id: &str,
+        counts: BatchCounts,
+        rejections: Vec<BatchRejection>,
+    ) -> anyhow::Result<bool> {
+        dispatch!(self.finish_batch(id, counts, rejections))
+    }
+
+    /// Batches not done, oldest first: what a restart resumes.
+    pub async fn unfinished_batches(&self) -> anyhow::Result<Vec<String>> {
+        dispatch!(self.unfinished_batches())
     }
 
     pub async fn audit_records(&self, q: AuditQuery) -> anyhow::Result<Vec<ChainedAudit>> {

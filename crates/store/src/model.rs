@@ -163,3 +163,85 @@ pub struct TrialRecord {
     pub protocol: String,
     pub loaded_at: i64,
 }
+
+/// Where an ingest batch is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchStatus {
+    /// Accepted (its raw input is durable), not yet fully processed.
+    Processing,
+    /// Processed: counts and rejections are final.
+    Done,
+}
+
+impl BatchStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchStatus::Processing => "processing",
+            BatchStatus::Done => "done",
+        }
+    }
+
+    pub fn parse(s: &str) -> anyhow::Result<BatchStatus> {
+        match s {
+            "processing" => Ok(BatchStatus::Processing),
+            "done" => Ok(BatchStatus::Done),
+            other => Err(anyhow::anyhow!("unknown batch status {other:?}")),
+        }
+    }
+}
+
+/// An input to accept: what the intake stores before answering 202.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewBatch {
+    /// A UUIDv7, used only when this content is new.
+    pub id: String,
+    /// `hl7v2`, `wearable-csv`, `diary-json`, `diary-ndjson`.
+    pub format: String,
+    /// Hex SHA-256 of `raw`.
+    pub sha256: String,
+    /// The submitting token's name.
+    pub submitter: String,
+    pub role: String,
+    /// Milliseconds since the epoch.
+    pub received_at: i64,
+    /// The bytes as received.
+    pub raw: Vec<u8>,
+}
+
+/// What processing a batch gave, item by item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchCounts {
+    /// Items in the input (messages or garbage runs, CSV rows, diaries):
+    /// `stored + rejected + duplicates`.
+    pub received: u64,
+    pub stored: u64,
+    pub rejected: u64,
+    /// Items whose resources were already stored (sent before).
+    pub duplicates: u64,
+    /// Data queries for values stored outside the soft range.
+    pub queries_opened: u64,
+}
+
+/// One rejected item, or part of one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRejection {
+    /// The item's index in the input, from 0.
+    pub index: u64,
+    pub reason: String,
+    /// Where in the input (`OBX[2].5`, `line 4, column value`).
+    pub location: String,
+}
+
+/// An ingest batch as stored (without its raw input).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRecord {
+    pub id: String,
+    pub format: String,
+    pub sha256: String,
+    pub submitter: String,
+    pub role: String,
+    pub received_at: i64,
+    pub status: BatchStatus,
+    /// Zero until the batch is done.
+    pub counts: BatchCounts,
+}

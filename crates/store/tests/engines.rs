@@ -172,6 +172,7 @@ suite!(
     audit_records_are_chained_and_filtered,
     a_tampered_audit_trail_is_detected,
     records_cut_from_the_end_are_detected,
+    ingest_batches_are_accepted_once_and_finished_once,
 );
 
 // ---- data ----
@@ -1698,4 +1699,106 @@ async fn postgres_two_stores_share_one_schema_and_one_chain() {
         .await
         .unwrap()
         .is_some());
+}
+
+fn new_batch(id: &str, format: &str, raw: &[u8]) -> NewBatch {
+    use sha2::Digest;
+    NewBatch {
+        id: id.to_string(),
+        format: format.to_string(),
+        sha256: hex::encode(sha2::Sha256::digest(raw)),
+        submitter: "lab-interface".into(),
+        role: "interface".into(),
+        received_at: T0,
+        raw: raw.to_vec(),
+    }
+}
+
+async fn ingest_batches_are_accepted_once_and_finished_once(engine: Engine) {
+    let db = TestDb::open(engine).await;
+    let s = &db.store;
+    // Bytes that are not UTF-8 are kept as they are.
+    let raw: &[u8] = b"MSH|^~\\&|LIS\r\xff\x00garbage\n";
+    let accept = audit_rec("lab-interface", "ingest-accept", "Batch", "b1", T0);
+    let (first, created) = s
+        .put_batch(new_batch("b1", "hl7v2", raw), vec![accept.clone()])
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(first.id, "b1");
+    assert_eq!(first.status, BatchStatus::Processing);
+    assert_eq!(first.counts, BatchCounts::default());
+    assert_eq!(first.submitter, "lab-interface");
+    assert_eq!(s.batch_input("b1").await.unwrap().as_deref(), Some(raw));
+
+    // The same content again: the first batch, nothing new, no audit record.
+    let (again, created) = s
+        .put_batch(new_batch("b2", "hl7v2", raw), vec![accept.clone()])
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(again, first);
+    assert_eq!(s.batch("b2").await.unwrap(), None);
+    assert_eq!(s.batch_input("b2").await.unwrap(), None);
+    let accepted = s
+        .audit_records(AuditQuery {
+            actor: Some("lab-interface".into()),
+            limit: 10,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(accepted.len(), 1, "one audit record per accepted batch");
+    // The same bytes in another format are another batch.
+    let (other, created) = s
+        .put_batch(new_batch("b3", "wearable-csv", raw), Vec::new())
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(other.id, "b3");
+    assert_eq!(
+        s.unfinished_batches().await.unwrap(),
+        vec!["b1".to_string(), "b3".to_string()]
+    );
+
+    let counts = BatchCounts {
+        received: 3,
+        stored: 1,
+        rejected: 1,
+        duplicates: 1,
+        queries_opened: 2,
+    };
+    let rejections = vec![
+        BatchRejection {
+            index: 0,
+            reason: "not an HL7 v2 message".into(),
+            location: "line 1".into(),
+        },
+        BatchRejection {
+            index: 2,
+            reason: "out of range".into(),
+            location: "OBX[2].5".into(),
+        },
+    ];
+    assert!(s
+        .finish_batch("b1", counts, rejections.clone())
+        .await
+        .unwrap());
+    let done = s.batch("b1").await.unwrap().unwrap();
+    assert_eq!(done.status, BatchStatus::Done);
+    assert_eq!(done.counts, counts);
+    assert_eq!(s.batch_rejections("b1").await.unwrap(), rejections);
+    // Finishing twice (a resumed batch racing its first run) changes nothing.
+    assert!(!s
+        .finish_batch("b1", BatchCounts::default(), rejections.clone())
+        .await
+        .unwrap());
+    assert_eq!(s.batch("b1").await.unwrap().unwrap().counts, counts);
+    assert_eq!(s.batch_rejections("b1").await.unwrap(), rejections);
+    assert!(!s.finish_batch("none", counts, Vec::new()).await.unwrap());
+    assert_eq!(
+        s.unfinished_batches().await.unwrap(),
+        vec!["b3".to_string()]
+    );
+    assert!(s.batch_rejections("b3").await.unwrap().is_empty());
 }

@@ -16,6 +16,7 @@
 //! - [`fhir_search`]: every search parameter, paging, sorting, totals, `_include`.
 //! - [`bundles`]: transactions and batches.
 //! - [`trials`]: `POST /trials` and subjects, idempotence, amendments, errors.
+//! - [`ingest`]: `/ingest`: samples, edit-check rejections, idempotence, 403/429, resume.
 //! - [`auth`]: the role matrix and site scoping, revoked and expired tokens.
 //! - [`audit`]: what is recorded, AuditEvent search, export, tampering.
 //! - [`cli`]: the `clinflow` binary against a running server's database.
@@ -31,5 +32,6 @@ mod cli;
 mod conformance;
 mod fhir_crud;
 mod fhir_search;
+mod ingest;
 mod ops;
 mod trials;

@@ -39,12 +39,13 @@ use tokio_postgres::{Client, NoTls, Row, Statement};
 use crate::audit;
 use crate::model::*;
 use crate::sql::{self, Dialect, SqlValue};
-use crate::sqlite::{push_audit_filters, AUDIT_SELECT};
+use crate::sqlite::{push_audit_filters, AUDIT_SELECT, BATCH_SELECT};
 use clinflow_fhir::IndexValue;
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("0001_init.sql")),
     (2, include_str!("0002_no_random_order_indexes.sql")),
+    (3, include_str!("0003_ingest.sql")),
 ];
 
 /// How many queued write requests one group commit takes at most.
@@ -69,6 +70,11 @@ enum Op {
     CreateToken(TokenRecord, String),
     RevokeToken(String),
     PutTrial(TrialRecord),
+    /// A new ingest batch and its raw input; a `Conflict` (which drops the
+    /// job's audit records) when that content is already a batch.
+    PutBatch(NewBatch),
+    /// A batch's outcome; 0 rows when it was not processing.
+    FinishBatch(String, BatchCounts, Vec<BatchRejection>),
     /// Raw SQL (tests that tamper with the database).
     Raw(String),
 }
@@ -511,6 +517,101 @@ impl PgStore {
         c.query(&st, &[]).await?.iter().map(trial_row).collect()
     }
 
+    // ---- ingest batches ----
+
+    /// Accepts a batch (see [`crate::Store::put_batch`]).
+    pub async fn put_batch(
+        &self,
+        b: NewBatch,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<(BatchRecord, bool)> {
+        let (format, sha) = (b.format.clone(), b.sha256.clone());
+        let created = match self.op(Op::PutBatch(b), audit).await {
+            Ok(_) => true,
+            Err(e) if matches!(e.downcast_ref(), Some(WriteError::Conflict { .. })) => false,
+            Err(e) => return Err(e),
+        };
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!("{BATCH_SELECT} WHERE format = $1 AND sha256 = $2"))
+            .await?;
+        let row = c
+            .query_opt(&st, &[&format, &sha])
+            .await?
+            .ok_or_else(|| anyhow!("an accepted batch is not found"))?;
+        Ok((batch_row(&row)?, created))
+    }
+
+    pub async fn batch(&self, id: &str) -> anyhow::Result<Option<BatchRecord>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!("{BATCH_SELECT} WHERE id = $1"))
+            .await?;
+        c.query_opt(&st, &[&id])
+            .await?
+            .as_ref()
+            .map(batch_row)
+            .transpose()
+    }
+
+    pub async fn batch_input(&self, id: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached("SELECT body FROM ingest_inputs WHERE batch = $1")
+            .await?;
+        Ok(match c.query_opt(&st, &[&id]).await? {
+            Some(row) => Some(row.try_get(0)?),
+            None => None,
+        })
+    }
+
+    pub async fn batch_rejections(&self, id: &str) -> anyhow::Result<Vec<BatchRejection>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT item, reason, location FROM ingest_rejections WHERE batch = $1 ORDER BY seq",
+            )
+            .await?;
+        c.query(&st, &[&id])
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(BatchRejection {
+                    index: u64::try_from(r.try_get::<_, i64>(0)?)?,
+                    reason: r.try_get(1)?,
+                    location: r.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn finish_batch(
+        &self,
+        id: &str,
+        counts: BatchCounts,
+        rejections: Vec<BatchRejection>,
+    ) -> anyhow::Result<bool> {
+        Ok(self
+            .op(
+                Op::FinishBatch(id.to_string(), counts, rejections),
+                Vec::new(),
+            )
+            .await?
+            > 0)
+    }
+
+    pub async fn unfinished_batches(&self) -> anyhow::Result<Vec<String>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached("SELECT id FROM ingest_batches WHERE status = 'processing' ORDER BY id")
+            .await?;
+        c.query(&st, &[])
+            .await?
+            .iter()
+            .map(|r| Ok(r.try_get(0)?))
+            .collect()
+    }
+
     // ---- audit ----
 
     pub async fn audit_records(&self, q: AuditQuery) -> anyhow::Result<Vec<ChainedAudit>> {
@@ -672,6 +773,26 @@ fn token_row(row: &Row) -> anyhow::Result<TokenRecord> {
         created: row.try_get(5)?,
         expires: row.try_get(6)?,
         revoked: row.try_get::<_, i64>(7)? != 0,
+    })
+}
+
+fn batch_row(row: &Row) -> anyhow::Result<BatchRecord> {
+    let n = |i: usize| -> anyhow::Result<u64> { Ok(u64::try_from(row.try_get::<_, i64>(i)?)?) };
+    Ok(BatchRecord {
+        id: row.try_get(0)?,
+        format: row.try_get(1)?,
+        sha256: row.try_get(2)?,
+        submitter: row.try_get(3)?,
+        role: row.try_get(4)?,
+        received_at: row.try_get(5)?,
+        status: BatchStatus::parse(row.try_get(6)?)?,
+        counts: BatchCounts {
+            received: n(7)?,
+            stored: n(8)?,
+            rejected: n(9)?,
+            duplicates: n(10)?,
+            queries_opened: n(11)?,
+        },
     })
 }
 
@@ -1096,6 +1217,60 @@ async fn apply_op(c: &Client, st: &Stmts, op: &Op) -> Result<u64, WriteError> {
                 ],
             )
             .await
+        }
+        Op::PutBatch(b) => {
+            let n = c
+                .execute(
+                    "INSERT INTO ingest_batches (id, format, sha256, submitter, role, received_at, status) VALUES ($1, $2, $3, $4, $5, $6, 'processing') ON CONFLICT DO NOTHING",
+                    &[&b.id, &b.format, &b.sha256, &b.submitter, &b.role, &b.received_at],
+                )
+                .await
+                .map_err(db)?;
+            if n == 0 {
+                return Err(WriteError::Conflict {
+                    resource_type: "ingest batch".into(),
+                    id: b.id.clone(),
+                    expected: Expect::Absent,
+                    found: None,
+                });
+            }
+            c.execute(
+                "INSERT INTO ingest_inputs (batch, sha256, body) VALUES ($1, $2, $3)",
+                &[&b.id, &b.sha256, &b.raw],
+            )
+            .await
+            .map(|_| n)
+        }
+        Op::FinishBatch(id, k, rejections) => {
+            let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            let n = c
+                .execute(
+                    "UPDATE ingest_batches SET status = 'done', received = $1, stored = $2, rejected = $3, duplicates = $4, queries_opened = $5, finished_at = $6 WHERE id = $7 AND status = 'processing'",
+                    &[
+                        &as_i64(k.received),
+                        &as_i64(k.stored),
+                        &as_i64(k.rejected),
+                        &as_i64(k.duplicates),
+                        &as_i64(k.queries_opened),
+                        &crate::now_millis(),
+                        id,
+                    ],
+                )
+                .await
+                .map_err(db)?;
+            if n > 0 && !rejections.is_empty() {
+                let seq: Vec<i64> = (0..rejections.len() as i64).collect();
+                let item: Vec<i64> = rejections.iter().map(|r| as_i64(r.index)).collect();
+                let reason: Vec<&str> = rejections.iter().map(|r| r.reason.as_str()).collect();
+                let location: Vec<&str> = rejections.iter().map(|r| r.location.as_str()).collect();
+                c.execute(
+                    "INSERT INTO ingest_rejections (batch, seq, item, reason, location) SELECT $1, * FROM UNNEST($2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[])",
+                    &[id, &seq, &item, &reason, &location],
+                )
+                .await
+                .map_err(db)?;
+            }
+            Ok(n)
         }
         Op::Raw(sql) => c.batch_execute(sql).await.map(|()| 0),
     }

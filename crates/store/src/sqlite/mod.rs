@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("0001_init.sql")),
     (2, include_str!("0002_audit_head.sql")),
     (3, include_str!("0003_no_random_order_indexes.sql")),
+    (4, include_str!("0004_ingest.sql")),
 ];
 
 /// How many queued write requests one group commit takes at most.
@@ -453,6 +454,151 @@ impl SqliteStore {
         .await
     }
 
+    // ---- ingest batches ----
+
+    /// Accepts a batch: its row and raw input commit together, durably,
+    /// with `audit`. The same content in the same format is one batch:
+    /// then nothing is written and the existing batch is returned, with
+    /// `false`.
+    pub async fn put_batch(
+        &self,
+        b: NewBatch,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<(BatchRecord, bool)> {
+        let existed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let e2 = existed.clone();
+        let (format, sha) = (b.format.clone(), b.sha256.clone());
+        let r = self
+            .custom(audit, move |c| {
+                let n = c.execute(
+                    "INSERT OR IGNORE INTO ingest_batches (id, format, sha256, submitter, role, received_at, status) VALUES (?, ?, ?, ?, ?, ?, 'processing')",
+                    params![b.id, b.format, b.sha256, b.submitter, b.role, b.received_at],
+                )?;
+                if n == 0 {
+                    // Failing the job drops its audit record: the record
+                    // says a batch was accepted, and none was.
+                    e2.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Err(anyhow!("the batch exists"));
+                }
+                c.execute(
+                    "INSERT INTO ingest_inputs (batch, sha256, body) VALUES (?, ?, ?)",
+                    params![b.id, b.sha256, b.raw],
+                )?;
+                Ok(())
+            })
+            .await;
+        let created = match r {
+            Ok(()) => true,
+            Err(_) if existed.load(std::sync::atomic::Ordering::SeqCst) => false,
+            Err(e) => return Err(e),
+        };
+        let rec = self
+            .read(move |c| {
+                Ok(
+                    c.prepare_cached(&format!("{BATCH_SELECT} WHERE format = ? AND sha256 = ?"))?
+                        .query_row(params![format, sha], batch_row)
+                        .optional()?,
+                )
+            })
+            .await?
+            .ok_or_else(|| anyhow!("an accepted batch is not found"))?;
+        Ok((rec?, created))
+    }
+
+    pub async fn batch(&self, id: &str) -> anyhow::Result<Option<BatchRecord>> {
+        let id = id.to_string();
+        self.read(move |c| {
+            Ok(c.prepare_cached(&format!("{BATCH_SELECT} WHERE id = ?"))?
+                .query_row([id], batch_row)
+                .optional()?)
+        })
+        .await?
+        .transpose()
+    }
+
+    /// The raw input of a batch, as received.
+    pub async fn batch_input(&self, id: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let id = id.to_string();
+        self.read(move |c| {
+            Ok(
+                c.prepare_cached("SELECT body FROM ingest_inputs WHERE batch = ?")?
+                    .query_row([id], |r| r.get(0))
+                    .optional()?,
+            )
+        })
+        .await
+    }
+
+    /// A batch's rejections in input order.
+    pub async fn batch_rejections(&self, id: &str) -> anyhow::Result<Vec<BatchRejection>> {
+        let id = id.to_string();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT item, reason, location FROM ingest_rejections WHERE batch = ? ORDER BY seq",
+            )?;
+            let rows = st.query_map([id], |r| {
+                Ok(BatchRejection {
+                    index: r.get::<_, i64>(0)? as u64,
+                    reason: r.get(1)?,
+                    location: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Records a batch's outcome and marks it done, in one transaction;
+    /// `false` (and nothing written) when it is not processing.
+    pub async fn finish_batch(
+        &self,
+        id: &str,
+        counts: BatchCounts,
+        rejections: Vec<BatchRejection>,
+    ) -> anyhow::Result<bool> {
+        let id = id.to_string();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d2 = done.clone();
+        self.custom(Vec::new(), move |c| {
+            let n = c.execute(
+                "UPDATE ingest_batches SET status = 'done', received = ?, stored = ?, rejected = ?, duplicates = ?, queries_opened = ?, finished_at = ? WHERE id = ? AND status = 'processing'",
+                params![
+                    counts.received as i64,
+                    counts.stored as i64,
+                    counts.rejected as i64,
+                    counts.duplicates as i64,
+                    counts.queries_opened as i64,
+                    crate::now_millis(),
+                    id
+                ],
+            )?;
+            if n > 0 {
+                let mut st = c.prepare_cached(
+                    "INSERT INTO ingest_rejections (batch, seq, item, reason, location) VALUES (?, ?, ?, ?, ?)",
+                )?;
+                for (seq, r) in rejections.iter().enumerate() {
+                    st.execute(params![id, seq as i64, r.index as i64, r.reason, r.location])?;
+                }
+            }
+            d2.store(n > 0, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
+        .await?;
+        Ok(done.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// The ids of batches not done, oldest first (resumed at startup).
+    pub async fn unfinished_batches(&self) -> anyhow::Result<Vec<String>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id FROM ingest_batches WHERE status = 'processing' ORDER BY id",
+            )?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     // ---- audit ----
 
     pub async fn audit_records(&self, q: AuditQuery) -> anyhow::Result<Vec<ChainedAudit>> {
@@ -513,6 +659,40 @@ impl SqliteStore {
         self.custom(Vec::new(), move |c| Ok(c.execute_batch(&sql)?))
             .await
     }
+}
+
+pub(crate) const BATCH_SELECT: &str =
+    "SELECT id, format, sha256, submitter, role, received_at, status, received, stored, rejected, duplicates, queries_opened FROM ingest_batches";
+
+/// A batch row; the outer error is the driver's, the inner a bad status.
+fn batch_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<anyhow::Result<BatchRecord>> {
+    let status: String = row.get(6)?;
+    let n = |i: usize| row.get::<_, i64>(i).map(|v| v as u64);
+    let counts = BatchCounts {
+        received: n(7)?,
+        stored: n(8)?,
+        rejected: n(9)?,
+        duplicates: n(10)?,
+        queries_opened: n(11)?,
+    };
+    let (id, format, sha256, submitter, role, received_at) = (
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+    );
+    Ok(BatchStatus::parse(&status).map(|status| BatchRecord {
+        id,
+        format,
+        sha256,
+        submitter,
+        role,
+        received_at,
+        status,
+        counts,
+    }))
 }
 
 pub(crate) const AUDIT_SELECT: &str =

@@ -1,0 +1,647 @@
+//! The ingest pipeline through `/ingest`: the reference trial's samples are
+//! stored and searchable, the invalid cases are rejected (or stored with a
+//! data query) with reason and location, the same content is one batch,
+//! roles are enforced, a full queue answers 429, and a batch accepted but
+//! not processed when the server stops is processed after a restart.
+//!
+//! Expected counts and rejections are computed by running clinflow-edc on
+//! the same input with the same trial context, so the test checks the
+//! pipeline (durability, ids, writes, counting) rather than restating the
+//! edit checks; the absolute facts the README promises are asserted too.
+
+use std::time::Duration;
+
+use clinflow_edc::{ItemOutcome, TrialContext};
+use serde_json::Value;
+
+use crate::helpers::{open_store, TestApp, PROTOCOL_YAML, SUBJECTS_CSV};
+use clinflow_server::Application;
+
+pub const LAB: &str = include_str!("../../../../reference-trial/samples/lab-results.hl7");
+pub const WEARABLE: &str = include_str!("../../../../reference-trial/samples/wearable.csv");
+pub const DIARY: &str = include_str!("../../../../reference-trial/samples/diary.ndjson");
+
+const HL7: &str = "application/hl7-v2";
+const CSV: &str = "text/csv";
+const NDJSON: &str = "application/x-ndjson";
+const ITEM_KEY: &str = clinflow_edc::provenance::ITEM_KEY_SYSTEM;
+
+engine_tests!(
+    every_sample_is_stored_and_searchable,
+    invalid_wearable_rows_are_rejected_with_reason_and_location,
+    an_unknown_subject_and_garbage_between_messages_are_rejected_items,
+    a_diary_missing_a_required_answer_is_rejected_whole,
+    the_same_body_twice_is_one_batch_stored_once,
+    the_same_messages_re_encoded_are_duplicates,
+    concurrent_batches_of_the_same_messages_store_them_once,
+    only_ingest_roles_may_ingest,
+    bad_requests_are_problem_json,
+    a_full_pipeline_answers_429 with |c: &mut clinflow_server::Config| {
+        c.ingest_workers = 0;
+        c.ingest_queue = 1;
+        c.body_limit = 64 * 1024;
+    },
+    an_unprocessed_batch_is_processed_after_a_restart with |c: &mut clinflow_server::Config| {
+        c.ingest_workers = 0;
+    },
+    a_batch_cut_short_is_resumed_without_storing_twice,
+);
+
+/// The reference trial as clinflow-edc sees it once loaded.
+fn context() -> TrialContext {
+    let protocol = clinflow_protocol::parse_yaml(PROTOCOL_YAML).expect("the protocol");
+    let subjects =
+        clinflow_protocol::parse_subjects_csv(SUBJECTS_CSV, &protocol).expect("the subjects");
+    TrialContext::from_subjects(protocol, &subjects)
+}
+
+/// What a batch of this input must report, from clinflow-edc: `(received,
+/// stored, rejected, queries_opened, rejections)` when nothing is a
+/// duplicate.
+struct Expected {
+    items: Vec<ItemOutcome>,
+}
+
+impl Expected {
+    fn of(path: &str, body: &str) -> Expected {
+        let ctx = context();
+        let raw = body.as_bytes();
+        let items = match path {
+            "/ingest/hl7v2" => clinflow_edc::ingest_hl7(&ctx, raw),
+            "/ingest/wearable" => clinflow_edc::ingest_csv(&ctx, raw),
+            _ => clinflow_edc::ingest_diaries_ndjson(&ctx, raw),
+        };
+        Expected { items }
+    }
+
+    fn stored(&self) -> u64 {
+        self.items.iter().filter(|i| i.is_stored()).count() as u64
+    }
+
+    fn resources(&self, rtype: &str) -> u64 {
+        self.items
+            .iter()
+            .flat_map(|i| &i.stored)
+            .filter(|p| p.resource.resource_type() == rtype)
+            .count() as u64
+    }
+
+    fn rejections(&self) -> Vec<Value> {
+        self.items
+            .iter()
+            .flat_map(|i| &i.rejections)
+            .map(|r| {
+                serde_json::json!({
+                    "index": r.index,
+                    "reason": r.reason.to_string(),
+                    "location": r.location,
+                })
+            })
+            .collect()
+    }
+
+    /// Asserts a done batch's status against this input's outcome.
+    #[track_caller]
+    fn check(&self, status: &Value) {
+        let n = self.items.len() as u64;
+        let stored = self.stored();
+        assert_eq!(status["status"], "done", "{status}");
+        assert_eq!(status["received"], n, "{status}");
+        assert_eq!(status["stored"], stored, "{status}");
+        assert_eq!(status["rejected"], n - stored, "{status}");
+        assert_eq!(status["duplicates"], 0, "{status}");
+        let queries: usize = self
+            .items
+            .iter()
+            .filter(|i| i.is_stored())
+            .map(|i| i.queries.len())
+            .sum();
+        assert_eq!(status["queries_opened"], queries as u64, "{status}");
+        assert_eq!(status["rejections"], Value::from(self.rejections()));
+        assert_counts_add_up(status);
+    }
+}
+
+#[track_caller]
+fn assert_counts_add_up(status: &Value) {
+    let n = |k: &str| {
+        status[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {status}"))
+    };
+    assert_eq!(
+        n("received"),
+        n("stored") + n("rejected") + n("duplicates"),
+        "{status}"
+    );
+}
+
+/// Posts a body; returns the batch id. Panics unless 202 with a Location.
+async fn ingest(app: &TestApp, token: &str, path: &str, content_type: &str, body: &str) -> String {
+    let r = app.post(path, token, content_type, body).await;
+    r.expect(202);
+    let j = r.json();
+    let id = j["batch"].as_str().expect("a batch id").to_string();
+    assert!(j["status"] == "processing" || j["status"] == "done", "{j}");
+    assert_eq!(
+        r.header("location"),
+        Some(format!("/ingest/batches/{id}").as_str())
+    );
+    id
+}
+
+/// Polls a batch until it is done, for at most 30 s of tokio time.
+async fn done(app: &TestApp, token: &str, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = app.get(&format!("/ingest/batches/{id}"), token).await;
+        r.expect(200);
+        let j = r.json();
+        if j["status"] == "done" {
+            return j;
+        }
+        assert_eq!(j["status"], "processing", "{j}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "batch {id} not done in time: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn ingest_and_wait(app: &TestApp, path: &str, content_type: &str, body: &str) -> Value {
+    let id = ingest(app, &app.admin, path, content_type, body).await;
+    done(app, &app.admin, &id).await
+}
+
+/// `(system, value)` of every ingest key of a resource.
+fn ingest_key(resource: &Value) -> Option<&str> {
+    resource["identifier"]
+        .as_array()?
+        .iter()
+        .find(|i| i["system"] == ITEM_KEY)?
+        .get("value")?
+        .as_str()
+}
+
+async fn every_sample_is_stored_and_searchable(app: TestApp) {
+    app.load_reference_trial().await;
+    let mut observations = 0;
+    for (path, ctype, body) in [
+        ("/ingest/hl7v2", HL7, LAB),
+        ("/ingest/wearable", CSV, WEARABLE),
+        ("/ingest/diary", NDJSON, DIARY),
+    ] {
+        let status = ingest_and_wait(&app, path, ctype, body).await;
+        let expected = Expected::of(path, body);
+        expected.check(&status);
+        // Every value in the samples is valid: everything is stored.
+        let lines = body.lines().filter(|l| !l.trim().is_empty());
+        let items = match path {
+            "/ingest/hl7v2" => lines.filter(|l| l.starts_with("MSH|")).count(),
+            "/ingest/wearable" => lines.count() - 1,
+            _ => lines.count(),
+        } as u64;
+        assert_eq!(status["received"], items, "{path}: {status}");
+        assert_eq!(status["stored"], items, "{path}: {status}");
+        assert_eq!(status["rejections"], Value::Array(vec![]), "{path}");
+        observations += expected.resources("Observation");
+    }
+    assert_eq!(app.count(&app.admin, "Observation").await, observations);
+    let diaries = Expected::of("/ingest/diary", DIARY).resources("QuestionnaireResponse");
+    assert_eq!(
+        app.count(&app.admin, "QuestionnaireResponse").await,
+        diaries
+    );
+
+    // The lab report of subject 0003 groups its results, under server ids.
+    let lab = Expected::of("/ingest/hl7v2", LAB);
+    let first = &lab.items[0];
+    let reports = app
+        .search(
+            &app.admin,
+            "DiagnosticReport",
+            "subject=Patient/CARDIO-01-0003",
+        )
+        .await;
+    let reports = crate::helpers::entries(&reports);
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let report = &reports[0]["resource"];
+    let results = report["result"].as_array().expect("results");
+    let expected_results = first
+        .stored
+        .iter()
+        .filter(|p| p.resource.resource_type() == "Observation")
+        .count();
+    assert_eq!(results.len(), expected_results);
+    for r in results {
+        let reference = r["reference"].as_str().expect("a reference");
+        assert!(
+            reference.starts_with("Observation/") && !reference.contains("urn:"),
+            "{reference}"
+        );
+        let obs = app.get(&format!("/fhir/{reference}"), &app.admin).await;
+        obs.expect(200);
+        let obs = obs.json();
+        assert_eq!(obs["subject"]["reference"], "Patient/CARDIO-01-0003");
+        assert_eq!(obs["meta"]["versionId"], "1");
+        let key = ingest_key(&obs).expect("an ingest key");
+        let found = app
+            .search_ids(
+                &app.admin,
+                "Observation",
+                &format!("identifier={ITEM_KEY}|{key}"),
+            )
+            .await;
+        assert_eq!(found, vec![obs["id"].as_str().unwrap().to_string()]);
+    }
+    // Searchable by code and subject like any Observation.
+    let hr = app
+        .search_ids(
+            &app.admin,
+            "Observation",
+            "subject=Patient/CARDIO-01-0001&code=http://loinc.org|8867-4",
+        )
+        .await;
+    let expected_hr = WEARABLE
+        .lines()
+        .filter(|l| l.starts_with("CARDIO-01-0001,") && l.contains(",heart-rate,"))
+        .count();
+    assert_eq!(hr.len(), expected_hr);
+
+    // Every write is audited as the submitter's, with the batch as reason.
+    let id = results[0]["reference"].as_str().unwrap().to_string();
+    let records = app
+        .store
+        .audit_records(clinflow_store::AuditQuery {
+            entity: Some(id.clone()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let create = records
+        .iter()
+        .find(|r| r.record.action == "create")
+        .unwrap_or_else(|| panic!("no create record of {id}: {records:?}"));
+    assert_eq!(create.record.role, "admin");
+    assert!(
+        create
+            .record
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("ingest batch ")),
+        "{create:?}"
+    );
+}
+
+async fn invalid_wearable_rows_are_rejected_with_reason_and_location(app: TestApp) {
+    app.load_reference_trial().await;
+    let csv = "subject,device,time,metric,value,unit\n\
+        CARDIO-01-9999,watch-1,2026-03-02T08:00:00-05:00,heart-rate,71,/min\n\
+        CARDIO-01-0001,watch-1,2026-03-02T08:01:00-05:00,heart-rate,400,/min\n\
+        CARDIO-01-0001,watch-1,2026-03-02T08:02:00-05:00,heart-rate,150,/min\n\
+        CARDIO-01-0001,watch-1,2026-03-02T08:03:00-05:00,heart-rate,71,mm[Hg]\n\
+        CARDIO-01-0001,watch-1,2028-03-02T08:04:00-05:00,heart-rate,71,/min\n";
+    let status = ingest_and_wait(&app, "/ingest/wearable", CSV, csv).await;
+    Expected::of("/ingest/wearable", csv).check(&status);
+    assert_eq!(status["received"], 5);
+    assert_eq!(status["stored"], 1, "only the soft-range value: {status}");
+    assert_eq!(status["rejected"], 4);
+    assert_eq!(status["queries_opened"], 1);
+    let rejections = status["rejections"].as_array().expect("rejections");
+    let by_index = |i: u64| {
+        rejections
+            .iter()
+            .find(|r| r["index"] == i)
+            .unwrap_or_else(|| panic!("no rejection of item {i}: {status}"))
+    };
+    let reason = |i: u64| by_index(i)["reason"].as_str().unwrap().to_string();
+    assert!(reason(0).contains("not enrolled"), "{}", reason(0));
+    assert!(reason(1).contains("plausible range"), "{}", reason(1));
+    assert_eq!(by_index(1)["location"], "line 3, column value");
+    assert!(reason(3).contains("unit"), "{}", reason(3));
+    assert!(reason(4).contains("trial period"), "{}", reason(4));
+    assert!(rejections.iter().all(|r| r["index"] != 2), "{status}");
+    // The soft-range value is stored and searchable.
+    let stored = app
+        .search(
+            &app.admin,
+            "Observation",
+            "subject=Patient/CARDIO-01-0001&code=http://loinc.org|8867-4",
+        )
+        .await;
+    let stored = crate::helpers::entries(&stored);
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0]["resource"]["valueQuantity"]["value"], 150);
+    assert_eq!(app.count(&app.admin, "Observation").await, 1);
+    // Rejections are counted by reason code; metrics name no subject.
+    let metrics = app.get("/metrics", &app.admin).await.text;
+    assert!(
+        metrics.contains("clinflow_ingest_rejections_total{reason=\"hard-range\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("clinflow_ingest_items_total{format=\"wearable-csv\",fate=\"rejected\"} 4"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("CARDIO-01"), "no subject ids in metrics");
+}
+
+async fn an_unknown_subject_and_garbage_between_messages_are_rejected_items(app: TestApp) {
+    app.load_reference_trial().await;
+    let second = LAB.find("\nMSH|").expect("two messages") + 1;
+    let (first, rest) = LAB.split_at(second);
+    let unknown = rest.replace("CARDIO-01-0001^^^", "CARDIO-01-9999^^^");
+    let body = format!("{first}THIS IS NOT HL7\nNOR THIS\n{unknown}");
+    let status = ingest_and_wait(&app, "/ingest/hl7v2", HL7, &body).await;
+    Expected::of("/ingest/hl7v2", &body).check(&status);
+    assert_eq!(status["received"], 3, "message, garbage, message: {status}");
+    assert_eq!(status["stored"], 1);
+    assert_eq!(status["rejected"], 2);
+    let rejections = status["rejections"].as_array().expect("rejections");
+    let garbage = rejections
+        .iter()
+        .find(|r| r["index"] == 1)
+        .expect("garbage");
+    assert_eq!(garbage["reason"], "not an HL7 v2 message");
+    let garbage_line = first.lines().count() + 1;
+    assert_eq!(garbage["location"], format!("line {garbage_line}"));
+    let subject = rejections
+        .iter()
+        .find(|r| r["index"] == 2)
+        .expect("subject");
+    assert!(
+        subject["reason"].as_str().unwrap().contains("not enrolled"),
+        "{subject}"
+    );
+    assert!(
+        subject["location"]
+            .as_str()
+            .unwrap()
+            .starts_with("PID[1].3"),
+        "{subject}"
+    );
+}
+
+async fn a_diary_missing_a_required_answer_is_rejected_whole(app: TestApp) {
+    app.load_reference_trial().await;
+    let body = "{\"subject\":\"CARDIO-01-0001\",\"questionnaire\":\"daily-diary\",\"authored\":\"2026-03-03T21:10:00-05:00\",\"answers\":{\"dizziness\":false,\"dose-taken\":true}}\n\
+        {\"subject\":\"CARDIO-01-0004\",\"questionnaire\":\"daily-diary\",\"authored\":\"2026-03-03T20:45:00+01:00\",\"answers\":{\"pain\":1,\"dizziness\":false,\"dose-taken\":true}}\n";
+    let status = ingest_and_wait(&app, "/ingest/diary", NDJSON, body).await;
+    Expected::of("/ingest/diary", body).check(&status);
+    assert_eq!(status["received"], 2);
+    assert_eq!(status["stored"], 1);
+    assert_eq!(status["rejected"], 1);
+    let r = &status["rejections"][0];
+    assert_eq!(r["index"], 0);
+    assert_eq!(r["reason"], "required answer \"pain\" is missing");
+    assert!(
+        r["location"].as_str().unwrap().contains("answers.pain"),
+        "{r}"
+    );
+    assert_eq!(app.count(&app.admin, "QuestionnaireResponse").await, 1);
+    // JSON (an array) is accepted too, as another format of the same items.
+    let array = format!("[{}]", body.trim_end().replace('\n', ","));
+    let status = ingest_and_wait(&app, "/ingest/diary", "application/json", &array).await;
+    assert_eq!(status["received"], 2);
+    assert_counts_add_up(&status);
+}
+
+async fn the_same_body_twice_is_one_batch_stored_once(app: TestApp) {
+    app.load_reference_trial().await;
+    let first = ingest(&app, &app.admin, "/ingest/wearable", CSV, WEARABLE).await;
+    let again = ingest(&app, &app.admin, "/ingest/wearable", CSV, WEARABLE).await;
+    assert_eq!(first, again, "the same content is the same batch");
+    let status = done(&app, &app.admin, &first).await;
+    Expected::of("/ingest/wearable", WEARABLE).check(&status);
+    // Posted again after it is done: still that batch, reported done.
+    let r = app
+        .post("/ingest/wearable", &app.admin, CSV, WEARABLE)
+        .await;
+    r.expect(202);
+    assert_eq!(r.json()["batch"], first.as_str());
+    assert_eq!(r.json()["status"], "done");
+    assert_eq!(
+        app.count(&app.admin, "Observation").await,
+        Expected::of("/ingest/wearable", WEARABLE).resources("Observation")
+    );
+}
+
+async fn the_same_messages_re_encoded_are_duplicates(app: TestApp) {
+    app.load_reference_trial().await;
+    let status = ingest_and_wait(&app, "/ingest/hl7v2", HL7, LAB).await;
+    let expected = Expected::of("/ingest/hl7v2", LAB);
+    expected.check(&status);
+    let observations = app.count(&app.admin, "Observation").await;
+    // Carriage returns as on the wire: other bytes, the same messages.
+    let wire = LAB.replace('\n', "\r");
+    let status = ingest_and_wait(&app, "/ingest/hl7v2", HL7, &wire).await;
+    assert_eq!(status["received"], expected.items.len() as u64);
+    assert_eq!(
+        status["duplicates"],
+        expected.items.len() as u64,
+        "{status}"
+    );
+    assert_eq!(status["stored"], 0);
+    assert_counts_add_up(&status);
+    assert_eq!(app.count(&app.admin, "Observation").await, observations);
+}
+
+async fn concurrent_batches_of_the_same_messages_store_them_once(app: TestApp) {
+    app.load_reference_trial().await;
+    // Three encodings of the same two messages, processed by two workers
+    // at once: each message is stored by exactly one batch.
+    let bodies = [
+        LAB.to_string(),
+        LAB.replace('\n', "\r"),
+        LAB.replace('\n', "\r\n"),
+    ];
+    let ids = futures::future::join_all(
+        bodies
+            .iter()
+            .map(|b| ingest(&app, &app.admin, "/ingest/hl7v2", HL7, b)),
+    )
+    .await;
+    let mut stored = 0;
+    let mut duplicates = 0;
+    for id in &ids {
+        let status = done(&app, &app.admin, id).await;
+        assert_counts_add_up(&status);
+        stored += status["stored"].as_u64().unwrap();
+        duplicates += status["duplicates"].as_u64().unwrap();
+    }
+    let expected = Expected::of("/ingest/hl7v2", LAB);
+    let messages = expected.items.len() as u64;
+    assert_eq!(stored, messages, "each message stored once");
+    assert_eq!(duplicates, messages * (bodies.len() as u64 - 1));
+    assert_eq!(
+        app.count(&app.admin, "Observation").await,
+        expected.resources("Observation")
+    );
+    assert_eq!(
+        app.count(&app.admin, "DiagnosticReport").await,
+        expected.resources("DiagnosticReport")
+    );
+}
+
+async fn only_ingest_roles_may_ingest(app: TestApp) {
+    app.load_reference_trial().await;
+    let site = crate::helpers::site_ids()[0].clone();
+    let id = ingest(&app, &app.admin, "/ingest/wearable", CSV, WEARABLE).await;
+    for (role, site) in [("monitor", None), ("site-user", Some(site.as_str()))] {
+        let token = app.token(role, site, None).await;
+        app.post("/ingest/hl7v2", &token, HL7, LAB)
+            .await
+            .problem(403);
+        app.get(&format!("/ingest/batches/{id}"), &token)
+            .await
+            .problem(403);
+    }
+    for role in ["interface", "data-manager"] {
+        let token = app.token(role, None, None).await;
+        let own = ingest(
+            &app,
+            &token,
+            "/ingest/diary",
+            NDJSON,
+            &format!("{DIARY}\n{role}\n"),
+        )
+        .await;
+        done(&app, &token, &own).await;
+    }
+    app.post("/ingest/hl7v2", "not-a-token", HL7, LAB)
+        .await
+        .problem(401);
+}
+
+async fn bad_requests_are_problem_json(app: TestApp) {
+    // No trial yet: nothing to check data against.
+    app.post("/ingest/hl7v2", &app.admin, HL7, LAB)
+        .await
+        .problem(409);
+    app.load_reference_trial().await;
+    app.post("/ingest/hl7v2", &app.admin, "application/json", LAB)
+        .await
+        .problem(415);
+    app.post("/ingest/wearable", &app.admin, HL7, WEARABLE)
+        .await
+        .problem(415);
+    app.post("/ingest/diary", &app.admin, CSV, DIARY)
+        .await
+        .problem(415);
+    app.post("/ingest/hl7v2", &app.admin, HL7, "")
+        .await
+        .problem(400);
+    app.get(
+        "/ingest/batches/0190aaaa-0000-7000-8000-000000000000",
+        &app.admin,
+    )
+    .await
+    .problem(404);
+}
+
+async fn a_full_pipeline_answers_429(app: TestApp) {
+    app.load_reference_trial().await;
+    // No workers and one place: the first batch takes it and stays there.
+    let first = ingest(&app, &app.admin, "/ingest/wearable", CSV, WEARABLE).await;
+    let r = app.post("/ingest/hl7v2", &app.admin, HL7, LAB).await;
+    let problem = r.problem(429);
+    assert!(
+        problem["detail"].as_str().unwrap().contains("retry"),
+        "{problem}"
+    );
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("seconds");
+    assert!(retry >= 1);
+    // The refused body was not stored: only the first batch exists.
+    assert_eq!(app.store.unfinished_batches().await.unwrap(), vec![first]);
+    // The body limit applies before anything is stored.
+    let big = "x".repeat(app.config.body_limit + 1);
+    app.post("/ingest/hl7v2", &app.admin, HL7, &big)
+        .await
+        .expect(413);
+}
+
+/// A second server on `app`'s database (the first one stopped), with
+/// `workers` ingest workers; `app` now talks to it. Returns its stop
+/// switch and task.
+async fn restart(
+    app: &mut TestApp,
+    workers: usize,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let store = open_store(&app.db_url).await;
+    let mut config = app.config.clone();
+    config.ingest_workers = workers;
+    let restarted = Application::with_store(config, store)
+        .await
+        .expect("the server builds");
+    let addr = restarted.local_addr().expect("an address");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(restarted.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    app.base = format!("http://{addr}");
+    (tx, server)
+}
+
+async fn an_unprocessed_batch_is_processed_after_a_restart(mut app: TestApp) {
+    app.load_reference_trial().await;
+    // No workers: the batch is accepted (durable) and left processing.
+    let id = ingest(&app, &app.admin, "/ingest/hl7v2", HL7, LAB).await;
+    let r = app.get(&format!("/ingest/batches/{id}"), &app.admin).await;
+    assert_eq!(r.json()["status"], "processing");
+    app.signal_shutdown();
+    app.stopped().await.expect("a clean stop");
+
+    // The same database, now with workers: the batch is resumed.
+    let (stop, server) = restart(&mut app, 2).await;
+    let status = done(&app, &app.admin, &id).await;
+    Expected::of("/ingest/hl7v2", LAB).check(&status);
+    assert_eq!(
+        app.count(&app.admin, "Observation").await,
+        Expected::of("/ingest/hl7v2", LAB).resources("Observation")
+    );
+    let _ = stop.send(());
+    server
+        .await
+        .expect("no panic")
+        .expect("the restarted server stops cleanly");
+}
+
+async fn a_batch_cut_short_is_resumed_without_storing_twice(mut app: TestApp) {
+    app.load_reference_trial().await;
+    let body = format!("{LAB}GARBAGE\n");
+    let id = ingest(&app, &app.admin, "/ingest/hl7v2", HL7, &body).await;
+    let first = done(&app, &app.admin, &id).await;
+    let expected = Expected::of("/ingest/hl7v2", &body);
+    expected.check(&first);
+    let observations = app.count(&app.admin, "Observation").await;
+    app.signal_shutdown();
+    app.stopped().await.expect("a clean stop");
+    // As if the server had died after writing the items, before the batch
+    // was marked done.
+    app.store
+        .execute_raw(&format!(
+            "DELETE FROM ingest_rejections WHERE batch = '{id}'; \
+             UPDATE ingest_batches SET status = 'processing', received = 0, stored = 0, \
+             rejected = 0, duplicates = 0, queries_opened = 0 WHERE id = '{id}'"
+        ))
+        .await
+        .expect("the batch is put back");
+    let (stop, server) = restart(&mut app, 2).await;
+    let again = done(&app, &app.admin, &id).await;
+    // The items this batch stored count as stored, not as duplicates.
+    expected.check(&again);
+    assert_eq!(again, first);
+    assert_eq!(app.count(&app.admin, "Observation").await, observations);
+    let _ = stop.send(());
+    server.await.expect("no panic").expect("a clean stop");
+}

@@ -1,0 +1,253 @@
+//! The ingest API: HL7 v2, wearable CSV and ePRO diaries in, FHIR out.
+//!
+//! - `mod.rs` (this file): routes and handlers. `POST /ingest/hl7v2`,
+//!   `/ingest/wearable`, `/ingest/diary` accept a body: its raw bytes are
+//!   committed (with an audit record) before the `202 {"batch", "status"}`;
+//!   the same content in the same format is the same batch.
+//!   `GET /ingest/batches/{id}` gives a batch's status, counts and
+//!   rejections.
+//! - [`pipeline`]: the bounded queue and the workers that run clinflow-edc
+//!   on a batch and store what it gives (429 when the queue is full).
+//! - [`context`]: the trial context (protocol, enrolled subjects) from the
+//!   store.
+//!
+//! Authorised: `interface`, `data-manager`, `admin`. Site users (their own
+//! site's subjects) and patients (their own diaries) are not yet: 403.
+
+pub mod context;
+pub mod pipeline;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json as AxumJson, Router};
+use clinflow_edc::{ItemOutcome, TrialContext};
+use clinflow_store::NewBatch;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::auth::{Caller, Role};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub use pipeline::{IngestQueue, Pipeline};
+
+/// The routes under `/ingest`.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/hl7v2", post(post_hl7v2))
+        .route("/wearable", post(post_wearable))
+        .route("/diary", post(post_diary))
+        .route("/batches/{id}", get(get_batch))
+}
+
+/// An input format, as a batch records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One or more HL7 v2 ER7 messages.
+    Hl7v2,
+    /// `subject,device,time,metric,value,unit`.
+    WearableCsv,
+    /// A diary object or an array of them.
+    DiaryJson,
+    /// One diary per line.
+    DiaryNdjson,
+}
+
+impl Format {
+    pub fn code(self) -> &'static str {
+        match self {
+            Format::Hl7v2 => "hl7v2",
+            Format::WearableCsv => "wearable-csv",
+            Format::DiaryJson => "diary-json",
+            Format::DiaryNdjson => "diary-ndjson",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Format> {
+        [
+            Format::Hl7v2,
+            Format::WearableCsv,
+            Format::DiaryJson,
+            Format::DiaryNdjson,
+        ]
+        .into_iter()
+        .find(|f| f.code() == code)
+    }
+
+    /// Runs clinflow-edc on the raw input: one outcome per item.
+    pub fn ingest(self, ctx: &TrialContext, raw: &[u8]) -> Vec<ItemOutcome> {
+        match self {
+            Format::Hl7v2 => clinflow_edc::ingest_hl7(ctx, raw),
+            Format::WearableCsv => clinflow_edc::ingest_csv(ctx, raw),
+            Format::DiaryJson => clinflow_edc::ingest_diaries_json(ctx, raw),
+            Format::DiaryNdjson => clinflow_edc::ingest_diaries_ndjson(ctx, raw),
+        }
+    }
+}
+
+fn require_ingest_role(caller: &Caller) -> Result<(), ApiError> {
+    match caller.principal.role {
+        Role::Interface | Role::DataManager | Role::Admin => Ok(()),
+        r => Err(ApiError::Forbidden(format!(
+            "the {} role may not ingest data",
+            r.as_str()
+        ))),
+    }
+}
+
+/// The media type without parameters, lower case.
+fn media_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.split(';').next())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn unsupported(got: &str, want: &str) -> ApiError {
+    ApiError::UnsupportedMediaType(format!("Content-Type {got:?}: send {want}"))
+}
+
+/// `POST /ingest/hl7v2`: one or more ER7 messages.
+pub async fn post_hl7v2(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_ingest_role(&caller)?;
+    match media_type(&headers).as_str() {
+        "application/hl7-v2" | "x-application/hl7-v2+er7" | "text/plain" => {}
+        other => {
+            return Err(unsupported(
+                other,
+                "application/hl7-v2, x-application/hl7-v2+er7 or text/plain",
+            ))
+        }
+    }
+    accept(&state, &caller, Format::Hl7v2, body).await
+}
+
+/// `POST /ingest/wearable`: a wearable CSV file.
+pub async fn post_wearable(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_ingest_role(&caller)?;
+    match media_type(&headers).as_str() {
+        "text/csv" => {}
+        other => return Err(unsupported(other, "text/csv")),
+    }
+    accept(&state, &caller, Format::WearableCsv, body).await
+}
+
+/// `POST /ingest/diary`: a diary or an array (JSON), or NDJSON.
+pub async fn post_diary(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_ingest_role(&caller)?;
+    let format = match media_type(&headers).as_str() {
+        "application/json" => Format::DiaryJson,
+        "application/x-ndjson" => Format::DiaryNdjson,
+        other => {
+            return Err(unsupported(
+                other,
+                "application/json or application/x-ndjson",
+            ))
+        }
+    };
+    accept(&state, &caller, format, body).await
+}
+
+/// Stores the raw input durably, queues the batch, answers 202.
+async fn accept(
+    state: &AppState,
+    caller: &Caller,
+    format: Format,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::BadRequest("the body is empty".into()));
+    }
+    if state.store.list_trials().await?.is_empty() {
+        return Err(ApiError::Conflict(
+            "no trial is loaded: ingest checks data against a protocol (POST /trials first)".into(),
+        ));
+    }
+    // A place in the queue first: a batch once stored always gets one.
+    let place = state.ingest.reserve()?;
+    let sha256 = hex::encode(Sha256::digest(&body));
+    let id = crate::fhir::write::new_id();
+    let mut rec = caller.audit("ingest-accept", "success");
+    rec.detail = Some(format!(
+        "batch {id}: {} bytes of {}, sha256 {sha256}",
+        body.len(),
+        format.code()
+    ));
+    let batch = NewBatch {
+        id,
+        format: format.code().to_string(),
+        sha256,
+        submitter: caller.principal.name.clone(),
+        role: caller.principal.role.as_str().to_string(),
+        received_at: clinflow_store::now_millis(),
+        raw: body.to_vec(),
+    };
+    let (batch, created) = state.store.put_batch(batch, vec![rec]).await?;
+    if created {
+        place.send(batch.id.clone());
+    }
+    let mut resp = (
+        StatusCode::ACCEPTED,
+        AxumJson(json!({"batch": batch.id, "status": batch.status.as_str()})),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/ingest/batches/{}", batch.id)) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+/// `GET /ingest/batches/{id}`.
+pub async fn get_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require_ingest_role(&caller)?;
+    let batch = state
+        .store
+        .batch(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no ingest batch {id:?}")))?;
+    let rejections: Vec<_> = state
+        .store
+        .batch_rejections(&id)
+        .await?
+        .into_iter()
+        .map(|r| json!({"index": r.index, "reason": r.reason, "location": r.location}))
+        .collect();
+    let k = batch.counts;
+    Ok(AxumJson(json!({
+        "batch": batch.id,
+        "format": batch.format,
+        "status": batch.status.as_str(),
+        "received": k.received,
+        "stored": k.stored,
+        "rejected": k.rejected,
+        "duplicates": k.duplicates,
+        "queries_opened": k.queries_opened,
+        "rejections": rejections,
+    }))
+    .into_response())
+}

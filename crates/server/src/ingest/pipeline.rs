@@ -1,0 +1,586 @@
+//! The ingest pipeline: accepted batches -> a bounded queue -> worker tasks
+//! that map, check and store them.
+//!
+//! ```text
+//! POST /ingest/* ──(raw input durable)──> queue (bounded) ──> worker 1..n
+//!   (429 when full)                                             │
+//!        clinflow-edc (parse, map, check) <── raw input, trial context
+//!        per item: ids, references, one store write with audit
+//!        counts + rejections, batch done (one write)
+//! ```
+//!
+//! Processing is idempotent, so that a batch can be run again after a crash
+//! (every batch not done at startup is queued again) or posted twice:
+//! clinflow-edc gives each resource a deterministic item key (its
+//! `identifier`), and an item whose resources are already stored is not
+//! written again. It counts as a duplicate, unless this very batch stored
+//! it (`meta.source` names the batch): then it was a run cut short, and it
+//! counts as stored.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use clinflow_edc::provenance::ITEM_KEY_SYSTEM;
+use clinflow_edc::ItemOutcome;
+use clinflow_fhir::{Json, Resource};
+use clinflow_store::{
+    AuditRecord, BatchCounts, BatchRejection, BatchStatus, Expect, Store, WriteOp, WriteRequest,
+};
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{context, Format};
+use crate::error::ApiError;
+use crate::fhir::write::{build_op, new_id};
+use crate::metrics::{IngestItemLabels, Metrics, RejectionLabels};
+
+/// Items of one batch written at once: their writes join the store's group
+/// commits instead of waiting for one commit each.
+const ITEMS_IN_FLIGHT: usize = 16;
+/// Waits between attempts at a failing batch (the last entry is unused:
+/// after the last attempt it is left for the next start).
+const RETRY_BACKOFF: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(200),
+    std::time::Duration::from_secs(2),
+    std::time::Duration::ZERO,
+];
+/// What a 429 asks the client to wait, in seconds.
+const RETRY_AFTER: u64 = 1;
+
+/// The intake's end of the queue (in [`crate::state::AppState`]).
+#[derive(Clone)]
+pub struct IngestQueue {
+    tx: mpsc::Sender<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl IngestQueue {
+    /// A place in the queue, taken before the batch is stored so that an
+    /// accepted batch always finds one; 429 when the queue is full.
+    pub fn reserve(&self) -> Result<Place<'_>, ApiError> {
+        let permit = self.tx.try_reserve().map_err(|e| match e {
+            mpsc::error::TrySendError::Full(()) => ApiError::TooManyRequests(RETRY_AFTER),
+            mpsc::error::TrySendError::Closed(()) => ApiError::Unavailable(RETRY_AFTER),
+        })?;
+        Ok(Place {
+            permit,
+            metrics: &self.metrics,
+        })
+    }
+}
+
+/// A reserved place in the queue; dropping it unused gives it back.
+pub struct Place<'a> {
+    permit: mpsc::Permit<'a, String>,
+    metrics: &'a Metrics,
+}
+
+impl Place<'_> {
+    /// Queues the batch.
+    pub fn send(self, batch: String) {
+        self.metrics.ingest_queue_depth.inc();
+        self.permit.send(batch);
+    }
+}
+
+/// The running workers, stopped by [`Pipeline::stop`].
+pub struct Pipeline {
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    /// Keeps the queue open when there are no workers (a closed queue
+    /// would refuse batches with 503 instead of filling up).
+    _rx: Arc<tokio::sync::Mutex<mpsc::Receiver<String>>>,
+}
+
+impl Pipeline {
+    /// Starts `workers` worker tasks on a queue of `queue` places, and
+    /// queues again every batch the store has not finished (`unfinished`,
+    /// read before the server takes requests, so none is missed).
+    pub fn start(
+        store: Store,
+        metrics: Arc<Metrics>,
+        workers: usize,
+        queue: usize,
+        unfinished: Vec<String>,
+    ) -> (IngestQueue, Pipeline) {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        // Workers share one receiver; the lock is tokio's because a worker
+        // holds it while it waits for the next id (an await).
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let cancel = CancellationToken::new();
+        let claims = Arc::new(Claims::default());
+        let mut tasks = Vec::with_capacity(workers + 1);
+        for _ in 0..workers {
+            let worker = Worker {
+                store: store.clone(),
+                metrics: metrics.clone(),
+                claims: claims.clone(),
+            };
+            tasks.push(tokio::spawn(worker.run(rx.clone(), cancel.clone())));
+        }
+        if !unfinished.is_empty() {
+            tracing::info!(
+                batches = unfinished.len(),
+                "resuming ingest batches not done"
+            );
+            let (tx, cancel, metrics) = (tx.clone(), cancel.clone(), metrics.clone());
+            // Waits for places like any producer; never more than the queue.
+            tasks.push(tokio::spawn(async move {
+                for id in unfinished {
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => break,
+                        r = tx.send(id) => match r {
+                            Ok(()) => { metrics.ingest_queue_depth.inc(); }
+                            Err(_) => break,
+                        },
+                    }
+                }
+            }));
+        }
+        (
+            IngestQueue { tx, metrics },
+            Pipeline {
+                cancel,
+                tasks,
+                _rx: rx,
+            },
+        )
+    }
+
+    /// Stops taking batches off the queue and waits for the workers to
+    /// finish the batch each is on. Batches still queued stay `processing`
+    /// in the store and are resumed at the next start.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "an ingest worker panicked");
+            }
+        }
+    }
+}
+
+/// Item keys being written, so that two workers never both store one item
+/// (the same message in two batches processed at once). In-process only.
+#[derive(Default)]
+struct Claims {
+    /// A std mutex: held only to test and change the set, never across an
+    /// await.
+    keys: Mutex<HashSet<String>>,
+    released: Notify,
+}
+
+struct Claim<'a> {
+    claims: &'a Claims,
+    keys: Vec<String>,
+}
+
+impl Claims {
+    /// Waits until none of `keys` is claimed, then claims them all.
+    async fn claim(&self, keys: Vec<String>) -> Claim<'_> {
+        loop {
+            // Created before the check, so a release after it wakes us.
+            let released = self.released.notified();
+            {
+                let mut set = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+                if keys.iter().all(|k| !set.contains(k)) {
+                    set.extend(keys.iter().cloned());
+                    return Claim { claims: self, keys };
+                }
+            }
+            released.await;
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut set = self.claims.keys.lock().unwrap_or_else(|p| p.into_inner());
+        for k in &self.keys {
+            set.remove(k);
+        }
+        drop(set);
+        self.claims.released.notify_waiters();
+    }
+}
+
+struct Worker {
+    store: Store,
+    metrics: Arc<Metrics>,
+    claims: Arc<Claims>,
+}
+
+/// What became of one item.
+enum Fate {
+    Stored { queries: usize },
+    Rejected,
+    Duplicate,
+}
+
+impl Worker {
+    async fn run(
+        self,
+        rx: Arc<tokio::sync::Mutex<mpsc::Receiver<String>>>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => None,
+                id = async { rx.lock().await.recv().await } => id,
+            };
+            let Some(id) = next else { break };
+            self.metrics.ingest_queue_depth.dec();
+            let started = std::time::Instant::now();
+            // Not raced against the cancellation: a batch started is finished.
+            // A failure (the database unreachable, no trial loaded) is
+            // retried a few times; processing is idempotent, so a retry
+            // after a partial run is safe.
+            for (attempt, backoff) in RETRY_BACKOFF.iter().enumerate() {
+                match self.process(&id).await {
+                    Ok(()) => {
+                        self.metrics
+                            .ingest_batch_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        break;
+                    }
+                    Err(e) => {
+                        let last = attempt + 1 == RETRY_BACKOFF.len();
+                        tracing::error!(
+                            batch = %id,
+                            attempt = attempt + 1,
+                            error = %format!("{e:#}"),
+                            "an ingest batch failed"
+                        );
+                        if last {
+                            tracing::error!(
+                                batch = %id,
+                                "the batch stays processing; it is resumed at the next start"
+                            );
+                            break;
+                        }
+                        // A stop does not wait for the retries.
+                        tokio::select! {
+                            biased;
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep(*backoff) => {}
+                        }
+                    }
+                }
+            }
+        }
+        tracing::debug!("ingest worker stopped");
+    }
+
+    async fn process(&self, id: &str) -> anyhow::Result<()> {
+        let Some(batch) = self.store.batch(id).await? else {
+            anyhow::bail!("no such batch");
+        };
+        if batch.status == BatchStatus::Done {
+            return Ok(());
+        }
+        let format = Format::from_code(&batch.format)
+            .ok_or_else(|| anyhow::anyhow!("unknown batch format {:?}", batch.format))?;
+        let raw = self
+            .store
+            .batch_input(id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the batch has no raw input"))?;
+        let ctx = context::load(&self.store)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no trial is loaded"))?;
+        // Parsing and mapping are CPU work: off the async threads.
+        let items = tokio::task::spawn_blocking(move || format.ingest(&ctx, &raw)).await?;
+
+        let source = batch_source(id);
+        let audit = AuditRecord {
+            actor: batch.submitter.clone(),
+            role: batch.role.clone(),
+            action: "create".into(),
+            reason: Some(format!("ingest batch {id}")),
+            outcome: "success".into(),
+            ..AuditRecord::default()
+        };
+        // An item repeated inside the batch is a duplicate of its first
+        // occurrence, whatever order the writes below finish in.
+        let mut seen = HashSet::new();
+        let mut repeated = vec![false; items.len()];
+        for (i, item) in items.iter().enumerate() {
+            if let Some(first) = item.stored.first() {
+                repeated[i] = !seen.insert(first.full_url.clone());
+            }
+        }
+        let mut fates: Vec<anyhow::Result<Fate>> = Vec::with_capacity(items.len());
+        let mut in_flight = FuturesOrdered::new();
+        for (item, repeated) in items.iter().zip(repeated) {
+            if in_flight.len() >= ITEMS_IN_FLIGHT {
+                if let Some(fate) = in_flight.next().await {
+                    fates.push(fate);
+                }
+            }
+            in_flight.push_back(self.store_item(item, repeated, &source, &audit));
+        }
+        while let Some(fate) = in_flight.next().await {
+            fates.push(fate);
+        }
+
+        let mut counts = BatchCounts {
+            received: items.len() as u64,
+            ..BatchCounts::default()
+        };
+        let mut rejections = Vec::new();
+        let fates: Vec<Fate> = fates.into_iter().collect::<anyhow::Result<_>>()?;
+        for (item, fate) in items.iter().zip(&fates) {
+            match fate {
+                Fate::Duplicate => {
+                    counts.duplicates += 1;
+                    continue;
+                }
+                Fate::Rejected => counts.rejected += 1,
+                Fate::Stored { queries } => {
+                    counts.stored += 1;
+                    counts.queries_opened += *queries as u64;
+                }
+            }
+            rejections.extend(item.rejections.iter().map(|r| BatchRejection {
+                index: r.index as u64,
+                reason: r.reason.to_string(),
+                location: r.location.clone(),
+            }));
+        }
+        let finished = self.store.finish_batch(id, counts, rejections).await?;
+        // Counted once per batch, by the run that finished it.
+        if finished {
+            for (item, fate) in items.iter().zip(&fates) {
+                let fate = match fate {
+                    Fate::Stored { .. } => "stored",
+                    Fate::Rejected => "rejected",
+                    Fate::Duplicate => "duplicate",
+                };
+                self.metrics
+                    .ingest_items
+                    .get_or_create(&IngestItemLabels {
+                        format: batch.format.clone(),
+                        fate: fate.to_string(),
+                    })
+                    .inc();
+                if fate != "duplicate" {
+                    for r in &item.rejections {
+                        self.metrics
+                            .ingest_rejections
+                            .get_or_create(&RejectionLabels {
+                                reason: r.reason.code().to_string(),
+                            })
+                            .inc();
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            batch = %id,
+            format = batch.format,
+            received = counts.received,
+            stored = counts.stored,
+            rejected = counts.rejected,
+            duplicates = counts.duplicates,
+            "ingest batch done"
+        );
+        Ok(())
+    }
+
+    /// Stores one item's resources in one write, unless they are stored
+    /// already.
+    async fn store_item(
+        &self,
+        item: &ItemOutcome,
+        repeated: bool,
+        source: &str,
+        audit: &AuditRecord,
+    ) -> anyhow::Result<Fate> {
+        if !item.is_stored() {
+            return Ok(Fate::Rejected);
+        }
+        if repeated {
+            return Ok(Fate::Duplicate);
+        }
+        let keys: Vec<String> = item.stored.iter().map(|p| p.full_url.clone()).collect();
+        let _claim = self.claims.claim(keys).await;
+        for p in &item.stored {
+            let found = self
+                .store
+                .find_by_identifier(
+                    p.resource.resource_type(),
+                    Some(ITEM_KEY_SYSTEM),
+                    &p.full_url,
+                )
+                .await?;
+            let Some(existing) = found.first() else {
+                continue;
+            };
+            let ours = self
+                .store
+                .read_current(p.resource.resource_type(), existing)
+                .await?
+                .and_then(|r| r.body)
+                .and_then(|b| Json::parse(&b).ok())
+                .is_some_and(|j| {
+                    j.get("meta")
+                        .and_then(|m| m.get("source"))
+                        .and_then(Json::as_str)
+                        == Some(source)
+                });
+            return Ok(if ours {
+                Fate::Stored {
+                    queries: item.queries.len(),
+                }
+            } else {
+                Fate::Duplicate
+            });
+        }
+        let now = clinflow_store::now_millis();
+        let ops = item_ops(item, source, now);
+        let records = ops
+            .iter()
+            .map(|op| AuditRecord {
+                time: now,
+                resource_type: Some(op.resource_type.clone()),
+                resource_id: Some(op.id.clone()),
+                version: Some(op.new_version),
+                ..audit.clone()
+            })
+            .collect();
+        let n = ops.len() as u64;
+        self.store
+            .write(WriteRequest {
+                ops,
+                audit: records,
+            })
+            .await?;
+        self.metrics.resources_written.inc_by(n);
+        Ok(Fate::Stored {
+            queries: item.queries.len(),
+        })
+    }
+}
+
+/// `meta.source` of what a batch stores.
+fn batch_source(batch: &str) -> String {
+    format!("urn:clinflow:ingest-batch:{batch}")
+}
+
+/// The item's resources as writes: server ids (UUIDv7), the item's
+/// `urn:uuid:` references rewritten to them, `meta.source` naming the batch.
+fn item_ops(item: &ItemOutcome, source: &str, now: i64) -> Vec<WriteOp> {
+    let ids: Vec<(String, String)> = item
+        .stored
+        .iter()
+        .map(|p| (p.full_url.clone(), new_id()))
+        .collect();
+    let refs: Vec<(&str, String)> = item
+        .stored
+        .iter()
+        .zip(&ids)
+        .map(|(p, (url, id))| (url.as_str(), format!("{}/{id}", p.resource.resource_type())))
+        .collect();
+    item.stored
+        .iter()
+        .zip(&ids)
+        .map(|(p, (_, id))| {
+            let mut res: Resource = p.resource.clone();
+            rewrite_references(res.json_mut(), &refs);
+            set_source(res.json_mut(), source);
+            build_op(res, id, Expect::Absent, now)
+        })
+        .collect()
+}
+
+/// Replaces every `reference` that is one of the item's fullUrls.
+fn rewrite_references(json: &mut Json, refs: &[(&str, String)]) {
+    match json {
+        Json::Object(members) => {
+            for (k, v) in members.iter_mut() {
+                match v {
+                    Json::String(s) if k == "reference" => {
+                        if let Some((_, to)) = refs.iter().find(|(from, _)| *from == s.as_str()) {
+                            *s = to.clone();
+                        }
+                    }
+                    other => rewrite_references(other, refs),
+                }
+            }
+        }
+        Json::Array(items) => {
+            for v in items {
+                rewrite_references(v, refs);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Sets `meta.source`, creating `meta` after `resourceType` when absent
+/// (the store adds `versionId` and `lastUpdated` to it).
+fn set_source(json: &mut Json, source: &str) {
+    let Json::Object(members) = json else { return };
+    let value = Json::String(source.to_string());
+    match members.iter_mut().find(|(k, _)| k == "meta") {
+        Some((_, Json::Object(meta))) => {
+            meta.retain(|(k, _)| k != "source");
+            meta.push(("source".to_string(), value));
+        }
+        Some(_) => {}
+        None => {
+            let at = members
+                .iter()
+                .position(|(k, _)| k == "resourceType")
+                .map_or(0, |i| i + 1);
+            members.insert(
+                at,
+                (
+                    "meta".to_string(),
+                    Json::Object(vec![("source".to_string(), value)]),
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_to_the_item_are_rewritten_and_others_kept() {
+        let mut j = Json::parse(
+            r#"{"resourceType":"DiagnosticReport","result":[{"reference":"urn:uuid:a"},{"reference":"Observation/x"}],"subject":{"reference":"Patient/p"}}"#,
+        )
+        .unwrap();
+        rewrite_references(&mut j, &[("urn:uuid:a", "Observation/1".to_string())]);
+        set_source(&mut j, "urn:clinflow:ingest-batch:b");
+        assert_eq!(
+            j.to_compact(),
+            r#"{"resourceType":"DiagnosticReport","meta":{"source":"urn:clinflow:ingest-batch:b"},"result":[{"reference":"Observation/1"},{"reference":"Observation/x"}],"subject":{"reference":"Patient/p"}}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claimed_key_waits_for_its_release() {
+        let claims = Arc::new(Claims::default());
+        let first = claims.claim(vec!["k".into()]).await;
+        let c2 = claims.clone();
+        let waiter = tokio::spawn(async move {
+            let _second = c2.claim(vec!["k".into(), "j".into()]).await;
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the second claim is granted after the release")
+            .unwrap();
+    }
+}
