@@ -4,7 +4,8 @@
 # fails loudly (never skips) when something cannot be had.
 #
 # Needs: PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`; each test
-# uses its own schema), npm (for the R4 examples corpus, CC0).
+# uses its own schema), npm (for the R4 examples corpus, CC0), python3 with
+# venv (for python-hl7's mllp_send, the MLLP tests' client).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -59,7 +60,25 @@ if [ ! -f "$corpus/package.json" ]; then
 fi
 export CLINFLOW_R4_EXAMPLES="$root/$corpus"
 
-# 3. The tests: unit, property and integration tests of every crate, on both
+# 3. A real MLLP client nobody here wrote, for the MLLP listener's tests:
+#    python-hl7's mllp_send (PyPI hl7, BSD), in a venv of its own.
+venv="target/test-venv"
+if [ ! -x "$venv/bin/mllp_send" ]; then
+  if ! command -v python3 >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing python3 (Debian packages python3, python3-venv)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
+  fi
+  say "installing python-hl7 (PyPI hl7>=0.4,<0.5) into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'hl7>=0.4,<0.5'
+fi
+if [ ! -x "$venv/bin/mllp_send" ]; then
+  echo "error: $venv/bin/mllp_send is missing; the MLLP tests need it" >&2
+  exit 1
+fi
+export CLINFLOW_MLLP_SEND="$root/$venv/bin/mllp_send"
+
+# 4. The tests: unit, property and integration tests of every crate, on both
 #    engines.
 say "running the test suite"
 cargo test --workspace --locked "$@"

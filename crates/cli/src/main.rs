@@ -84,6 +84,10 @@ enum Command {
         /// ingest endpoints answer 429 (0 counts as 1).
         #[arg(long, default_value_t = 64)]
         ingest_queue: usize,
+        /// Also listen for HL7 v2 over MLLP on ADDR (off unless set). MLLP
+        /// has no authentication: bind a trusted interface or firewall it.
+        #[arg(long, value_name = "ADDR")]
+        mllp_listen: Option<SocketAddr>,
     },
     /// Creates or migrates the database.
     Migrate,
@@ -238,6 +242,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_in_flight,
             ingest_workers,
             ingest_queue,
+            mllp_listen,
         } => {
             let mut config = Config::new(url.clone());
             config.listen = listen;
@@ -248,6 +253,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.max_in_flight = max_in_flight;
             config.ingest_workers = ingest_workers;
             config.ingest_queue = ingest_queue;
+            config.mllp_listen = mllp_listen;
             let shutdown = shutdown_signal()?;
             let app = Application::build(config).await?;
             let addr = app.local_addr()?;
@@ -271,6 +277,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("admin token (shown once): {token}");
             }
             println!("clinflow listening on http://{addr} (FHIR base http://{addr}/fhir)");
+            if let Some(mllp) = app.mllp_local_addr() {
+                let mllp = mllp?;
+                println!("clinflow listening for HL7 v2 over MLLP on {mllp}");
+                tracing::info!(%mllp, "MLLP listener bound");
+            }
             tracing::info!(%addr, engine = app.state().store.engine(), "serving");
             app.run_until_stopped(shutdown).await?;
         }

@@ -27,6 +27,22 @@ pub struct Config {
     /// Accepted batches waiting for a worker (at least 1); beyond it, the
     /// ingest endpoints answer 429 with `Retry-After`.
     pub ingest_queue: usize,
+    /// MLLP (HL7 v2 over TCP) listen address; `None` (the default) runs no
+    /// listener. MLLP has no authentication: bind it to a trusted interface
+    /// or firewall it (see ARCHITECTURE.md).
+    pub mllp_listen: Option<SocketAddr>,
+    /// Largest MLLP frame payload; a larger frame is skipped and answered
+    /// with an AR.
+    pub mllp_max_frame: usize,
+    /// MLLP connections served at once; more wait in the listen backlog.
+    pub mllp_max_connections: usize,
+    /// An MLLP connection that sends nothing, or does not take its ACK, for
+    /// this long is closed.
+    pub mllp_idle_timeout: Duration,
+    /// Longest an MLLP message may take from its frame to its ACK (waiting
+    /// for a place in a full queue, then for its batch to be done); beyond
+    /// it the connection is closed without an ACK, and the sender resends.
+    pub mllp_ack_timeout: Duration,
 }
 
 impl Config {
@@ -42,6 +58,11 @@ impl Config {
             max_in_flight: 2048,
             ingest_workers: 2,
             ingest_queue: 64,
+            mllp_listen: None,
+            mllp_max_frame: 1024 * 1024,
+            mllp_max_connections: 256,
+            mllp_idle_timeout: Duration::from_secs(300),
+            mllp_ack_timeout: Duration::from_secs(60),
         }
     }
 }

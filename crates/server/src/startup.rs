@@ -13,10 +13,12 @@ use axum::Router;
 use clinflow_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::require_auth;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::ingest::mllp::MllpListener;
 use crate::ingest::Pipeline;
 use crate::metrics::{self, Metrics};
 use crate::state::AppState;
@@ -27,6 +29,8 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    /// The MLLP listener, when `Config::mllp_listen` is set.
+    mllp: Option<MllpListener>,
     /// The ingest workers, stopped after the last request.
     pipeline: Pipeline,
 }
@@ -41,6 +45,10 @@ impl Application {
     /// As [`Application::build`], with a store opened by the caller.
     pub async fn with_store(config: Config, store: Store) -> anyhow::Result<Application> {
         let listener = TcpListener::bind(config.listen).await?;
+        let mllp = match config.mllp_listen {
+            Some(addr) => Some(MllpListener::bind(addr).await?),
+            None => None,
+        };
         let metrics = Arc::new(Metrics::new());
         // Read before any request is taken, so a batch accepted from now on
         // is queued once, by its request.
@@ -63,6 +71,7 @@ impl Application {
             listener,
             router,
             state,
+            mllp,
             pipeline,
         })
     }
@@ -72,24 +81,53 @@ impl Application {
         self.listener.local_addr()
     }
 
+    /// The MLLP listener's bound address, when it was asked for.
+    pub fn mllp_local_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.mllp.as_ref().map(MllpListener::local_addr)
+    }
+
     /// The shared state (for the CLI's demo set-up and for tests).
     pub fn state(&self) -> &AppState {
         &self.state
     }
 
-    /// Serves until `shutdown` resolves; then stops accepting, finishes the
-    /// requests in flight, lets each ingest worker finish its batch, and
-    /// commits queued audit records.
+    /// Serves until `shutdown` resolves; then stops accepting (HTTP and
+    /// MLLP), finishes the requests and MLLP messages in flight (the
+    /// pipeline still running, so that their ACKs can be sent), lets each
+    /// ingest worker finish its batch, and commits queued audit records.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let signal = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                shutdown.await;
+                stop.cancel();
+            })
+        };
         let app = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let http =
+            axum::serve(self.listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+        let mllp = async {
+            if let Some(mllp) = self.mllp {
+                mllp.run(self.state.clone(), stop.clone()).await;
+            }
+        };
+        let (served, ()) = tokio::join!(
+            async {
+                let r = http.await;
+                // An HTTP server that failed stops the MLLP listener too.
+                stop.cancel();
+                r
+            },
+            mllp
+        );
+        signal.abort();
+        served?;
         self.pipeline.stop().await;
         self.state.store.flush().await?;
         tracing::info!("server stopped; queued audit records committed");

@@ -162,6 +162,8 @@ pub async fn open_store(url: &str) -> Store {
 pub struct TestApp {
     pub engine: Engine,
     pub addr: SocketAddr,
+    /// The MLLP listener's address, when `config.mllp_listen` was set.
+    pub mllp_addr: Option<SocketAddr>,
     /// `http://ADDR`.
     pub base: String,
     pub client: reqwest::Client,
@@ -195,6 +197,9 @@ pub async fn spawn_app(engine: Engine, configure: fn(&mut Config)) -> TestApp {
         .await
         .expect("the server builds");
     let addr = app.local_addr().expect("a bound address");
+    let mllp_addr = app
+        .mllp_local_addr()
+        .map(|a| a.expect("a bound MLLP address"));
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = rx.await;
@@ -202,6 +207,7 @@ pub async fn spawn_app(engine: Engine, configure: fn(&mut Config)) -> TestApp {
     TestApp {
         engine,
         addr,
+        mllp_addr,
         base: format!("http://{addr}"),
         client: reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())

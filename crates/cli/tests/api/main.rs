@@ -17,6 +17,7 @@
 //! - [`bundles`]: transactions and batches.
 //! - [`trials`]: `POST /trials` and subjects, idempotence, amendments, errors.
 //! - [`ingest`]: `/ingest`: samples, edit-check rejections, idempotence, 403/429, resume.
+//! - [`mllp`]: the MLLP listener: python-hl7's `mllp_send`, framing, ACKs, order, idempotence.
 //! - [`auth`]: the role matrix and site scoping, revoked and expired tokens.
 //! - [`audit`]: what is recorded, AuditEvent search, export, tampering.
 //! - [`cli`]: the `clinflow` binary against a running server's database.
@@ -33,5 +34,6 @@ mod conformance;
 mod fhir_crud;
 mod fhir_search;
 mod ingest;
+mod mllp;
 mod ops;
 mod trials;

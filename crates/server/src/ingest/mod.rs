@@ -10,11 +10,14 @@
 //!   on a batch and store what it gives (429 when the queue is full).
 //! - [`context`]: the trial context (protocol, enrolled subjects) from the
 //!   store.
+//! - [`mllp`]: the MLLP listener (`--mllp-listen`): HL7 v2 over TCP, each
+//!   message a batch accepted as above, answered with an ACK once done.
 //!
 //! Authorised: `interface`, `data-manager`, `admin`. Site users (their own
 //! site's subjects) and patients (their own diaries) are not yet: 403.
 
 pub mod context;
+pub mod mllp;
 pub mod pipeline;
 
 use axum::body::Bytes;
@@ -24,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json as AxumJson, Router};
 use clinflow_edc::{ItemOutcome, TrialContext};
-use clinflow_store::NewBatch;
+use clinflow_store::{BatchRecord, NewBatch};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -176,6 +179,28 @@ async fn accept(
     format: Format,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let batch = accept_batch(state, caller, format, body).await?;
+    let mut resp = (
+        StatusCode::ACCEPTED,
+        AxumJson(json!({"batch": batch.id, "status": batch.status.as_str()})),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/ingest/batches/{}", batch.id)) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+/// The one way into the pipeline (HTTP and MLLP): commits the raw input
+/// with an `ingest-accept` audit record and queues the batch, or finds the
+/// batch of the same content. `TooManyRequests` (nothing stored) when the
+/// queue is full.
+pub(crate) async fn accept_batch(
+    state: &AppState,
+    caller: &Caller,
+    format: Format,
+    body: Bytes,
+) -> Result<BatchRecord, ApiError> {
     if body.is_empty() {
         return Err(ApiError::BadRequest("the body is empty".into()));
     }
@@ -207,15 +232,7 @@ async fn accept(
     if created {
         place.send(batch.id.clone());
     }
-    let mut resp = (
-        StatusCode::ACCEPTED,
-        AxumJson(json!({"batch": batch.id, "status": batch.status.as_str()})),
-    )
-        .into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/ingest/batches/{}", batch.id)) {
-        resp.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(resp)
+    Ok(batch)
 }
 
 /// `GET /ingest/batches/{id}`.

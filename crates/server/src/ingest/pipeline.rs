@@ -55,6 +55,9 @@ const RETRY_AFTER: u64 = 1;
 pub struct IngestQueue {
     tx: mpsc::Sender<String>,
     metrics: Arc<Metrics>,
+    /// Woken (all waiters) each time a worker has finished with a batch, so
+    /// that the MLLP listener can wait for a message's outcome.
+    finished: Arc<Notify>,
 }
 
 impl IngestQueue {
@@ -69,6 +72,13 @@ impl IngestQueue {
             permit,
             metrics: &self.metrics,
         })
+    }
+
+    /// Notified each time a worker has finished with a batch (done, or left
+    /// after its retries). Create the `notified()` future before checking
+    /// the batch's status, so that no finish between the two is missed.
+    pub fn finished(&self) -> &Notify {
+        &self.finished
     }
 }
 
@@ -112,12 +122,14 @@ impl Pipeline {
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let cancel = CancellationToken::new();
         let claims = Arc::new(Claims::default());
+        let finished = Arc::new(Notify::new());
         let mut tasks = Vec::with_capacity(workers + 1);
         for _ in 0..workers {
             let worker = Worker {
                 store: store.clone(),
                 metrics: metrics.clone(),
                 claims: claims.clone(),
+                finished: finished.clone(),
             };
             tasks.push(tokio::spawn(worker.run(rx.clone(), cancel.clone())));
         }
@@ -142,7 +154,11 @@ impl Pipeline {
             }));
         }
         (
-            IngestQueue { tx, metrics },
+            IngestQueue {
+                tx,
+                metrics,
+                finished,
+            },
             Pipeline {
                 cancel,
                 tasks,
@@ -212,6 +228,7 @@ struct Worker {
     store: Store,
     metrics: Arc<Metrics>,
     claims: Arc<Claims>,
+    finished: Arc<Notify>,
 }
 
 /// What became of one item.
@@ -272,6 +289,7 @@ impl Worker {
                     }
                 }
             }
+            self.finished.notify_waiters();
         }
         tracing::debug!("ingest worker stopped");
     }

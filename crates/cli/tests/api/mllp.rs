@@ -1,0 +1,516 @@
+//! The MLLP listener (`--mllp-listen`): a real client nobody here wrote
+//! (`mllp_send` from python-hl7, at `CLINFLOW_MLLP_SEND`, installed by
+//! `scripts/test.sh`), then a raw TCP client for what a polite client never
+//! does: several frames in one write, a frame cut across writes, garbage, an
+//! unreadable message, an over-size frame, a value outside the hard range,
+//! order on one connection, and the same message twice.
+//!
+//! Expected resources and rejections come from clinflow-edc run on the same
+//! message with the same trial context.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clinflow_edc::TrialContext;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::helpers::{TestApp, PROTOCOL_YAML, SUBJECTS_CSV};
+use crate::ingest::LAB;
+
+const ITEM_KEY: &str = clinflow_edc::provenance::ITEM_KEY_SYSTEM;
+/// Every wait for the server in this file.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// The listener's largest frame in these tests.
+const MAX_FRAME: usize = 64 * 1024;
+
+fn with_mllp(c: &mut clinflow_server::Config) {
+    c.mllp_listen = Some("127.0.0.1:0".parse().expect("an address"));
+    c.mllp_max_frame = MAX_FRAME;
+}
+
+engine_tests!(
+    mllp_send_from_python_hl7_is_acknowledged_and_stored with super::with_mllp,
+    frames_in_one_write_split_and_after_garbage_are_each_acknowledged_in_order with super::with_mllp,
+    an_unreadable_message_and_an_over_size_frame_are_rejected_with_err with super::with_mllp,
+    a_value_outside_the_hard_range_is_an_aa_with_an_err_warning with super::with_mllp,
+    an_unknown_subject_is_an_ae_with_err with super::with_mllp,
+    the_same_message_twice_is_acknowledged_twice_and_stored_once with super::with_mllp,
+    many_messages_on_one_connection_are_acknowledged_in_order with super::with_mllp,
+);
+
+/// The reference trial as clinflow-edc sees it once loaded.
+fn context() -> TrialContext {
+    let protocol = clinflow_protocol::parse_yaml(PROTOCOL_YAML).expect("the protocol");
+    let subjects =
+        clinflow_protocol::parse_subjects_csv(SUBJECTS_CSV, &protocol).expect("the subjects");
+    TrialContext::from_subjects(protocol, &subjects)
+}
+
+/// The sample's messages as they go on the wire: segments ended by `\r`.
+fn lab_messages() -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in LAB.lines().filter(|l| !l.trim().is_empty()) {
+        if line.starts_with("MSH") || out.is_empty() {
+            out.push(String::new());
+        }
+        let m = out.last_mut().expect("a message");
+        m.push_str(line);
+        m.push('\r');
+    }
+    out
+}
+
+/// MSH-10 of an ER7 message.
+fn control_id(message: &str) -> String {
+    message
+        .split('\r')
+        .next()
+        .and_then(|msh| msh.split('|').nth(9))
+        .expect("MSH-10")
+        .to_string()
+}
+
+/// The first sample message with MSH-10 replaced.
+fn message_with_id(id: &str) -> String {
+    let m = &lab_messages()[0];
+    m.replacen(&control_id(m), id, 1)
+}
+
+fn frame(message: &str) -> Vec<u8> {
+    let mut v = vec![0x0B];
+    v.extend_from_slice(message.as_bytes());
+    v.extend_from_slice(&[0x1C, 0x0D]);
+    v
+}
+
+/// An ACK as read back: its segments.
+#[derive(Debug)]
+struct Ack {
+    segments: Vec<Vec<String>>,
+    text: String,
+}
+
+impl Ack {
+    fn parse(payload: &[u8]) -> Ack {
+        let text = String::from_utf8(payload.to_vec()).expect("an ACK in UTF-8 or ASCII");
+        let segments = text
+            .split('\r')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.split('|').map(str::to_string).collect())
+            .collect();
+        Ack { segments, text }
+    }
+    fn segment(&self, id: &str) -> &[String] {
+        self.segments
+            .iter()
+            .find(|s| s[0] == id)
+            .unwrap_or_else(|| panic!("no {id} in {:?}", self.text))
+    }
+    /// MSA-1.
+    fn code(&self) -> &str {
+        &self.segment("MSA")[1]
+    }
+    /// MSA-2.
+    fn acked(&self) -> &str {
+        &self.segment("MSA")[2]
+    }
+    fn errs(&self) -> Vec<&[String]> {
+        self.segments
+            .iter()
+            .filter(|s| s[0] == "ERR")
+            .map(Vec::as_slice)
+            .collect()
+    }
+    #[track_caller]
+    fn expect(&self, code: &str, acked: &str) -> &Ack {
+        assert_eq!(self.segment("MSH")[8], "ACK^R01^ACK", "{:?}", self.text);
+        assert_eq!(
+            (self.code(), self.acked()),
+            (code, acked),
+            "{:?}",
+            self.text
+        );
+        self
+    }
+}
+
+/// A raw MLLP client.
+struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    async fn connect(app: &TestApp) -> Client {
+        let addr = app.mllp_addr.expect("the MLLP listener is on");
+        let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
+            .await
+            .expect("connected in time")
+            .expect("connected");
+        stream.set_nodelay(true).expect("nodelay");
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("written");
+        self.stream.flush().await.expect("flushed");
+    }
+
+    /// The next ACK, within the deadline.
+    async fn ack(&mut self) -> Ack {
+        read_ack(&mut self.stream, &mut self.buf).await
+    }
+
+    /// Half-closes and checks that nothing more comes (no ACK for garbage).
+    async fn nothing_more(mut self) {
+        self.stream.shutdown().await.expect("shut down");
+        let mut rest = Vec::new();
+        tokio::time::timeout(DEADLINE, self.stream.read_to_end(&mut rest))
+            .await
+            .expect("the server closes in time")
+            .expect("read");
+        self.buf.extend_from_slice(&rest);
+        assert!(self.buf.is_empty(), "unexpected bytes {:?}", self.buf);
+    }
+}
+
+/// The next ACK framed on `r` (`buf` holds what was read past it), within
+/// the deadline.
+async fn read_ack<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Ack {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(end) = buf.windows(2).position(|w| w == [0x1C, 0x0D]) {
+            let frame: Vec<u8> = buf.drain(..end + 2).collect();
+            assert_eq!(
+                frame.first(),
+                Some(&0x0B),
+                "an ACK starts with 0x0B: {frame:?}"
+            );
+            return Ack::parse(&frame[1..end]);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, r.read(&mut chunk))
+            .await
+            .expect("an ACK in time")
+            .expect("read");
+        assert!(n > 0, "the server closed the connection; got {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The Observations clinflow-edc makes of `message`: their item keys.
+fn expected_observation_keys(message: &str) -> Vec<String> {
+    clinflow_edc::ingest_hl7(&context(), message.as_bytes())
+        .iter()
+        .flat_map(|i| &i.stored)
+        .filter(|p| p.resource.resource_type() == "Observation")
+        .map(|p| p.full_url.clone())
+        .collect()
+}
+
+async fn observations_with_key(app: &TestApp, key: &str) -> Vec<String> {
+    app.search_ids(
+        &app.admin,
+        "Observation",
+        &format!("identifier={ITEM_KEY}|{key}"),
+    )
+    .await
+}
+
+async fn mllp_send_from_python_hl7_is_acknowledged_and_stored(app: TestApp) {
+    app.load_reference_trial().await;
+    let bin = std::env::var("CLINFLOW_MLLP_SEND").unwrap_or_else(|_| {
+        panic!(
+            "CLINFLOW_MLLP_SEND is not set: it must name python-hl7's mllp_send \
+             (scripts/test.sh installs it into target/test-venv)"
+        )
+    });
+    assert!(
+        std::path::Path::new(&bin).is_file(),
+        "CLINFLOW_MLLP_SEND={bin} is not a file (run scripts/test.sh)"
+    );
+    let messages = lab_messages();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("lab-results.mllp");
+    let framed: Vec<u8> = messages.iter().flat_map(|m| frame(m)).collect();
+    std::fs::write(&file, framed).expect("the input file");
+    let addr: SocketAddr = app.mllp_addr.expect("the MLLP listener is on");
+
+    let mut child = std::process::Command::new(&bin)
+        .arg("-p")
+        .arg(addr.port().to_string())
+        .arg("-f")
+        .arg(&file)
+        .arg(addr.ip().to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {bin}: {e}"));
+    let deadline = Instant::now() + DEADLINE;
+    while child.try_wait().expect("waiting for mllp_send").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("mllp_send did not finish in time");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = child.wait_with_output().expect("mllp_send's output");
+    assert!(
+        out.status.success(),
+        "mllp_send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // mllp_send prints each ACK as received: framed, then a newline.
+    let acks: Vec<Ack> = out
+        .stdout
+        .split(|b| *b == 0x0B)
+        .skip(1)
+        .map(|f| {
+            let end = f
+                .iter()
+                .position(|b| *b == 0x1C)
+                .expect("a whole ACK frame");
+            Ack::parse(&f[..end])
+        })
+        .collect();
+    assert_eq!(acks.len(), messages.len(), "{:?}", out.stdout);
+    for (ack, m) in acks.iter().zip(&messages) {
+        ack.expect("AA", &control_id(m));
+        assert!(ack.errs().is_empty(), "the samples are valid: {ack:?}");
+    }
+
+    // AA means stored: every Observation is searchable now, once.
+    let mut total = 0;
+    for m in &messages {
+        let keys = expected_observation_keys(m);
+        assert!(!keys.is_empty());
+        for key in keys {
+            assert_eq!(observations_with_key(&app, &key).await.len(), 1, "{key}");
+            total += 1;
+        }
+    }
+    assert_eq!(app.count(&app.admin, "Observation").await, total);
+
+    // The listener's identity is the actor of the writes.
+    let id = format!(
+        "Observation/{}",
+        observations_with_key(&app, &expected_observation_keys(&messages[0])[0]).await[0]
+    );
+    let records = app
+        .store
+        .audit_records(clinflow_store::AuditQuery {
+            entity: Some(id.clone()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("audit records");
+    let create = records
+        .iter()
+        .find(|r| r.record.action == "create")
+        .unwrap_or_else(|| panic!("no create record of {id}: {records:?}"));
+    assert!(
+        create.record.actor.starts_with("mllp:127.0.0.1:"),
+        "{create:?}"
+    );
+    assert_eq!(create.record.role, "interface");
+}
+
+async fn frames_in_one_write_split_and_after_garbage_are_each_acknowledged_in_order(app: TestApp) {
+    app.load_reference_trial().await;
+    let ids: Vec<String> = (1..=5).map(|i| format!("MLLP-FRAMES-{i}")).collect();
+    let msgs: Vec<String> = ids.iter().map(|id| message_with_id(id)).collect();
+    let mut c = Client::connect(&app).await;
+
+    // Two frames in one write.
+    let mut two = frame(&msgs[0]);
+    two.extend(frame(&msgs[1]));
+    c.write(&two).await;
+    c.ack().await.expect("AA", &ids[0]);
+    c.ack().await.expect("AA", &ids[1]);
+
+    // One frame cut in three writes, one cut inside the trailer.
+    let f = frame(&msgs[2]);
+    let (a, rest) = f.split_at(1);
+    let (b, rest) = rest.split_at(rest.len() / 2);
+    for piece in [a, b, rest] {
+        c.write(piece).await;
+    }
+    c.ack().await.expect("AA", &ids[2]);
+    let f = frame(&msgs[3]);
+    c.write(&f[..f.len() - 1]).await;
+    c.write(&f[f.len() - 1..]).await;
+    c.ack().await.expect("AA", &ids[3]);
+
+    // Garbage before a frame: skipped, not acknowledged.
+    let mut g = b"this is not MLLP\r\n\x1c".to_vec();
+    g.extend(frame(&msgs[4]));
+    c.write(&g).await;
+    c.ack().await.expect("AA", &ids[4]);
+    c.nothing_more().await;
+
+    for m in &msgs {
+        for key in expected_observation_keys(m) {
+            assert_eq!(observations_with_key(&app, &key).await.len(), 1, "{key}");
+        }
+    }
+}
+
+async fn an_unreadable_message_and_an_over_size_frame_are_rejected_with_err(app: TestApp) {
+    app.load_reference_trial().await;
+    let mut c = Client::connect(&app).await;
+
+    // An unsupported version: the header cannot be read, MSH-10 salvaged.
+    let bad = message_with_id("MLLP-BAD-1").replacen("|2.5.1|", "|9.9|", 1);
+    c.write(&frame(&bad)).await;
+    let ack = c.ack().await;
+    assert_eq!((ack.code(), ack.acked()), ("AR", "MLLP-BAD-1"), "{ack:?}");
+    let errs = ack.errs();
+    assert_eq!(errs.len(), 1, "{ack:?}");
+    assert!(errs[0][3].starts_with("203^"), "{ack:?}");
+    assert_eq!(errs[0][4], "E", "{ack:?}");
+    assert!(!errs[0][8].is_empty(), "ERR-8 says why: {ack:?}");
+
+    // Not HL7 at all: an AR with an empty MSA-2.
+    c.write(&frame("hello, this is not a message")).await;
+    let ack = c.ack().await;
+    assert_eq!((ack.code(), ack.acked()), ("AR", ""), "{ack:?}");
+    assert_eq!(ack.errs().len(), 1, "{ack:?}");
+
+    // A frame over the maximum: an AR, and the connection goes on.
+    let big =
+        message_with_id("MLLP-BIG-1").replacen("Fasting sample", &"x".repeat(MAX_FRAME + 1), 1);
+    c.write(&frame(&big)).await;
+    let ack = c.ack().await;
+    assert_eq!(ack.code(), "AR", "{ack:?}");
+    let errs = ack.errs();
+    assert_eq!(errs.len(), 1, "{ack:?}");
+    assert!(errs[0][8].contains("larger than"), "{ack:?}");
+    let ok = message_with_id("MLLP-AFTER-BIG");
+    c.write(&frame(&ok)).await;
+    c.ack().await.expect("AA", "MLLP-AFTER-BIG");
+    c.nothing_more().await;
+
+    // Nothing of the rejected ones was stored.
+    // (The same sender and MSH-10 give the same item keys.)
+    for id in ["MLLP-BAD-1", "MLLP-BIG-1"] {
+        let key = &expected_observation_keys(&message_with_id(id))[0];
+        assert!(observations_with_key(&app, key).await.is_empty(), "{key}");
+    }
+}
+
+async fn a_value_outside_the_hard_range_is_an_aa_with_an_err_warning(app: TestApp) {
+    app.load_reference_trial().await;
+    // Glucose 112 mg/dL -> 99999 mg/dL, outside the protocol's hard range.
+    let m = message_with_id("MLLP-HARD-1").replacen("||112|", "||99999|", 1);
+    let expected = clinflow_edc::ingest_hl7(&context(), m.as_bytes());
+    let rejections: Vec<_> = expected.iter().flat_map(|i| &i.rejections).collect();
+    assert_eq!(rejections.len(), 1, "{rejections:?}");
+    assert_eq!(rejections[0].reason.code(), "hard-range");
+    assert_eq!(rejections[0].location, "OBX[1].5");
+
+    let mut c = Client::connect(&app).await;
+    c.write(&frame(&m)).await;
+    let ack = c.ack().await;
+    ack.expect("AA", "MLLP-HARD-1");
+    let errs = ack.errs();
+    assert_eq!(errs.len(), 1, "{ack:?}");
+    assert_eq!(errs[0][2], "OBX^1^5", "{ack:?}");
+    assert_eq!(errs[0][4], "W", "{ack:?}");
+    assert!(
+        errs[0][8].contains("outside the plausible range"),
+        "{ack:?}"
+    );
+
+    // The other values are stored; the rejected one is not.
+    let stored: Vec<String> = expected_observation_keys(&m);
+    assert!(!stored.is_empty());
+    for key in &stored {
+        assert_eq!(observations_with_key(&app, key).await.len(), 1, "{key}");
+    }
+    assert_eq!(
+        app.count(&app.admin, "Observation").await,
+        stored.len() as u64
+    );
+}
+
+async fn an_unknown_subject_is_an_ae_with_err(app: TestApp) {
+    app.load_reference_trial().await;
+    let m = message_with_id("MLLP-NOBODY-1").replacen("CARDIO-01-0003", "CARDIO-01-9999", 1);
+    let mut c = Client::connect(&app).await;
+    c.write(&frame(&m)).await;
+    let ack = c.ack().await;
+    ack.expect("AE", "MLLP-NOBODY-1");
+    let errs = ack.errs();
+    assert!(!errs.is_empty(), "{ack:?}");
+    assert!(errs.iter().all(|e| e[4] == "E"), "{ack:?}");
+    assert!(
+        errs.iter().any(|e| e[8].contains("not enrolled")),
+        "{ack:?}"
+    );
+    assert_eq!(app.count(&app.admin, "Observation").await, 0);
+}
+
+async fn the_same_message_twice_is_acknowledged_twice_and_stored_once(app: TestApp) {
+    app.load_reference_trial().await;
+    let m = message_with_id("MLLP-TWICE-1");
+    let keys = expected_observation_keys(&m);
+    // Once as is, once more on another connection, and once re-encoded
+    // (another MSH-7: other bytes, the same sender and MSH-10).
+    let again = m.replacen("20260302091500+0100", "20260302091501+0100", 1);
+    assert_ne!(again, m);
+    let mut c = Client::connect(&app).await;
+    c.write(&frame(&m)).await;
+    c.ack().await.expect("AA", "MLLP-TWICE-1");
+    c.write(&frame(&m)).await;
+    c.ack().await.expect("AA", "MLLP-TWICE-1");
+    let mut d = Client::connect(&app).await;
+    d.write(&frame(&again)).await;
+    d.ack().await.expect("AA", "MLLP-TWICE-1");
+    for key in &keys {
+        assert_eq!(observations_with_key(&app, key).await.len(), 1, "{key}");
+    }
+    assert_eq!(
+        app.count(&app.admin, "Observation").await,
+        keys.len() as u64
+    );
+}
+
+async fn many_messages_on_one_connection_are_acknowledged_in_order(app: TestApp) {
+    app.load_reference_trial().await;
+    let ids: Vec<String> = (0..40).map(|i| format!("MLLP-ORDER-{i:03}")).collect();
+    let all: Vec<u8> = ids
+        .iter()
+        .flat_map(|id| frame(&message_with_id(id)))
+        .collect();
+    let c = Client::connect(&app).await;
+    // Everything at once, from another task, while the ACKs are read.
+    let (mut rd, mut wr) = c.stream.into_split();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&all).await.expect("written");
+        wr
+    });
+    let mut buf = Vec::new();
+    let mut acks = Vec::new();
+    while acks.len() < ids.len() {
+        acks.push(read_ack(&mut rd, &mut buf).await);
+    }
+    let got: Vec<&str> = acks.iter().map(Ack::acked).collect();
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(acks.iter().all(|a| a.code() == "AA"), "{acks:?}");
+    let wr = writer.await.expect("the writer");
+    let c = Client {
+        stream: wr.reunite(rd).expect("the two halves"),
+        buf,
+    };
+    c.nothing_more().await;
+    for id in &ids {
+        let key = &expected_observation_keys(&message_with_id(id))[0];
+        assert_eq!(observations_with_key(&app, key).await.len(), 1, "{key}");
+    }
+}
