@@ -3,7 +3,9 @@
 //! `scripts/test.sh`), then a raw TCP client for what a polite client never
 //! does: several frames in one write, a frame cut across writes, garbage, an
 //! unreadable message, an over-size frame, a value outside the hard range,
-//! order on one connection, and the same message twice.
+//! order on one connection, and the same message twice; and the bounded
+//! waits: a full pipeline, a message not processed in time, an idle
+//! connection.
 //!
 //! Expected resources and rejections come from clinflow-edc run on the same
 //! message with the same trial context.
@@ -30,6 +32,19 @@ fn with_mllp(c: &mut clinflow_server::Config) {
     c.mllp_max_frame = MAX_FRAME;
 }
 
+/// No workers: accepted messages are never done.
+fn with_mllp_no_workers(c: &mut clinflow_server::Config) {
+    with_mllp(c);
+    c.ingest_workers = 0;
+    c.ingest_queue = 1;
+    c.mllp_ack_timeout = Duration::from_millis(300);
+}
+
+fn with_mllp_short_idle(c: &mut clinflow_server::Config) {
+    with_mllp(c);
+    c.mllp_idle_timeout = Duration::from_millis(200);
+}
+
 engine_tests!(
     mllp_send_from_python_hl7_is_acknowledged_and_stored with super::with_mllp,
     frames_in_one_write_split_and_after_garbage_are_each_acknowledged_in_order with super::with_mllp,
@@ -38,6 +53,9 @@ engine_tests!(
     an_unknown_subject_is_an_ae_with_err with super::with_mllp,
     the_same_message_twice_is_acknowledged_twice_and_stored_once with super::with_mllp,
     many_messages_on_one_connection_are_acknowledged_in_order with super::with_mllp,
+    a_full_pipeline_gets_no_ack_and_nothing_is_stored with super::with_mllp_no_workers,
+    a_message_stored_but_not_done_in_time_gets_no_ack with super::with_mllp_no_workers,
+    an_idle_connection_is_closed with super::with_mllp_short_idle,
 );
 
 /// The reference trial as clinflow-edc sees it once loaded.
@@ -164,6 +182,17 @@ impl Client {
     /// The next ACK, within the deadline.
     async fn ack(&mut self) -> Ack {
         read_ack(&mut self.stream, &mut self.buf).await
+    }
+
+    /// Waits for the server to close the connection; what it sent first.
+    async fn closed_by_server(mut self) -> Vec<u8> {
+        let mut rest = Vec::new();
+        tokio::time::timeout(DEADLINE, self.stream.read_to_end(&mut rest))
+            .await
+            .expect("the server closes the connection in time")
+            .expect("read");
+        self.buf.extend_from_slice(&rest);
+        self.buf
     }
 
     /// Half-closes and checks that nothing more comes (no ACK for garbage).
@@ -513,4 +542,52 @@ async fn many_messages_on_one_connection_are_acknowledged_in_order(app: TestApp)
         let key = &expected_observation_keys(&message_with_id(id))[0];
         assert_eq!(observations_with_key(&app, key).await.len(), 1, "{key}");
     }
+}
+
+async fn a_full_pipeline_gets_no_ack_and_nothing_is_stored(app: TestApp) {
+    app.load_reference_trial().await;
+    // No workers and one place: an HTTP batch takes it and stays there.
+    let r = app
+        .post(
+            "/ingest/wearable",
+            &app.admin,
+            "text/csv",
+            crate::ingest::WEARABLE,
+        )
+        .await;
+    r.expect(202);
+    let first = r.json()["batch"].as_str().expect("a batch").to_string();
+    // The message waits for a place (short bounded waits, nothing read
+    // further), then past mllp_ack_timeout the connection is closed
+    // without an ACK: the sender resends later.
+    let mut c = Client::connect(&app).await;
+    c.write(&frame(&message_with_id("MLLP-FULL-1"))).await;
+    let got = c.closed_by_server().await;
+    assert!(
+        got.is_empty(),
+        "no ACK: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(app.store.unfinished_batches().await.unwrap(), vec![first]);
+}
+
+async fn a_message_stored_but_not_done_in_time_gets_no_ack(app: TestApp) {
+    app.load_reference_trial().await;
+    // A place in the queue but no worker: the raw message is committed,
+    // never processed; no AA is sent for what is not stored as FHIR.
+    let mut c = Client::connect(&app).await;
+    c.write(&frame(&message_with_id("MLLP-SLOW-1"))).await;
+    let got = c.closed_by_server().await;
+    assert!(
+        got.is_empty(),
+        "no ACK: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // Durable, and resumed at the next start like any unfinished batch.
+    assert_eq!(app.store.unfinished_batches().await.unwrap().len(), 1);
+}
+
+async fn an_idle_connection_is_closed(app: TestApp) {
+    let c = Client::connect(&app).await;
+    assert!(c.closed_by_server().await.is_empty());
 }
