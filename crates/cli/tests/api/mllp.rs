@@ -56,6 +56,7 @@ engine_tests!(
     a_full_pipeline_gets_no_ack_and_nothing_is_stored with super::with_mllp_no_workers,
     a_message_stored_but_not_done_in_time_gets_no_ack with super::with_mllp_no_workers,
     an_idle_connection_is_closed with super::with_mllp_short_idle,
+    a_stop_finishes_the_message_in_flight_and_closes_the_listener with super::with_mllp,
 );
 
 /// The reference trial as clinflow-edc sees it once loaded.
@@ -590,4 +591,53 @@ async fn a_message_stored_but_not_done_in_time_gets_no_ack(app: TestApp) {
 async fn an_idle_connection_is_closed(app: TestApp) {
     let c = Client::connect(&app).await;
     assert!(c.closed_by_server().await.is_empty());
+}
+
+async fn a_stop_finishes_the_message_in_flight_and_closes_the_listener(mut app: TestApp) {
+    app.load_reference_trial().await;
+    let mut c = Client::connect(&app).await;
+    let actor = format!("mllp:{}", c.stream.local_addr().expect("a local address"));
+    c.write(&frame(&message_with_id("MLLP-STOP-1"))).await;
+    // Once the server has taken the message (its raw input committed),
+    // stop it before reading the ACK.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let records = app
+            .store
+            .audit_records(clinflow_store::AuditQuery {
+                actor: Some(actor.clone()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .expect("audit records");
+        if records.iter().any(|r| r.record.action == "ingest-accept") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the message was not taken in time"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.signal_shutdown();
+    c.ack().await.expect("AA", "MLLP-STOP-1");
+    let key = &expected_observation_keys(&message_with_id("MLLP-STOP-1"))[0];
+    tokio::time::timeout(DEADLINE, app.stopped())
+        .await
+        .expect("the server stops in time")
+        .expect("a clean stop");
+    assert!(c.closed_by_server().await.is_empty());
+    let addr = app.mllp_addr.expect("the MLLP listener was on");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "the MLLP listener is closed"
+    );
+    // Stored, as the AA said (read on the store: the HTTP server is gone).
+    let found = app
+        .store
+        .find_by_identifier("Observation", Some(ITEM_KEY), key)
+        .await
+        .expect("a lookup");
+    assert_eq!(found.len(), 1, "{key}");
 }
