@@ -130,6 +130,9 @@ impl MllpListener {
             }
         }
         drop(self.listener);
+        while let Some(done) = connections.try_join_next() {
+            log_panic(done);
+        }
         tracing::info!(
             connections = connections.len(),
             "MLLP listener closed; finishing the messages in flight"
