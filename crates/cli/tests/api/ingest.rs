@@ -137,7 +137,13 @@ fn assert_counts_add_up(status: &Value) {
 }
 
 /// Posts a body; returns the batch id. Panics unless 202 with a Location.
-async fn ingest(app: &TestApp, token: &str, path: &str, content_type: &str, body: &str) -> String {
+pub(crate) async fn ingest(
+    app: &TestApp,
+    token: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> String {
     let r = app.post(path, token, content_type, body).await;
     r.expect(202);
     let j = r.json();
@@ -151,7 +157,7 @@ async fn ingest(app: &TestApp, token: &str, path: &str, content_type: &str, body
 }
 
 /// Polls a batch until it is done, for at most 30 s of tokio time.
-async fn done(app: &TestApp, token: &str, id: &str) -> Value {
+pub(crate) async fn done(app: &TestApp, token: &str, id: &str) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let r = app.get(&format!("/ingest/batches/{id}"), token).await;

@@ -17,6 +17,7 @@
 //! - [`bundles`]: transactions and batches.
 //! - [`trials`]: `POST /trials` and subjects, idempotence, amendments, errors.
 //! - [`ingest`]: `/ingest`: samples, edit-check rejections, idempotence, 403/429, resume.
+//! - [`queries`]: data queries: opened by ingest, answered, closed, site scoped, audited.
 //! - [`auth`]: the role matrix and site scoping, revoked and expired tokens.
 //! - [`audit`]: what is recorded, AuditEvent search, export, tampering.
 //! - [`cli`]: the `clinflow` binary against a running server's database.
@@ -34,4 +35,5 @@ mod fhir_crud;
 mod fhir_search;
 mod ingest;
 mod ops;
+mod queries;
 mod trials;

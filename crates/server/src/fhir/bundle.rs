@@ -585,7 +585,11 @@ async fn transaction(
     let n = ops.len() as u64;
     state
         .store
-        .write(WriteRequest { ops, audit })
+        .write(WriteRequest {
+            ops,
+            audit,
+            queries: Vec::new(),
+        })
         .await
         .map_err(|e| conflict_error(e, true))?;
     state.metrics.resources_written.inc_by(n);
