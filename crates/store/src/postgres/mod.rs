@@ -675,8 +675,6 @@ impl PgStore {
         Ok(Ok(v.checked))
     }
 
-    /// Runs raw SQL on the writer's connection, inside its transaction. For
-    /// tests that play an attacker with direct database access.
     // ---- data queries ----
 
     pub async fn data_query(&self, id: &str) -> anyhow::Result<Option<DataQueryRecord>> {
@@ -730,6 +728,8 @@ impl PgStore {
         }
     }
 
+    /// Runs raw SQL on the writer's connection, inside its transaction. For
+    /// tests that play an attacker with direct database access.
     pub async fn execute_raw(&self, sql: &str) -> anyhow::Result<()> {
         self.op(Op::Raw(sql.to_string()), Vec::new())
             .await

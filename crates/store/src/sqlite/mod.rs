@@ -653,8 +653,6 @@ impl SqliteStore {
         .await
     }
 
-    /// Runs raw SQL on the writer's connection. For tests that play an
-    /// attacker with direct database access (audit tampering).
     // ---- data queries ----
 
     /// One data query.
@@ -735,6 +733,8 @@ impl SqliteStore {
         }
     }
 
+    /// Runs raw SQL on the writer's connection. For tests that play an
+    /// attacker with direct database access (audit tampering).
     pub async fn execute_raw(&self, sql: &str) -> anyhow::Result<()> {
         let sql = sql.to_string();
         self.custom(Vec::new(), move |c| Ok(c.execute_batch(&sql)?))
