@@ -17,11 +17,11 @@
 //! it (`meta.source` names the batch): then it was a run cut short, and it
 //! counts as stored.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use clinflow_edc::provenance::ITEM_KEY_SYSTEM;
-use clinflow_edc::{ItemOutcome, TrialContext};
+use clinflow_edc::{ItemOutcome, Reason, Rejection, TrialContext};
 use clinflow_fhir::{Json, Resource};
 use clinflow_store::{
     AuditRecord, BatchCounts, BatchRejection, BatchStatus, Expect, NewDataQuery, Store, WriteOp,
@@ -35,6 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{context, Format};
 use crate::error::ApiError;
+use crate::fhir::bundle::{
+    apply_identifier_refs, identifier_refs, lookup_identifier, IdentifierKey, Unresolved,
+};
 use crate::fhir::write::{build_op, new_id};
 use crate::metrics::{IngestItemLabels, Metrics, RejectionLabels};
 
@@ -296,10 +299,13 @@ impl Worker {
             .ok_or_else(|| anyhow::anyhow!("no trial is loaded"))?;
         let ctx = Arc::new(ctx);
         // Parsing and mapping are CPU work: off the async threads.
-        let items = {
+        let mut items = {
             let ctx = ctx.clone();
             tokio::task::spawn_blocking(move || format.ingest(&ctx, &raw)).await?
         };
+        if format.is_fhir() {
+            resolve_identifiers(&self.store, &mut items).await?;
+        }
 
         let source = batch_source(id);
         let audit = AuditRecord {
@@ -473,6 +479,47 @@ impl Worker {
         self.metrics.resources_written.inc_by(n);
         Ok(Fate::Stored { queries: opened })
     }
+}
+
+/// Resolves the references by identifier of FHIR items as a transaction
+/// does ([`crate::fhir::bundle::lookup_identifier`]); an item with one that
+/// names no resource, or several, is rejected whole.
+async fn resolve_identifiers(store: &Store, items: &mut [ItemOutcome]) -> anyhow::Result<()> {
+    let mut resolved: HashMap<IdentifierKey, String> = HashMap::new();
+    for item in items.iter_mut() {
+        let mut failure = None;
+        'item: for p in item.stored.iter_mut() {
+            for key in identifier_refs(p.resource.json_mut()) {
+                if resolved.contains_key(&key) {
+                    continue;
+                }
+                match lookup_identifier(store, &key).await? {
+                    Ok(id) => {
+                        resolved.insert(key, id);
+                    }
+                    Err(
+                        Unresolved::NotAType(why)
+                        | Unresolved::NotFound(why)
+                        | Unresolved::Ambiguous(why),
+                    ) => {
+                        failure = Some(why);
+                        break 'item;
+                    }
+                }
+            }
+            apply_identifier_refs(p.resource.json_mut(), &resolved);
+        }
+        if let Some(why) = failure {
+            item.stored.clear();
+            item.queries.clear();
+            item.rejections.push(Rejection {
+                index: item.index,
+                reason: Reason::UnresolvedReference(why),
+                location: item.location.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The item's data queries, about its resources as `ops` writes them
