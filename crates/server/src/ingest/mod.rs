@@ -1,4 +1,4 @@
-//! The ingest API: HL7 v2, wearable CSV and ePRO diaries in, FHIR out.
+//! The ingest API: HL7 v2, wearable CSV, ePRO diaries and FHIR resources in, FHIR out.
 //!
 //! - `mod.rs` (this file): routes and handlers. `POST /ingest/hl7v2`,
 //!   `/ingest/wearable`, `/ingest/diary`, `/ingest/fhir` accept a body: its raw bytes are
