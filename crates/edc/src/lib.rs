@@ -48,6 +48,7 @@
 pub mod checks;
 pub mod context;
 pub mod diary;
+pub mod fhir;
 pub mod hl7;
 mod json;
 pub mod outcome;
@@ -56,6 +57,7 @@ pub mod wearable;
 
 pub use context::{Enrolment, TrialContext};
 pub use diary::{ingest_diaries_json, ingest_diaries_ndjson, ingest_diary};
+pub use fhir::{ingest_fhir_bundle, ingest_fhir_ndjson};
 pub use hl7::{ingest_hl7, map_message};
 pub use outcome::{DataQuery, ItemOutcome, Produced, Reason, Rejection};
 pub use provenance::{InputFormat, Provenance};

@@ -152,6 +152,9 @@ pub enum Reason {
         /// The validator's first error.
         detail: String,
     },
+    /// A reference by identifier names no resource, or several.
+    #[error("{0}")]
+    UnresolvedReference(String),
 }
 
 impl Reason {
@@ -179,6 +182,7 @@ impl Reason {
             Reason::AnswerTooLong { .. } => "answer-too-long",
             Reason::NotAnOption { .. } => "not-an-option",
             Reason::InvalidResource { .. } => "invalid-resource",
+            Reason::UnresolvedReference(_) => "unresolved-reference",
         }
     }
 }

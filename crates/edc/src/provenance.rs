@@ -54,6 +54,8 @@ pub enum InputFormat {
     WearableCsv,
     /// ePRO diary JSON.
     Diary,
+    /// FHIR resources (a Bundle or NDJSON).
+    Fhir,
 }
 
 impl InputFormat {
@@ -63,6 +65,7 @@ impl InputFormat {
             InputFormat::Hl7v2 => "hl7v2",
             InputFormat::WearableCsv => "wearable-csv",
             InputFormat::Diary => "diary",
+            InputFormat::Fhir => "fhir",
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod error;
 pub mod fhir;
 pub mod ingest;
 pub mod metrics;
+pub mod queries;
 pub mod startup;
 pub mod state;
 pub mod trials;

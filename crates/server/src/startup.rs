@@ -22,7 +22,7 @@ use crate::ingest::mllp::MllpListener;
 use crate::ingest::Pipeline;
 use crate::metrics::{self, Metrics};
 use crate::state::AppState;
-use crate::{audit_api, fhir, ingest, trials};
+use crate::{audit_api, fhir, ingest, queries, trials};
 
 /// A built server, bound to its port, not yet serving.
 pub struct Application {
@@ -144,6 +144,9 @@ pub fn router(state: AppState) -> Router {
         .route("/trials/{id}", get(trials::get_trial))
         .route("/trials/{id}/subjects", post(trials::post_subjects))
         .nest("/ingest", ingest::routes())
+        .route("/queries", get(queries::list))
+        .route("/queries/{id}/answer", post(queries::answer))
+        .route("/queries/{id}/close", post(queries::close))
         .route("/audit/export", get(audit_api::export))
         .route("/audit/verify", get(audit_api::verify))
         .route("/metrics", get(render_metrics))

@@ -156,6 +156,7 @@ pub async fn load(
     if !ops.is_empty() || new_version {
         store
             .write(WriteRequest {
+                queries: Vec::new(),
                 ops,
                 audit: vec![rec],
             })

@@ -9,6 +9,7 @@
 //! - which site each patient is enrolled at (for site scoping);
 //! - API tokens (hashed), trial protocol versions;
 //! - ingest batches: the raw input as received, status, counts, rejections;
+//! - data queries (open, answered, closed; never deleted);
 //! - the append-only, hash-chained audit trail ([`audit`]).
 //!
 //! Write path: writes are queued to one writer per process that commits them
@@ -241,6 +242,31 @@ impl Store {
     /// Batches not done, oldest first: what a restart resumes.
     pub async fn unfinished_batches(&self) -> anyhow::Result<Vec<String>> {
         dispatch!(self.unfinished_batches())
+    }
+
+    /// One data query.
+    pub async fn data_query(&self, id: &str) -> anyhow::Result<Option<DataQueryRecord>> {
+        dispatch!(self.data_query(id))
+    }
+
+    /// Data queries matching the filter, in id (opening) order, at most
+    /// `limit`.
+    pub async fn data_queries(&self, f: QueryFilter) -> anyhow::Result<Vec<DataQueryRecord>> {
+        dispatch!(self.data_queries(f))
+    }
+
+    /// Applies a data query's lifecycle step and commits `audit` with it,
+    /// in one transaction. `false`, with nothing written, when the query's
+    /// status does not allow the step (or there is no such query).
+    pub async fn change_query(
+        &self,
+        id: &str,
+        change: QueryChange,
+        by: &str,
+        at: i64,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<bool> {
+        dispatch!(self.change_query(id, change, by, at, audit))
     }
 
     pub async fn audit_records(&self, q: AuditQuery) -> anyhow::Result<Vec<ChainedAudit>> {

@@ -30,12 +30,14 @@ pub struct WriteOp {
 
 /// A set of writes that commit together, with their audit records.
 ///
-/// Invariant: either every op and every audit record of a request is
+/// Invariant: either every op, data query and audit record of a request is
 /// committed, or none is.
 #[derive(Debug, Clone, Default)]
 pub struct WriteRequest {
     pub ops: Vec<WriteOp>,
     pub audit: Vec<AuditRecord>,
+    /// Data queries about the values written, committed with them.
+    pub queries: Vec<NewDataQuery>,
 }
 
 /// Why a write did not happen.
@@ -244,4 +246,105 @@ pub struct BatchRecord {
     pub status: BatchStatus,
     /// Zero until the batch is done.
     pub counts: BatchCounts,
+}
+
+/// Where a data query is in its lifecycle: open -> answered -> closed
+/// (or open -> closed). Never deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryStatus {
+    Open,
+    Answered,
+    Closed,
+}
+
+impl QueryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueryStatus::Open => "open",
+            QueryStatus::Answered => "answered",
+            QueryStatus::Closed => "closed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<QueryStatus> {
+        match s {
+            "open" => Some(QueryStatus::Open),
+            "answered" => Some(QueryStatus::Answered),
+            "closed" => Some(QueryStatus::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// A data query opened for a stored value outside the protocol's soft
+/// range, written with the value's resource ([`WriteRequest::queries`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDataQuery {
+    /// A UUIDv7.
+    pub id: String,
+    pub trial: String,
+    /// The subject's site: who answers it (queries are site scoped).
+    pub site: String,
+    /// The subject's Patient id.
+    pub patient: String,
+    /// The stored resource it is about (server-assigned id).
+    pub resource_type: String,
+    pub resource_id: String,
+    /// The protocol measurement id.
+    pub measurement: String,
+    /// The value in the canonical unit, as text.
+    pub value: String,
+    pub unit: String,
+    /// The soft range the value is outside.
+    pub soft_low: f64,
+    pub soft_high: f64,
+    /// Where the value was in the input (`OBX[2].5`).
+    pub location: String,
+    /// What is unexpected, for the site.
+    pub text: String,
+    /// Milliseconds since the epoch.
+    pub opened_at: i64,
+    /// The submitter of the batch that opened it.
+    pub opened_by: String,
+}
+
+/// A data query as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataQueryRecord {
+    pub query: NewDataQuery,
+    pub status: QueryStatus,
+    pub answer: Option<String>,
+    pub answered_at: Option<i64>,
+    pub answered_by: Option<String>,
+    pub closed_at: Option<i64>,
+    pub closed_by: Option<String>,
+}
+
+/// A lifecycle step of a data query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryChange {
+    /// open -> answered, with the site's answer.
+    Answer(String),
+    /// open or answered -> closed.
+    Close,
+}
+
+impl QueryChange {
+    /// The statuses this change may start from.
+    pub fn from_statuses(&self) -> &'static [QueryStatus] {
+        match self {
+            QueryChange::Answer(_) => &[QueryStatus::Open],
+            QueryChange::Close => &[QueryStatus::Open, QueryStatus::Answered],
+        }
+    }
+}
+
+/// Filters for listing data queries, in id (opening) order.
+#[derive(Debug, Clone, Default)]
+pub struct QueryFilter {
+    pub site: Option<String>,
+    pub status: Option<QueryStatus>,
+    /// Queries with an id greater than this (the keyset cursor).
+    pub after: Option<String>,
+    pub limit: usize,
 }

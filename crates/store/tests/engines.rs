@@ -173,6 +173,7 @@ suite!(
     a_tampered_audit_trail_is_detected,
     records_cut_from_the_end_are_detected,
     ingest_batches_are_accepted_once_and_finished_once,
+    data_queries_commit_with_their_values_and_follow_their_lifecycle,
 );
 
 // ---- data ----
@@ -357,6 +358,7 @@ fn undated_observation() -> WriteOp {
 async fn seed(store: &Store) {
     store
         .write(WriteRequest {
+            queries: Vec::new(),
             ops: vec![
                 patient("pa", "Alice", "MRN-A"),
                 patient("pb", "Albert", "MRN-B"),
@@ -379,7 +381,11 @@ async fn seed(store: &Store) {
     let mut ops: Vec<WriteOp> = (0..OBSERVATIONS).map(observation).collect();
     ops.push(undated_observation());
     store
-        .write(WriteRequest { ops, audit: vec![] })
+        .write(WriteRequest {
+            ops,
+            audit: vec![],
+            queries: Vec::new(),
+        })
         .await
         .expect("seeding observations");
 }
@@ -497,6 +503,7 @@ async fn create_read_update_delete_and_history(engine: Engine) {
     assert_eq!(s.read_current("Patient", "pa").await.unwrap(), None);
 
     s.write(WriteRequest {
+        queries: Vec::new(),
         ops: vec![patient("pa", "Alice", "MRN-A")],
         audit: vec![],
     })
@@ -516,6 +523,7 @@ async fn create_read_update_delete_and_history(engine: Engine) {
     // A second create of the same id conflicts and reports the version found.
     let err = s
         .write(WriteRequest {
+            queries: Vec::new(),
             ops: vec![patient("pa", "Alice", "MRN-A")],
             audit: vec![],
         })
@@ -532,6 +540,7 @@ async fn create_read_update_delete_and_history(engine: Engine) {
     update.last_updated = T0 + 1;
     update.body = body("Patient", "pa", "Alicia");
     s.write(WriteRequest {
+        queries: Vec::new(),
         ops: vec![update.clone()],
         audit: vec![],
     })
@@ -541,6 +550,7 @@ async fn create_read_update_delete_and_history(engine: Engine) {
     // The same update again: the version moved on.
     let err = s
         .write(WriteRequest {
+            queries: Vec::new(),
             ops: vec![update],
             audit: vec![],
         })
@@ -563,6 +573,7 @@ async fn create_read_update_delete_and_history(engine: Engine) {
     ghost.new_version = 4;
     let err = s
         .write(WriteRequest {
+            queries: Vec::new(),
             ops: vec![ghost],
             audit: vec![],
         })
@@ -587,6 +598,7 @@ async fn create_read_update_delete_and_history(engine: Engine) {
     assert_eq!(id_set(s, by_name("alicia")).await, set(&["pa"]));
 
     s.write(WriteRequest {
+        queries: Vec::new(),
         ops: vec![write_op(
             "Patient",
             "pa",
@@ -610,6 +622,7 @@ async fn create_read_update_delete_and_history(engine: Engine) {
     // A deleted resource still exists: creating it again conflicts.
     let err = s
         .write(WriteRequest {
+            queries: Vec::new(),
             ops: vec![patient("pa", "Alice", "MRN-A")],
             audit: vec![],
         })
@@ -647,6 +660,7 @@ async fn a_request_is_all_or_nothing(engine: Engine) {
     ops.insert(2, observation(5));
     let err = s
         .write(WriteRequest {
+            queries: Vec::new(),
             ops,
             audit: audit.clone(),
         })
@@ -677,6 +691,7 @@ async fn a_request_is_all_or_nothing(engine: Engine) {
     stale.new_version = 8;
     let err = s
         .write(WriteRequest {
+            queries: Vec::new(),
             ops: vec![good, observation(103), stale],
             audit: audit.clone(),
         })
@@ -701,6 +716,7 @@ async fn a_request_is_all_or_nothing(engine: Engine) {
     // The same id twice as a create: the second conflicts with the first.
     let err = s
         .write(WriteRequest {
+            queries: Vec::new(),
             ops: vec![observation(104), observation(104)],
             audit: audit.clone(),
         })
@@ -724,6 +740,7 @@ async fn a_request_is_all_or_nothing(engine: Engine) {
     second.new_version = 2;
     second.extracted.entries = vec![token("code", Some(LOINC), HEART_RATE)];
     s.write(WriteRequest {
+        queries: Vec::new(),
         ops: vec![observation(106), second],
         audit,
     })
@@ -749,6 +766,7 @@ async fn concurrent_writes_all_land(engine: Engine) {
     let db = TestDb::open(engine).await;
     let s = &db.store;
     s.write(WriteRequest {
+        queries: Vec::new(),
         ops: vec![patient("pa", "Alice", "MRN-A")],
         audit: vec![],
     })
@@ -766,6 +784,7 @@ async fn concurrent_writes_all_land(engine: Engine) {
                 op.id = format!("c-{t}-{k}");
                 store
                     .write(WriteRequest {
+                        queries: Vec::new(),
                         ops: vec![op],
                         audit: vec![audit_rec(
                             "ingest",
@@ -780,6 +799,7 @@ async fn concurrent_writes_all_land(engine: Engine) {
                 // A failing request in the same groups must not undo others.
                 let err = store
                     .write(WriteRequest {
+                        queries: Vec::new(),
                         ops: vec![patient("pa", "Alice", "MRN-A")],
                         audit: vec![audit_rec("ingest", "create", "Patient", "pa", T1)],
                     })
@@ -1154,6 +1174,7 @@ async fn totals_and_includes(engine: Engine) {
     assert_eq!(included, vec!["pa"]);
     // A deleted subject is not included.
     s.write(WriteRequest {
+        queries: Vec::new(),
         ops: vec![write_op(
             "Patient",
             "pb",
@@ -1225,6 +1246,7 @@ async fn scopes_hide_other_sites_patients(engine: Engine) {
 
     // Moving pa to site s2 moves its data with it.
     s.write(WriteRequest {
+        queries: Vec::new(),
         ops: vec![enrolment("rs-a", "pa", "s2", Expect::Version(1))],
         audit: vec![],
     })
@@ -1265,6 +1287,7 @@ async fn identifiers_and_patient_sites(engine: Engine) {
         .is_empty());
     // Two resources with one identifier: both found (at most two).
     s.write(WriteRequest {
+        queries: Vec::new(),
         ops: vec![
             patient("pb2", "Albert", "MRN-B"),
             patient("pb3", "Albert", "MRN-B"),
@@ -1282,6 +1305,7 @@ async fn identifiers_and_patient_sites(engine: Engine) {
     );
     // A deleted resource is not found.
     s.write(WriteRequest {
+        queries: Vec::new(),
         ops: vec![write_op(
             "Patient",
             "pa",
@@ -1305,6 +1329,7 @@ async fn identifiers_and_patient_sites(engine: Engine) {
     assert_eq!(s.patient_site("pc").await.unwrap(), None);
     // The last enrolment in one request wins.
     s.write(WriteRequest {
+        queries: Vec::new(),
         ops: vec![
             enrolment("rs-c1", "pc", "s1", Expect::Absent),
             enrolment("rs-c2", "pc", "s3", Expect::Absent),
@@ -1416,6 +1441,7 @@ async fn audit_records_are_chained_and_filtered(engine: Engine) {
     let s = &db.store;
     assert_eq!(s.verify_audit().await.unwrap(), Ok(0));
     s.write(WriteRequest {
+        queries: Vec::new(),
         ops: vec![patient("pa", "Alice", "MRN-A")],
         audit: vec![audit_rec("alice", "create", "Patient", "pa", T0)],
     })
@@ -1670,6 +1696,7 @@ async fn postgres_two_stores_share_one_schema_and_one_chain() {
                 op.id = id.clone();
                 store
                     .write(WriteRequest {
+                        queries: Vec::new(),
                         ops: vec![op],
                         audit: vec![audit_rec("ingest", "create", "Observation", &id, T1)],
                     })
@@ -1801,4 +1828,188 @@ async fn ingest_batches_are_accepted_once_and_finished_once(engine: Engine) {
         vec!["b3".to_string()]
     );
     assert!(s.batch_rejections("b3").await.unwrap().is_empty());
+}
+
+fn new_query(id: &str, site: &str, op: &WriteOp) -> NewDataQuery {
+    NewDataQuery {
+        id: id.to_string(),
+        trial: "CARDIO-01".into(),
+        site: site.to_string(),
+        patient: "p1".into(),
+        resource_type: op.resource_type.clone(),
+        resource_id: op.id.clone(),
+        measurement: "heart-rate".into(),
+        value: "150".into(),
+        unit: "/min".into(),
+        soft_low: 40.0,
+        soft_high: 140.5,
+        location: "line 2, column value".into(),
+        text: "heart-rate 150 /min is outside the expected range 40 to 140.5".into(),
+        opened_at: T0,
+        opened_by: "lab-interface".into(),
+    }
+}
+
+async fn data_queries_commit_with_their_values_and_follow_their_lifecycle(engine: Engine) {
+    let db = TestDb::open(engine).await;
+    let s = &db.store;
+    let (o1, o2) = (observation(1), observation(2));
+    let (q1, q2) = (
+        new_query("q1", "site-a", &o1),
+        new_query("q2", "site-b", &o2),
+    );
+    s.write(WriteRequest {
+        ops: vec![o1.clone()],
+        audit: vec![],
+        queries: vec![q1.clone()],
+    })
+    .await
+    .unwrap();
+    // A request that cannot commit (its value conflicts) leaves no query.
+    let conflict = s
+        .write(WriteRequest {
+            ops: vec![o1.clone()],
+            audit: vec![],
+            queries: vec![new_query("q-lost", "site-a", &o1)],
+        })
+        .await;
+    assert!(
+        matches!(conflict, Err(WriteError::Conflict { .. })),
+        "{conflict:?}"
+    );
+    assert_eq!(s.data_query("q-lost").await.unwrap(), None);
+    s.write(WriteRequest {
+        ops: vec![o2],
+        audit: vec![],
+        queries: vec![q2.clone()],
+    })
+    .await
+    .unwrap();
+
+    let got = s.data_query("q1").await.unwrap().expect("q1 is stored");
+    assert_eq!(got.query, q1);
+    assert_eq!(got.status, QueryStatus::Open);
+    assert_eq!(
+        (got.answer, got.answered_at, got.closed_at),
+        (None, None, None)
+    );
+    let all = |site: Option<&str>, status: Option<QueryStatus>| QueryFilter {
+        site: site.map(str::to_string),
+        status,
+        after: None,
+        limit: 10,
+    };
+    let ids = |v: Vec<DataQueryRecord>| v.into_iter().map(|q| q.query.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.data_queries(all(None, None)).await.unwrap()),
+        ["q1", "q2"]
+    );
+    assert_eq!(
+        ids(s.data_queries(all(Some("site-b"), None)).await.unwrap()),
+        ["q2"]
+    );
+    let page = QueryFilter {
+        after: Some("q1".into()),
+        limit: 1,
+        ..all(None, None)
+    };
+    assert_eq!(ids(s.data_queries(page).await.unwrap()), ["q2"]);
+
+    // open -> answered -> closed, each step with its audit record.
+    let step = |action: &str| audit_rec("site-a-user", action, "DataQuery", "q1", T0 + 1);
+    let answer = QueryChange::Answer("climbed stairs".into());
+    assert!(s
+        .change_query(
+            "q1",
+            answer.clone(),
+            "site-a-user",
+            T0 + 1,
+            vec![step("query-answer")]
+        )
+        .await
+        .unwrap());
+    // Refused steps change nothing and record nothing.
+    assert!(!s
+        .change_query(
+            "q1",
+            answer,
+            "site-a-user",
+            T0 + 2,
+            vec![step("query-answer")]
+        )
+        .await
+        .unwrap());
+    assert!(!s
+        .change_query(
+            "none",
+            QueryChange::Close,
+            "m",
+            T0 + 2,
+            vec![step("query-close")]
+        )
+        .await
+        .unwrap());
+    let answered = s.data_query("q1").await.unwrap().unwrap();
+    assert_eq!(answered.status, QueryStatus::Answered);
+    assert_eq!(answered.answer.as_deref(), Some("climbed stairs"));
+    assert_eq!(answered.answered_at, Some(T0 + 1));
+    assert_eq!(answered.answered_by.as_deref(), Some("site-a-user"));
+    assert!(s
+        .change_query(
+            "q1",
+            QueryChange::Close,
+            "monitor",
+            T0 + 3,
+            vec![step("query-close")]
+        )
+        .await
+        .unwrap());
+    assert!(!s
+        .change_query(
+            "q1",
+            QueryChange::Close,
+            "monitor",
+            T0 + 4,
+            vec![step("query-close")]
+        )
+        .await
+        .unwrap());
+    let closed = s.data_query("q1").await.unwrap().unwrap();
+    assert_eq!(closed.status, QueryStatus::Closed);
+    assert_eq!(
+        (closed.closed_at, closed.closed_by.as_deref()),
+        (Some(T0 + 3), Some("monitor"))
+    );
+    assert_eq!(closed.answer.as_deref(), Some("climbed stairs"));
+    // An open query closes directly.
+    assert!(s
+        .change_query("q2", QueryChange::Close, "monitor", T0 + 5, vec![])
+        .await
+        .unwrap());
+    assert_eq!(
+        ids(s
+            .data_queries(all(None, Some(QueryStatus::Closed)))
+            .await
+            .unwrap()),
+        ["q1", "q2"]
+    );
+    assert!(s
+        .data_queries(all(None, Some(QueryStatus::Open)))
+        .await
+        .unwrap()
+        .is_empty());
+    let trail = s
+        .audit_records(AuditQuery {
+            entity: Some("DataQuery/q1".into()),
+            limit: 10,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    let actions: Vec<_> = trail.iter().map(|r| r.record.action.as_str()).collect();
+    assert_eq!(actions, ["query-answer", "query-close"]);
+
+    // Never deleted: the database itself refuses.
+    assert!(s.execute_raw("DELETE FROM data_queries").await.is_err());
+    assert_eq!(s.data_queries(all(None, None)).await.unwrap().len(), 2);
 }

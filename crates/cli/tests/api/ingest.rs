@@ -45,6 +45,8 @@ engine_tests!(
         c.ingest_workers = 0;
     },
     a_batch_cut_short_is_resumed_without_storing_twice,
+    a_fhir_bundle_is_stored_with_references_by_identifier_resolved,
+    fhir_ndjson_rejects_an_invalid_line_with_its_element_path,
 );
 
 /// The reference trial as clinflow-edc sees it once loaded.
@@ -137,7 +139,13 @@ fn assert_counts_add_up(status: &Value) {
 }
 
 /// Posts a body; returns the batch id. Panics unless 202 with a Location.
-async fn ingest(app: &TestApp, token: &str, path: &str, content_type: &str, body: &str) -> String {
+pub(crate) async fn ingest(
+    app: &TestApp,
+    token: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> String {
     let r = app.post(path, token, content_type, body).await;
     r.expect(202);
     let j = r.json();
@@ -151,7 +159,7 @@ async fn ingest(app: &TestApp, token: &str, path: &str, content_type: &str, body
 }
 
 /// Polls a batch until it is done, for at most 30 s of tokio time.
-async fn done(app: &TestApp, token: &str, id: &str) -> Value {
+pub(crate) async fn done(app: &TestApp, token: &str, id: &str) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let r = app.get(&format!("/ingest/batches/{id}"), token).await;
@@ -644,4 +652,144 @@ async fn a_batch_cut_short_is_resumed_without_storing_twice(mut app: TestApp) {
     assert_eq!(app.count(&app.admin, "Observation").await, observations);
     let _ = stop.send(());
     server.await.expect("no panic").expect("a clean stop");
+}
+
+async fn a_fhir_bundle_is_stored_with_references_by_identifier_resolved(app: TestApp) {
+    app.load_reference_trial().await;
+    let bundle = crate::helpers::EVENTS_BUNDLE;
+    let entries = serde_json::from_str::<Value>(bundle).unwrap()["entry"]
+        .as_array()
+        .unwrap()
+        .len() as u64;
+    let id = ingest(
+        &app,
+        &app.admin,
+        "/ingest/fhir",
+        "application/fhir+json",
+        bundle,
+    )
+    .await;
+    let status = done(&app, &app.admin, &id).await;
+    assert_eq!(status["format"], "fhir-bundle");
+    assert_eq!(status["received"], entries, "{status}");
+    assert_eq!(status["stored"], entries, "{status}");
+    assert_eq!(status["rejected"], 0, "{status}");
+    // The subject named by identifier is the enrolled Patient.
+    let found = app
+        .search(&app.admin, "AdverseEvent", "subject=Patient/CARDIO-01-0006")
+        .await;
+    let found = crate::helpers::entries(&found);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let ae = &found[0]["resource"];
+    assert_eq!(
+        ae["meta"]["source"],
+        format!("urn:clinflow:ingest-batch:{id}").as_str()
+    );
+    let provenance = ae["extension"].as_array().expect("extensions");
+    assert!(
+        provenance
+            .iter()
+            .any(|e| e["url"] == clinflow_edc::provenance::PROVENANCE_URL),
+        "{ae}"
+    );
+    // The item key is the identifier, single-valued here.
+    assert_eq!(ae["identifier"]["system"], ITEM_KEY);
+    let appointments = app
+        .search(&app.admin, "Appointment", "actor=Patient/CARDIO-01-0006")
+        .await;
+    assert_eq!(crate::helpers::entries(&appointments).len(), 1);
+    // The same Bundle again is the same batch, stored once.
+    let again = ingest(
+        &app,
+        &app.admin,
+        "/ingest/fhir",
+        "application/fhir+json",
+        bundle,
+    )
+    .await;
+    assert_eq!(again, id);
+    assert_eq!(app.count(&app.admin, "AdverseEvent").await, 1);
+    // Only ingest roles, only FHIR media types.
+    let monitor = app.token("monitor", None, None).await;
+    app.post("/ingest/fhir", &monitor, "application/fhir+json", bundle)
+        .await
+        .problem(403);
+    app.post("/ingest/fhir", &app.admin, "text/csv", bundle)
+        .await
+        .problem(415);
+}
+
+async fn fhir_ndjson_rejects_an_invalid_line_with_its_element_path(app: TestApp) {
+    app.load_reference_trial().await;
+    let good = crate::helpers::observation(
+        "CARDIO-01-0001",
+        "8867-4",
+        "2026-03-02T08:00:00-05:00",
+        "71",
+        "/min",
+    );
+    let mut bad = good.clone();
+    bad["status"] = Value::String("no-such-status".into());
+    let unknown = serde_json::json!({
+        "resourceType": "AdverseEvent",
+        "actuality": "actual",
+        "subject": {"identifier": {
+            "system": "https://trials.example.org/CARDIO-01/subject",
+            "value": "CARDIO-01-9999"
+        }}
+    });
+    let body = format!("{good}\n{bad}\n\n{unknown}\n");
+    let id = ingest(
+        &app,
+        &app.admin,
+        "/ingest/fhir",
+        "application/fhir+ndjson",
+        &body,
+    )
+    .await;
+    let status = done(&app, &app.admin, &id).await;
+    assert_eq!(status["format"], "fhir-ndjson");
+    assert_eq!(status["received"], 3, "{status}");
+    assert_eq!(status["stored"], 1, "{status}");
+    assert_eq!(status["rejected"], 2, "{status}");
+    let rejections = status["rejections"].as_array().unwrap();
+    let invalid = rejections
+        .iter()
+        .find(|r| r["index"] == 1)
+        .expect("line 2 rejected");
+    let location = invalid["location"].as_str().unwrap();
+    assert!(location.starts_with("line 2"), "{invalid}");
+    assert!(location.contains("status"), "the element path: {invalid}");
+    assert!(
+        invalid["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not valid FHIR"),
+        "{invalid}"
+    );
+    let unresolved = rejections
+        .iter()
+        .find(|r| r["index"] == 2)
+        .expect("line 4 rejected");
+    assert_eq!(unresolved["location"], "line 4");
+    assert!(
+        unresolved["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no Patient has the identifier"),
+        "{unresolved}"
+    );
+    assert_eq!(app.count(&app.admin, "Observation").await, 1);
+    assert_eq!(app.count(&app.admin, "AdverseEvent").await, 0);
+    // application/x-ndjson is FHIR NDJSON here too.
+    let other = format!("{good}\n");
+    let id = ingest(
+        &app,
+        &app.admin,
+        "/ingest/fhir",
+        "application/x-ndjson",
+        &other,
+    )
+    .await;
+    assert_eq!(done(&app, &app.admin, &id).await["stored"], 1);
 }

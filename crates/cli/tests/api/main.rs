@@ -18,6 +18,7 @@
 //! - [`trials`]: `POST /trials` and subjects, idempotence, amendments, errors.
 //! - [`ingest`]: `/ingest`: samples, edit-check rejections, idempotence, 403/429, resume.
 //! - [`mllp`]: the MLLP listener: python-hl7's `mllp_send`, framing, ACKs, order, idempotence.
+//! - [`queries`]: data queries: opened by ingest, answered, closed, site scoped, audited.
 //! - [`auth`]: the role matrix and site scoping, revoked and expired tokens.
 //! - [`audit`]: what is recorded, AuditEvent search, export, tampering.
 //! - [`cli`]: the `clinflow` binary against a running server's database.
@@ -36,4 +37,5 @@ mod fhir_search;
 mod ingest;
 mod mllp;
 mod ops;
+mod queries;
 mod trials;

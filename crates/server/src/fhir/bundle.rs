@@ -281,7 +281,69 @@ fn for_each_object(json: &mut Json, f: &mut impl FnMut(&mut Vec<(String, Json)>)
 }
 
 /// What a reference by identifier names: `(type, system, value)`.
-type IdentifierKey = (String, Option<String>, String);
+pub(crate) type IdentifierKey = (String, Option<String>, String);
+
+/// Why a reference by identifier does not resolve (the text says which).
+pub(crate) enum Unresolved {
+    /// `Reference.type` is not a resource type.
+    NotAType(String),
+    /// No resource has the identifier.
+    NotFound(String),
+    /// More than one has it.
+    Ambiguous(String),
+}
+
+/// The one stored resource a reference by identifier names. Shared by
+/// transactions and `/ingest/fhir`, so both resolve alike.
+pub(crate) async fn lookup_identifier(
+    store: &clinflow_store::Store,
+    key: &IdentifierKey,
+) -> anyhow::Result<Result<String, Unresolved>> {
+    let (rtype, system, value) = key;
+    if !clinflow_fhir::validate::is_resource_type(rtype) {
+        return Ok(Err(Unresolved::NotAType(format!(
+            "Reference.type {rtype:?} is not a resource type"
+        ))));
+    }
+    let ids = store
+        .find_by_identifier(rtype, system.as_deref(), value)
+        .await?;
+    let system = system.as_deref().unwrap_or("");
+    Ok(match ids.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(Unresolved::NotFound(format!(
+            "no {rtype} has the identifier {system}|{value}"
+        ))),
+        _ => Err(Unresolved::Ambiguous(format!(
+            "more than one {rtype} has the identifier {system}|{value}"
+        ))),
+    })
+}
+
+/// The references by identifier in a resource.
+pub(crate) fn identifier_refs(json: &mut Json) -> Vec<IdentifierKey> {
+    let mut keys = Vec::new();
+    for_each_object(json, &mut |obj| keys.extend(identifier_ref(obj)));
+    keys
+}
+
+/// Gives each reference by identifier that `resolved` knows its literal
+/// `reference` (the identifier is kept beside it).
+pub(crate) fn apply_identifier_refs(json: &mut Json, resolved: &HashMap<IdentifierKey, String>) {
+    for_each_object(json, &mut |obj| {
+        if let Some(key) = identifier_ref(obj) {
+            if let Some(id) = resolved.get(&key) {
+                obj.insert(
+                    0,
+                    (
+                        "reference".to_string(),
+                        Json::String(format!("{}/{id}", key.0)),
+                    ),
+                );
+            }
+        }
+    });
+}
 
 /// A reference by identifier: `(type, system, value)` of a Reference object
 /// without a literal `reference`.
@@ -400,39 +462,23 @@ async fn transaction(
         if by_identifier.contains_key(key) {
             continue;
         }
-        let (rtype, system, value) = key;
-        if !clinflow_fhir::validate::is_resource_type(rtype) {
-            return Err(entry_error(
-                *index,
-                format!("Reference.type {rtype:?} is not a resource type"),
-            ));
-        }
-        let ids = state
-            .store
-            .find_by_identifier(rtype, system.as_deref(), value)
-            .await?;
-        match ids.as_slice() {
-            [one] => {
-                by_identifier.insert(key.clone(), one.clone());
+        match lookup_identifier(&state.store, key).await? {
+            Ok(id) => {
+                by_identifier.insert(key.clone(), id);
             }
-            [] => {
+            Err(Unresolved::NotAType(why)) => return Err(entry_error(*index, why)),
+            Err(Unresolved::NotFound(why)) => {
                 return Err(FhirError::of(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     IssueCode::NotFound,
-                    format!(
-                        "Bundle.entry[{index}]: no {rtype} has the identifier {}|{value}",
-                        system.as_deref().unwrap_or("")
-                    ),
+                    format!("Bundle.entry[{index}]: {why}"),
                 ))
             }
-            _ => {
+            Err(Unresolved::Ambiguous(why)) => {
                 return Err(FhirError::of(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     IssueCode::Duplicate,
-                    format!(
-                    "Bundle.entry[{index}]: more than one {rtype} has the identifier {}|{value}",
-                    system.as_deref().unwrap_or("")
-                ),
+                    format!("Bundle.entry[{index}]: {why}"),
                 ))
             }
         }
@@ -440,19 +486,7 @@ async fn transaction(
     if !wanted.is_empty() {
         for e in entries.iter_mut() {
             if let Some(r) = e.resource.as_mut() {
-                for_each_object(r, &mut |obj| {
-                    if let Some(key) = identifier_ref(obj) {
-                        if let Some(id) = by_identifier.get(&key) {
-                            obj.insert(
-                                0,
-                                (
-                                    "reference".to_string(),
-                                    Json::String(format!("{}/{id}", key.0)),
-                                ),
-                            );
-                        }
-                    }
-                });
+                apply_identifier_refs(r, &by_identifier);
             }
         }
     }
@@ -585,7 +619,11 @@ async fn transaction(
     let n = ops.len() as u64;
     state
         .store
-        .write(WriteRequest { ops, audit })
+        .write(WriteRequest {
+            ops,
+            audit,
+            queries: Vec::new(),
+        })
         .await
         .map_err(|e| conflict_error(e, true))?;
     state.metrics.resources_written.inc_by(n);

@@ -159,6 +159,7 @@ pub async fn create(
     state
         .store
         .write(WriteRequest {
+            queries: Vec::new(),
             ops: vec![op],
             audit: vec![rec],
         })
@@ -240,6 +241,7 @@ pub async fn update(
         match state
             .store
             .write(WriteRequest {
+                queries: Vec::new(),
                 ops: vec![op],
                 audit: vec![rec],
             })
@@ -316,6 +318,7 @@ pub async fn delete(
     state
         .store
         .write(WriteRequest {
+            queries: Vec::new(),
             ops: vec![op],
             audit: vec![rec],
         })

@@ -1,7 +1,7 @@
-//! The ingest API: HL7 v2, wearable CSV and ePRO diaries in, FHIR out.
+//! The ingest API: HL7 v2, wearable CSV, ePRO diaries and FHIR resources in, FHIR out.
 //!
 //! - `mod.rs` (this file): routes and handlers. `POST /ingest/hl7v2`,
-//!   `/ingest/wearable`, `/ingest/diary` accept a body: its raw bytes are
+//!   `/ingest/wearable`, `/ingest/diary`, `/ingest/fhir` accept a body: its raw bytes are
 //!   committed (with an audit record) before the `202 {"batch", "status"}`;
 //!   the same content in the same format is the same batch.
 //!   `GET /ingest/batches/{id}` gives a batch's status, counts and
@@ -43,6 +43,7 @@ pub fn routes() -> Router<AppState> {
         .route("/hl7v2", post(post_hl7v2))
         .route("/wearable", post(post_wearable))
         .route("/diary", post(post_diary))
+        .route("/fhir", post(post_fhir))
         .route("/batches/{id}", get(get_batch))
 }
 
@@ -57,6 +58,10 @@ pub enum Format {
     DiaryJson,
     /// One diary per line.
     DiaryNdjson,
+    /// A FHIR Bundle (transaction, batch or collection).
+    FhirBundle,
+    /// One FHIR resource per line.
+    FhirNdjson,
 }
 
 impl Format {
@@ -66,6 +71,8 @@ impl Format {
             Format::WearableCsv => "wearable-csv",
             Format::DiaryJson => "diary-json",
             Format::DiaryNdjson => "diary-ndjson",
+            Format::FhirBundle => "fhir-bundle",
+            Format::FhirNdjson => "fhir-ndjson",
         }
     }
 
@@ -75,6 +82,8 @@ impl Format {
             Format::WearableCsv,
             Format::DiaryJson,
             Format::DiaryNdjson,
+            Format::FhirBundle,
+            Format::FhirNdjson,
         ]
         .into_iter()
         .find(|f| f.code() == code)
@@ -87,7 +96,14 @@ impl Format {
             Format::WearableCsv => clinflow_edc::ingest_csv(ctx, raw),
             Format::DiaryJson => clinflow_edc::ingest_diaries_json(ctx, raw),
             Format::DiaryNdjson => clinflow_edc::ingest_diaries_ndjson(ctx, raw),
+            Format::FhirBundle => clinflow_edc::ingest_fhir_bundle(raw),
+            Format::FhirNdjson => clinflow_edc::ingest_fhir_ndjson(raw),
         }
+    }
+
+    /// FHIR input: references by identifier are resolved before storing.
+    pub fn is_fhir(self) -> bool {
+        matches!(self, Format::FhirBundle | Format::FhirNdjson)
     }
 }
 
@@ -169,6 +185,26 @@ pub async fn post_diary(
             ))
         }
     };
+    accept(&state, &caller, format, body).await
+}
+
+/// `POST /ingest/fhir`: a Bundle, or NDJSON (one resource a line).
+pub async fn post_fhir(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_ingest_role(&caller)?;
+    let format =
+        match media_type(&headers).as_str() {
+            "application/fhir+json" => Format::FhirBundle,
+            "application/fhir+ndjson" | "application/x-ndjson" => Format::FhirNdjson,
+            other => return Err(unsupported(
+                other,
+                "application/fhir+json (a Bundle), application/fhir+ndjson or application/x-ndjson",
+            )),
+        };
     accept(&state, &caller, format, body).await
 }
 

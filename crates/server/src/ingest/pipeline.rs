@@ -17,14 +17,15 @@
 //! it (`meta.source` names the batch): then it was a run cut short, and it
 //! counts as stored.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use clinflow_edc::provenance::ITEM_KEY_SYSTEM;
-use clinflow_edc::ItemOutcome;
+use clinflow_edc::{ItemOutcome, Reason, Rejection, TrialContext};
 use clinflow_fhir::{Json, Resource};
 use clinflow_store::{
-    AuditRecord, BatchCounts, BatchRejection, BatchStatus, Expect, Store, WriteOp, WriteRequest,
+    AuditRecord, BatchCounts, BatchRejection, BatchStatus, Expect, NewDataQuery, Store, WriteOp,
+    WriteRequest,
 };
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
@@ -34,6 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{context, Format};
 use crate::error::ApiError;
+use crate::fhir::bundle::{
+    apply_identifier_refs, identifier_refs, lookup_identifier, IdentifierKey, Unresolved,
+};
 use crate::fhir::write::{build_op, new_id};
 use crate::metrics::{IngestItemLabels, Metrics, RejectionLabels};
 
@@ -311,8 +315,15 @@ impl Worker {
         let ctx = context::load(&self.store)
             .await?
             .ok_or_else(|| anyhow::anyhow!("no trial is loaded"))?;
+        let ctx = Arc::new(ctx);
         // Parsing and mapping are CPU work: off the async threads.
-        let items = tokio::task::spawn_blocking(move || format.ingest(&ctx, &raw)).await?;
+        let mut items = {
+            let ctx = ctx.clone();
+            tokio::task::spawn_blocking(move || format.ingest(&ctx, &raw)).await?
+        };
+        if format.is_fhir() {
+            resolve_identifiers(&self.store, &mut items).await?;
+        }
 
         let source = batch_source(id);
         let audit = AuditRecord {
@@ -340,7 +351,7 @@ impl Worker {
                     fates.push(fate);
                 }
             }
-            in_flight.push_back(self.store_item(item, repeated, &source, &audit));
+            in_flight.push_back(self.store_item(&ctx, item, repeated, &source, &audit));
         }
         while let Some(fate) = in_flight.next().await {
             fates.push(fate);
@@ -414,6 +425,7 @@ impl Worker {
     /// already.
     async fn store_item(
         &self,
+        ctx: &TrialContext,
         item: &ItemOutcome,
         repeated: bool,
         source: &str,
@@ -461,6 +473,7 @@ impl Worker {
         }
         let now = clinflow_store::now_millis();
         let ops = item_ops(item, source, now);
+        let queries = item_queries(ctx, item, &ops, &audit.actor, now);
         let records = ops
             .iter()
             .map(|op| AuditRecord {
@@ -472,17 +485,96 @@ impl Worker {
             })
             .collect();
         let n = ops.len() as u64;
+        // What the batch status counts is what is stored.
+        let opened = queries.len();
         self.store
             .write(WriteRequest {
+                queries,
                 ops,
                 audit: records,
             })
             .await?;
         self.metrics.resources_written.inc_by(n);
-        Ok(Fate::Stored {
-            queries: item.queries.len(),
-        })
+        Ok(Fate::Stored { queries: opened })
     }
+}
+
+/// Resolves the references by identifier of FHIR items as a transaction
+/// does ([`crate::fhir::bundle::lookup_identifier`]); an item with one that
+/// names no resource, or several, is rejected whole.
+async fn resolve_identifiers(store: &Store, items: &mut [ItemOutcome]) -> anyhow::Result<()> {
+    let mut resolved: HashMap<IdentifierKey, String> = HashMap::new();
+    for item in items.iter_mut() {
+        let mut failure = None;
+        'item: for p in item.stored.iter_mut() {
+            for key in identifier_refs(p.resource.json_mut()) {
+                if resolved.contains_key(&key) {
+                    continue;
+                }
+                match lookup_identifier(store, &key).await? {
+                    Ok(id) => {
+                        resolved.insert(key, id);
+                    }
+                    Err(
+                        Unresolved::NotAType(why)
+                        | Unresolved::NotFound(why)
+                        | Unresolved::Ambiguous(why),
+                    ) => {
+                        failure = Some(why);
+                        break 'item;
+                    }
+                }
+            }
+            apply_identifier_refs(p.resource.json_mut(), &resolved);
+        }
+        if let Some(why) = failure {
+            item.stored.clear();
+            item.queries.clear();
+            item.rejections.push(Rejection {
+                index: item.index,
+                reason: Reason::UnresolvedReference(why),
+                location: item.location.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The item's data queries, about its resources as `ops` writes them
+/// (the server-assigned ids), so that they commit with the values.
+fn item_queries(
+    ctx: &TrialContext,
+    item: &ItemOutcome,
+    ops: &[WriteOp],
+    opened_by: &str,
+    now: i64,
+) -> Vec<NewDataQuery> {
+    item.queries
+        .iter()
+        .filter_map(|q| {
+            // clinflow-edc opens queries only for enrolled subjects and
+            // stored resources; one that is not is dropped, not guessed at.
+            let op = ops.get(q.resource)?;
+            let patient = ctx.enrolment(&q.subject)?.patient_id.clone();
+            Some(NewDataQuery {
+                id: new_id(),
+                trial: ctx.protocol().id.as_str().to_string(),
+                site: q.site.as_str().to_string(),
+                patient,
+                resource_type: op.resource_type.clone(),
+                resource_id: op.id.clone(),
+                measurement: q.measurement.clone(),
+                value: q.value.clone(),
+                unit: q.unit.clone(),
+                soft_low: q.soft.low(),
+                soft_high: q.soft.high(),
+                location: q.location.clone(),
+                text: q.text.clone(),
+                opened_at: now,
+                opened_by: opened_by.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// `meta.source` of what a batch stores.

@@ -39,13 +39,14 @@ use tokio_postgres::{Client, NoTls, Row, Statement};
 use crate::audit;
 use crate::model::*;
 use crate::sql::{self, Dialect, SqlValue};
-use crate::sqlite::{push_audit_filters, AUDIT_SELECT, BATCH_SELECT};
+use crate::sqlite::{push_audit_filters, AUDIT_SELECT, BATCH_SELECT, QUERY_SELECT};
 use clinflow_fhir::IndexValue;
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("0001_init.sql")),
     (2, include_str!("0002_no_random_order_indexes.sql")),
     (3, include_str!("0003_ingest.sql")),
+    (4, include_str!("0004_data_queries.sql")),
 ];
 
 /// How many queued write requests one group commit takes at most.
@@ -75,6 +76,9 @@ enum Op {
     PutBatch(NewBatch),
     /// A batch's outcome; 0 rows when it was not processing.
     FinishBatch(String, BatchCounts, Vec<BatchRejection>),
+    /// A data query's lifecycle step (who, when); a `Conflict` (which
+    /// drops the job's audit records) when its status does not allow it.
+    ChangeQuery(String, QueryChange, String, i64),
     /// Raw SQL (tests that tamper with the database).
     Raw(String),
 }
@@ -671,6 +675,59 @@ impl PgStore {
         Ok(Ok(v.checked))
     }
 
+    // ---- data queries ----
+
+    pub async fn data_query(&self, id: &str) -> anyhow::Result<Option<DataQueryRecord>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!("{QUERY_SELECT} WHERE id = $1"))
+            .await?;
+        c.query_opt(&st, &[&id])
+            .await?
+            .as_ref()
+            .map(query_row)
+            .transpose()
+    }
+
+    pub async fn data_queries(&self, f: QueryFilter) -> anyhow::Result<Vec<DataQueryRecord>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "{QUERY_SELECT} WHERE ($1::TEXT IS NULL OR site = $1) AND ($2::TEXT IS NULL OR status = $2) AND id > $3 ORDER BY id LIMIT $4"
+            ))
+            .await?;
+        let status = f.status.map(QueryStatus::as_str);
+        let after = f.after.unwrap_or_default();
+        let limit = i64::try_from(f.limit).unwrap_or(i64::MAX);
+        c.query(&st, &[&f.site, &status, &after, &limit])
+            .await?
+            .iter()
+            .map(query_row)
+            .collect()
+    }
+
+    /// See [`crate::Store::change_query`].
+    pub async fn change_query(
+        &self,
+        id: &str,
+        change: QueryChange,
+        by: &str,
+        at: i64,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<bool> {
+        match self
+            .op(
+                Op::ChangeQuery(id.to_string(), change, by.to_string(), at),
+                audit,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.downcast_ref(), Some(WriteError::Conflict { .. })) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Runs raw SQL on the writer's connection, inside its transaction. For
     /// tests that play an attacker with direct database access.
     pub async fn execute_raw(&self, sql: &str) -> anyhow::Result<()> {
@@ -793,6 +850,36 @@ fn batch_row(row: &Row) -> anyhow::Result<BatchRecord> {
             duplicates: n(10)?,
             queries_opened: n(11)?,
         },
+    })
+}
+
+fn query_row(r: &Row) -> anyhow::Result<DataQueryRecord> {
+    let status: &str = r.try_get(13)?;
+    Ok(DataQueryRecord {
+        query: NewDataQuery {
+            id: r.try_get(0)?,
+            trial: r.try_get(1)?,
+            site: r.try_get(2)?,
+            patient: r.try_get(3)?,
+            resource_type: r.try_get(4)?,
+            resource_id: r.try_get(5)?,
+            measurement: r.try_get(6)?,
+            value: r.try_get(7)?,
+            unit: r.try_get(8)?,
+            soft_low: r.try_get(9)?,
+            soft_high: r.try_get(10)?,
+            location: r.try_get(11)?,
+            text: r.try_get(12)?,
+            opened_at: r.try_get(15)?,
+            opened_by: r.try_get(16)?,
+        },
+        status: QueryStatus::parse(status)
+            .ok_or_else(|| anyhow!("unknown data query status {status:?}"))?,
+        answer: r.try_get(14)?,
+        answered_at: r.try_get(17)?,
+        answered_by: r.try_get(18)?,
+        closed_at: r.try_get(19)?,
+        closed_by: r.try_get(20)?,
     })
 }
 
@@ -1132,7 +1219,8 @@ async fn write_run(
     }
     if requests.len() > 1 {
         let all: Vec<&WriteOp> = requests.iter().flat_map(|r| r.ops.iter()).collect();
-        let r = apply_ops(c, st, &all).await;
+        let queries: Vec<&NewDataQuery> = requests.iter().flat_map(|r| r.queries.iter()).collect();
+        let r = apply_ops(c, st, &all, &queries).await;
         if settle(c, r).await?.is_ok() {
             for req in requests {
                 audit_records.extend(req.audit);
@@ -1141,12 +1229,13 @@ async fn write_run(
         }
     }
     for (k, req) in requests.into_iter().enumerate() {
-        if req.ops.is_empty() {
+        if req.ops.is_empty() && req.queries.is_empty() {
             audit_records.extend(req.audit);
             continue;
         }
         let ops: Vec<&WriteOp> = req.ops.iter().collect();
-        let r = apply_ops(c, st, &ops).await;
+        let queries: Vec<&NewDataQuery> = req.queries.iter().collect();
+        let r = apply_ops(c, st, &ops, &queries).await;
         let r = settle(c, r).await?;
         if r.is_ok() {
             audit_records.extend(req.audit);
@@ -1269,6 +1358,36 @@ async fn apply_op(c: &Client, st: &Stmts, op: &Op) -> Result<u64, WriteError> {
                 )
                 .await
                 .map_err(db)?;
+            }
+            Ok(n)
+        }
+        Op::ChangeQuery(id, change, by, at) => {
+            let n = match change {
+                QueryChange::Answer(text) => c
+                    .execute(
+                        "UPDATE data_queries SET status = 'answered', answer = $1, answered_at = $2, answered_by = $3 WHERE id = $4 AND status = 'open'",
+                        &[text, at, by, id],
+                    )
+                    .await,
+                QueryChange::Close => {
+                    let from: Vec<&str> =
+                        change.from_statuses().iter().map(|s| s.as_str()).collect();
+                    c.execute(
+                        "UPDATE data_queries SET status = 'closed', closed_at = $1, closed_by = $2 WHERE id = $3 AND status = ANY($4::TEXT[])",
+                        &[at, by, id, &from],
+                    )
+                    .await
+                }
+            }
+            .map_err(db)?;
+            if n == 0 {
+                // Rolled back by `settle`, dropping the audit records.
+                return Err(WriteError::Conflict {
+                    resource_type: "data query".into(),
+                    id: id.clone(),
+                    expected: Expect::Absent,
+                    found: None,
+                });
             }
             Ok(n)
         }
@@ -1449,7 +1568,12 @@ impl<'a> IndexRows<'a> {
 /// insert of every created resource and the compare-and-set update of each
 /// updated one, and checks the `Expect`s; phase 2 pipelines the version
 /// rows, the index rows of each resource's last op and the site upserts.
-async fn apply_ops(c: &Client, st: &Stmts, ops: &[&WriteOp]) -> Result<(), WriteError> {
+async fn apply_ops(
+    c: &Client,
+    st: &Stmts,
+    ops: &[&WriteOp],
+    queries: &[&NewDataQuery],
+) -> Result<(), WriteError> {
     fn sort_date(op: &WriteOp) -> i64 {
         op.extracted.sort_date.unwrap_or(sql::NO_SORT_DATE)
     }
@@ -1611,6 +1735,8 @@ async fn apply_ops(c: &Client, st: &Stmts, ops: &[&WriteOp]) -> Result<(), Write
         site_sites.push(s);
     }
 
+    // Before `statements`, which borrows it.
+    let q = QueryCols::new(queries);
     let mut statements: Vec<PgFuture<'_>> = Vec::new();
     for (rtype, ids) in &stale {
         for delete in &st.delete_index {
@@ -1634,11 +1760,68 @@ async fn apply_ops(c: &Client, st: &Stmts, ops: &[&WriteOp]) -> Result<(), Write
             c.execute(&st.upsert_sites, &[p, s]).await
         }));
     }
+    if !queries.is_empty() {
+        let q = &q;
+        statements.push(Box::pin(async move {
+            c.execute(
+                "INSERT INTO data_queries (id, trial, site, patient, rtype, rid, measurement, value, unit, soft_low, soft_high, location, text, status, opened_at, opened_by) SELECT u.id, u.trial, u.site, u.patient, u.rtype, u.rid, u.measurement, u.value, u.unit, u.soft_low, u.soft_high, u.location, u.text, 'open', u.opened_at, u.opened_by FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::DOUBLE PRECISION[], $11::DOUBLE PRECISION[], $12::TEXT[], $13::TEXT[], $14::BIGINT[], $15::TEXT[]) AS u (id, trial, site, patient, rtype, rid, measurement, value, unit, soft_low, soft_high, location, text, opened_at, opened_by)",
+                &[
+                    &q.text[0], &q.text[1], &q.text[2], &q.text[3], &q.text[4], &q.text[5],
+                    &q.text[6], &q.text[7], &q.text[8], &q.soft_low, &q.soft_high,
+                    &q.text[9], &q.text[10], &q.opened_at, &q.text[11],
+                ],
+            )
+            .await
+        }));
+    }
     statements.push(Box::pin(async move {
         c.batch_execute("RELEASE SAVEPOINT req").await.map(|()| 0)
     }));
     pipeline(statements).await?;
     Ok(())
+}
+
+/// The `data_queries` columns of a batch of new queries: the text columns
+/// in insert order (id, trial, site, patient, rtype, rid, measurement,
+/// value, unit, location, text, opened_by), then the numbers.
+struct QueryCols<'a> {
+    text: [Vec<&'a str>; 12],
+    soft_low: Vec<f64>,
+    soft_high: Vec<f64>,
+    opened_at: Vec<i64>,
+}
+
+impl<'a> QueryCols<'a> {
+    fn new(queries: &[&'a NewDataQuery]) -> QueryCols<'a> {
+        let mut cols = QueryCols {
+            text: Default::default(),
+            soft_low: Vec::with_capacity(queries.len()),
+            soft_high: Vec::with_capacity(queries.len()),
+            opened_at: Vec::with_capacity(queries.len()),
+        };
+        for q in queries {
+            for (col, v) in cols.text.iter_mut().zip([
+                &q.id,
+                &q.trial,
+                &q.site,
+                &q.patient,
+                &q.resource_type,
+                &q.resource_id,
+                &q.measurement,
+                &q.value,
+                &q.unit,
+                &q.location,
+                &q.text,
+                &q.opened_by,
+            ]) {
+                col.push(v.as_str());
+            }
+            cols.soft_low.push(q.soft_low);
+            cols.soft_high.push(q.soft_high);
+            cols.opened_at.push(q.opened_at);
+        }
+        cols
+    }
 }
 
 /// Appends records to the chain, after the head locked for this transaction.

@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("0002_audit_head.sql")),
     (3, include_str!("0003_no_random_order_indexes.sql")),
     (4, include_str!("0004_ingest.sql")),
+    (5, include_str!("0005_data_queries.sql")),
 ];
 
 /// How many queued write requests one group commit takes at most.
@@ -652,6 +653,86 @@ impl SqliteStore {
         .await
     }
 
+    // ---- data queries ----
+
+    /// One data query.
+    pub async fn data_query(&self, id: &str) -> anyhow::Result<Option<DataQueryRecord>> {
+        let id = id.to_string();
+        self.read(move |c| {
+            c.prepare_cached(&format!("{QUERY_SELECT} WHERE id = ?"))?
+                .query_row([id], query_row)
+                .optional()?
+                .transpose()
+        })
+        .await
+    }
+
+    /// Data queries matching `f`, in id order.
+    pub async fn data_queries(&self, f: QueryFilter) -> anyhow::Result<Vec<DataQueryRecord>> {
+        self.read(move |c| {
+            let status = f.status.map(QueryStatus::as_str);
+            let mut st = c.prepare_cached(&format!(
+                "{QUERY_SELECT} WHERE (?1 IS NULL OR site = ?1) AND (?2 IS NULL OR status = ?2) AND id > ?3 ORDER BY id LIMIT ?4"
+            ))?;
+            let rows = st.query_map(
+                params![f.site, status, f.after.unwrap_or_default(), f.limit as i64],
+                query_row,
+            )?;
+            rows.map(|r| r.map_err(anyhow::Error::from).and_then(|q| q))
+                .collect()
+        })
+        .await
+    }
+
+    /// Applies a lifecycle step with its audit records, in one transaction;
+    /// `false` (nothing written, no audit) when the query is not in a
+    /// status the step starts from (or does not exist).
+    pub async fn change_query(
+        &self,
+        id: &str,
+        change: QueryChange,
+        by: &str,
+        at: i64,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<bool> {
+        let (id, by) = (id.to_string(), by.to_string());
+        let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r2 = refused.clone();
+        let r = self
+            .custom(audit, move |c| {
+                let from = change.from_statuses();
+                let ok = |s: QueryStatus| from.contains(&s);
+                let n = match &change {
+                    QueryChange::Answer(text) => c.execute(
+                        "UPDATE data_queries SET status = 'answered', answer = ?, answered_at = ?, answered_by = ? WHERE id = ? AND status = 'open'",
+                        params![text, at, by, id],
+                    )?,
+                    QueryChange::Close => c.execute(
+                        "UPDATE data_queries SET status = 'closed', closed_at = ?, closed_by = ? WHERE id = ? AND status IN (?, ?)",
+                        params![
+                            at,
+                            by,
+                            id,
+                            ok(QueryStatus::Open).then_some("open"),
+                            ok(QueryStatus::Answered).then_some("answered")
+                        ],
+                    )?,
+                };
+                if n == 0 {
+                    // Failing the job drops its audit records: nothing changed.
+                    r2.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Err(anyhow!("the query is not in a status this step starts from"));
+                }
+                Ok(())
+            })
+            .await;
+        match r {
+            Ok(()) => Ok(true),
+            Err(_) if refused.load(std::sync::atomic::Ordering::SeqCst) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Runs raw SQL on the writer's connection. For tests that play an
     /// attacker with direct database access (audit tampering).
     pub async fn execute_raw(&self, sql: &str) -> anyhow::Result<()> {
@@ -659,6 +740,71 @@ impl SqliteStore {
         self.custom(Vec::new(), move |c| Ok(c.execute_batch(&sql)?))
             .await
     }
+}
+
+pub(crate) const QUERY_SELECT: &str =
+    "SELECT id, trial, site, patient, rtype, rid, measurement, value, unit, soft_low, soft_high, location, text, status, answer, opened_at, opened_by, answered_at, answered_by, closed_at, closed_by FROM data_queries";
+
+/// A data query row; the outer error is the driver's, the inner a bad status.
+fn query_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<anyhow::Result<DataQueryRecord>> {
+    let status: String = r.get(13)?;
+    let rec = DataQueryRecord {
+        query: NewDataQuery {
+            id: r.get(0)?,
+            trial: r.get(1)?,
+            site: r.get(2)?,
+            patient: r.get(3)?,
+            resource_type: r.get(4)?,
+            resource_id: r.get(5)?,
+            measurement: r.get(6)?,
+            value: r.get(7)?,
+            unit: r.get(8)?,
+            soft_low: r.get(9)?,
+            soft_high: r.get(10)?,
+            location: r.get(11)?,
+            text: r.get(12)?,
+            opened_at: r.get(15)?,
+            opened_by: r.get(16)?,
+        },
+        status: QueryStatus::Open,
+        answer: r.get(14)?,
+        answered_at: r.get(17)?,
+        answered_by: r.get(18)?,
+        closed_at: r.get(19)?,
+        closed_by: r.get(20)?,
+    };
+    Ok(match QueryStatus::parse(&status) {
+        Some(status) => Ok(DataQueryRecord { status, ..rec }),
+        None => Err(anyhow!("unknown data query status {status:?}")),
+    })
+}
+
+fn insert_queries(c: &Connection, queries: &[NewDataQuery]) -> Result<(), WriteError> {
+    for q in queries {
+        c.prepare_cached(
+            "INSERT INTO data_queries (id, trial, site, patient, rtype, rid, measurement, value, unit, soft_low, soft_high, location, text, status, opened_at, opened_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",
+        )
+        .map_err(db)?
+        .execute(params![
+            q.id,
+            q.trial,
+            q.site,
+            q.patient,
+            q.resource_type,
+            q.resource_id,
+            q.measurement,
+            q.value,
+            q.unit,
+            q.soft_low,
+            q.soft_high,
+            q.location,
+            q.text,
+            q.opened_at,
+            q.opened_by
+        ])
+        .map_err(db)?;
+    }
+    Ok(())
 }
 
 pub(crate) const BATCH_SELECT: &str =
@@ -923,7 +1069,9 @@ fn commit_group(conn: &mut Connection, jobs: Vec<Job>) {
                     // the check reads stays true until the apply.
                     match precheck(conn, &req.ops) {
                         Err(e) => outcomes.push(Outcome::Write(reply, Err(e))),
-                        Ok(()) => match apply_ops(conn, &req.ops) {
+                        Ok(()) => match apply_ops(conn, &req.ops)
+                            .and_then(|()| insert_queries(conn, &req.queries))
+                        {
                             Ok(()) => {
                                 audit_records.extend(req.audit);
                                 outcomes.push(Outcome::Write(reply, Ok(())));
