@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod fhir;
 pub mod ingest;
+mod media;
 pub mod metrics;
 pub mod queries;
 pub mod startup;

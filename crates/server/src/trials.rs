@@ -7,9 +7,10 @@
 //! stored, in one request: loading the same file twice changes nothing. Each
 //! protocol version is kept; a changed protocol must bump `version`.
 
+use crate::media::media_type;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json as AxumJson;
 use clinflow_fhir::Json;
@@ -189,16 +190,6 @@ fn require_writer(caller: &Caller) -> Result<(), ApiError> {
             r.as_str()
         ))),
     }
-}
-
-fn media_type(headers: &HeaderMap) -> String {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.split(';').next())
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
 }
 
 /// `POST /trials`: a protocol as YAML (`application/yaml`, `text/yaml`) or

@@ -75,12 +75,7 @@ impl<S: Send + Sync> FromRequest<S> for FhirBody {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let mime = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
+        let mime = crate::media::media_type(req.headers());
         if !matches!(mime.as_str(), "application/fhir+json" | "application/json") {
             return Err(ApiError::UnsupportedMediaType(format!(
                 "Content-Type {ct:?} is not supported: send application/fhir+json"

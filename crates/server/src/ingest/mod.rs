@@ -20,6 +20,7 @@ pub mod context;
 pub mod mllp;
 pub mod pipeline;
 
+use crate::media::media_type;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -115,17 +116,6 @@ fn require_ingest_role(caller: &Caller) -> Result<(), ApiError> {
             r.as_str()
         ))),
     }
-}
-
-/// The media type without parameters, lower case.
-fn media_type(headers: &HeaderMap) -> String {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.split(';').next())
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
 }
 
 fn unsupported(got: &str, want: &str) -> ApiError {
