@@ -1044,7 +1044,6 @@ enum Outcome {
 }
 
 fn commit_group(conn: &mut Connection, jobs: Vec<Job>) {
-    let mut outcomes = Vec::with_capacity(jobs.len());
     // A group of read-audit records only is committed without waiting for
     // the disk (WAL, synchronous=NORMAL: safe against a process crash, not
     // a power cut). Nobody waits for these records, and ARCHITECTURE.md
@@ -1055,6 +1054,105 @@ fn commit_group(conn: &mut Connection, jobs: Vec<Job>) {
     if audit_only {
         let _ = conn.execute_batch("PRAGMA synchronous=NORMAL");
     }
+    // First try: apply every write as it comes, without reading first.
+    // Conflicts are rare (the server assigns fresh ids to creates; only a
+    // stale If-Match, a client-chosen id or a duplicate conditional create
+    // conflicts), so checking each op before applying it (one B-tree seek
+    // per resource, ~10% of the writer's time in profiles) is paid only
+    // when a conflict shows up: then the whole group is rolled back and
+    // run again with every request checked. Custom jobs are closures that
+    // cannot run twice, so a group with one goes the checked way at once.
+    let retryable = !jobs.iter().any(|j| matches!(j, Job::Custom(..)));
+    let (result, outcomes) = if retryable {
+        match commit_unchecked(conn, &jobs) {
+            Ok(()) => (Ok(()), all_ok(jobs)),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                if !matches!(e, WriteError::Conflict { .. }) {
+                    tracing::warn!(error = %e, "unchecked group failed; retrying it checked");
+                }
+                commit_checked(conn, jobs)
+            }
+        }
+    } else {
+        commit_checked(conn, jobs)
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "group commit failed; every request in it fails");
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    if audit_only {
+        if let Err(e) = conn.execute_batch("PRAGMA synchronous=FULL") {
+            // Never go on writing clinical data without full durability.
+            tracing::error!(error = %e, "cannot restore synchronous=FULL; the writer stops");
+            std::process::abort();
+        }
+    }
+    for o in outcomes {
+        match o {
+            Outcome::Write(reply, r) => {
+                let r = match (&result, r) {
+                    (Ok(()), r) => r,
+                    (Err(e), _) => Err(WriteError::Db(anyhow!("commit failed: {e}"))),
+                };
+                let _ = reply.send(r);
+            }
+            Outcome::Custom(reply, r) => {
+                let r = match (&result, r) {
+                    (Ok(()), r) => r,
+                    (Err(e), _) => Err(anyhow!("commit failed: {e}")),
+                };
+                let _ = reply.send(r);
+            }
+            Outcome::Flush(reply) => {
+                let _ = reply.send(());
+            }
+        }
+    }
+}
+
+/// Applies and commits a group without Custom jobs and without prechecks;
+/// any error (a conflict included) leaves the transaction open for the
+/// caller to roll back.
+fn commit_unchecked(conn: &Connection, jobs: &[Job]) -> Result<(), WriteError> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(db)?;
+    let mut audit: Vec<&AuditRecord> = Vec::new();
+    for job in jobs {
+        match job {
+            Job::Write(req, _) => {
+                apply_ops(conn, &req.ops)?;
+                insert_queries(conn, &req.queries)?;
+                audit.extend(&req.audit);
+            }
+            Job::Audit(records) => audit.extend(records),
+            Job::Flush(_) => {}
+            Job::Custom(..) => {
+                unreachable!("commit_unchecked is only given groups without Custom jobs")
+            }
+        }
+    }
+    if !audit.is_empty() {
+        append_audit(conn, audit).map_err(WriteError::Db)?;
+    }
+    conn.execute_batch("COMMIT").map_err(db)
+}
+
+/// What every job of a committed group is answered.
+fn all_ok(jobs: Vec<Job>) -> Vec<Outcome> {
+    jobs.into_iter()
+        .filter_map(|job| match job {
+            Job::Write(_, reply) => Some(Outcome::Write(reply, Ok(()))),
+            Job::Flush(reply) => Some(Outcome::Flush(reply)),
+            Job::Audit(_) => None,
+            Job::Custom(_, _, reply) => Some(Outcome::Custom(reply, Ok(()))),
+        })
+        .collect()
+}
+
+/// Runs a group checking each write request before applying it, so that
+/// a request that cannot commit fails alone and the others commit.
+fn commit_checked(conn: &Connection, jobs: Vec<Job>) -> (anyhow::Result<()>, Vec<Outcome>) {
+    let mut outcomes = Vec::with_capacity(jobs.len());
     let result = (|| -> anyhow::Result<()> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let mut audit_records = Vec::new();
@@ -1100,43 +1198,12 @@ fn commit_group(conn: &mut Connection, jobs: Vec<Job>) {
             }
         }
         if !audit_records.is_empty() {
-            append_audit(conn, audit_records)?;
+            append_audit(conn, audit_records.iter().collect())?;
         }
         conn.execute_batch("COMMIT")?;
         Ok(())
     })();
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "group commit failed; every request in it fails");
-        let _ = conn.execute_batch("ROLLBACK");
-    }
-    if audit_only {
-        if let Err(e) = conn.execute_batch("PRAGMA synchronous=FULL") {
-            // Never go on writing clinical data without full durability.
-            tracing::error!(error = %e, "cannot restore synchronous=FULL; the writer stops");
-            std::process::abort();
-        }
-    }
-    for o in outcomes {
-        match o {
-            Outcome::Write(reply, r) => {
-                let r = match (&result, r) {
-                    (Ok(()), r) => r,
-                    (Err(e), _) => Err(WriteError::Db(anyhow!("commit failed: {e}"))),
-                };
-                let _ = reply.send(r);
-            }
-            Outcome::Custom(reply, r) => {
-                let r = match (&result, r) {
-                    (Ok(()), r) => r,
-                    (Err(e), _) => Err(anyhow!("commit failed: {e}")),
-                };
-                let _ = reply.send(r);
-            }
-            Outcome::Flush(reply) => {
-                let _ = reply.send(());
-            }
-        }
-    }
+    (result, outcomes)
 }
 
 fn in_savepoint(
@@ -1358,7 +1425,7 @@ fn write_index(
     Ok(())
 }
 
-fn append_audit(c: &Connection, records: Vec<AuditRecord>) -> anyhow::Result<()> {
+fn append_audit(c: &Connection, records: Vec<&AuditRecord>) -> anyhow::Result<()> {
     // The writer holds the database's write lock (BEGIN IMMEDIATE), so the
     // head read here is the head this append follows, even when another
     // process (the CLI) writes to the same file.
@@ -1379,11 +1446,12 @@ fn append_audit(c: &Connection, records: Vec<AuditRecord>) -> anyhow::Result<()>
     let mut st = c.prepare_cached(
         "INSERT INTO audit_log (seq, time, actor, role, action, rtype, rid, vid, reason, outcome, client, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )?;
-    let chained = audit::chain(head, records);
-    for a in &chained {
-        let r = &a.record;
+    let (mut seq, mut prev) = head.unwrap_or((0, audit::GENESIS.to_string()));
+    for r in records {
+        seq += 1;
+        let hash = audit::hash(seq, &prev, r);
         st.execute(params![
-            a.seq,
+            seq,
             r.time,
             r.actor,
             r.role,
@@ -1395,13 +1463,12 @@ fn append_audit(c: &Connection, records: Vec<AuditRecord>) -> anyhow::Result<()>
             r.outcome,
             r.client,
             r.detail,
-            a.prev_hash,
-            a.hash
+            prev,
+            hash
         ])?;
+        prev = hash;
     }
-    if let Some(a) = chained.last() {
-        c.prepare_cached("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")?
-            .execute(params![a.seq, a.hash])?;
-    }
+    c.prepare_cached("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")?
+        .execute(params![seq, prev])?;
     Ok(())
 }
