@@ -16,6 +16,8 @@ use clinflow_server::auth::{create_token, Role};
 use clinflow_server::{Application, Config};
 use clinflow_store::{AuditRecord, DatabaseUrl, Store};
 
+mod ingest;
+
 /// The server allocates and frees many small objects per request (JSON
 /// trees of Bundles, index rows, response entries) on several threads;
 /// glibc's allocator showed in profiles (malloc_consolidate, unlink_chunk).
@@ -105,6 +107,41 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Sends files to a running server's ingest pipeline and waits until
+    /// each is processed: a progress bar on stderr, every rejection and a
+    /// summary on stdout. Exits 0 when everything was stored, 1 when an
+    /// item was rejected or an input not accepted, 2 on other errors.
+    Ingest {
+        #[arg(long, value_enum)]
+        format: ingest::Format,
+        /// Files, directories (every file under them) or `-` for stdin;
+        /// each is one batch.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// The server's base URL.
+        #[arg(long, env = "CLINFLOW_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// An interface, data-manager or admin token.
+        #[arg(
+            long,
+            env = "CLINFLOW_TOKEN",
+            hide_env_values = true,
+            default_value = ""
+        )]
+        token: String,
+        /// Inputs sent at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Timeout of each HTTP request, in seconds.
+        #[arg(long, default_value_t = 60)]
+        request_timeout: u64,
+        /// How long to wait for a batch to be processed, in seconds.
+        #[arg(long, default_value_t = 600)]
+        wait_timeout: u64,
+        /// Times a 429 or 503 is retried (after its Retry-After).
+        #[arg(long, default_value_t = 20)]
+        max_retries: u32,
     },
 }
 
@@ -371,6 +408,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             store.flush().await?;
+        }
+        Command::Ingest {
+            format,
+            inputs,
+            server,
+            token,
+            concurrency,
+            request_timeout,
+            wait_timeout,
+            max_retries,
+        } => {
+            let code = ingest::run(ingest::Options {
+                format,
+                inputs,
+                server,
+                token,
+                concurrency,
+                request_timeout: Duration::from_secs(request_timeout),
+                wait_timeout: Duration::from_secs(wait_timeout),
+                max_retries,
+            })
+            .await?;
+            return Ok(ExitCode::from(code));
         }
         Command::Audit {
             command: AuditCommand::Verify,

@@ -47,6 +47,12 @@ engine_tests!(
     a_batch_cut_short_is_resumed_without_storing_twice,
     a_fhir_bundle_is_stored_with_references_by_identifier_resolved,
     fhir_ndjson_rejects_an_invalid_line_with_its_element_path,
+    the_cli_ingests_files_directories_and_stdin,
+    the_cli_says_when_the_server_is_full with |c: &mut clinflow_server::Config| {
+        c.ingest_workers = 0;
+        c.ingest_queue = 1;
+    },
+    the_cli_needs_a_token,
 );
 
 /// The reference trial as clinflow-edc sees it once loaded.
@@ -792,4 +798,238 @@ async fn fhir_ndjson_rejects_an_invalid_line_with_its_element_path(app: TestApp)
     )
     .await;
     assert_eq!(done(&app, &app.admin, &id).await["stored"], 1);
+}
+
+/// Runs `clinflow ingest ARGS...` against the app with `token` (if any) in
+/// CLINFLOW_TOKEN and `stdin` on its standard input, off the runtime's
+/// threads; returns (exit code, stdout, stderr).
+async fn ingest_cli(
+    app: &TestApp,
+    token: Option<&str>,
+    args: &[&str],
+    stdin: &str,
+) -> (i32, String, String) {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(crate::helpers::clinflow_bin());
+    cmd.arg("ingest")
+        .args(args)
+        .arg("--server")
+        .arg(app.url(""))
+        .env_remove("CLINFLOW_TOKEN")
+        .env_remove("CLINFLOW_SERVER")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(t) = token {
+        cmd.env("CLINFLOW_TOKEN", t);
+    }
+    let stdin = stdin.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().expect("the clinflow binary runs");
+        child
+            .stdin
+            .take()
+            .expect("a stdin pipe")
+            .write_all(stdin.as_bytes())
+            .expect("writing stdin");
+        child.wait_with_output().expect("clinflow ingest finishes")
+    })
+    .await
+    .expect("the blocking task");
+    (
+        out.status.code().expect("an exit code, not a signal"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The counts of the summary line `N inputs (F failed): R items received,
+/// S stored, J rejected, D duplicates, Q data queries opened`.
+fn summary(stdout: &str) -> Vec<u64> {
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("items received"))
+        .unwrap_or_else(|| panic!("no summary in {stdout}"));
+    line.split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse().expect("a count"))
+        .collect()
+}
+
+async fn the_cli_ingests_files_directories_and_stdin(app: TestApp) {
+    app.load_reference_trial().await;
+    let token = app.token("interface", None, None).await;
+    let lab = Expected::of("/ingest/hl7v2", LAB);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    // A directory of two CSV files (and a hidden one that is skipped).
+    let (head, rows) = WEARABLE.split_once('\n').expect("a CSV header");
+    let rows: Vec<&str> = rows.lines().collect();
+    let (first, second) = rows.split_at(rows.len() / 2);
+    // The second file also has a row for a subject nobody enrolled.
+    let mut fields: Vec<&str> = first[0].split(',').collect();
+    fields[0] = "NOT-ENROLLED-9999";
+    let stranger = fields.join(",");
+    let mut second = second.to_vec();
+    second.push(&stranger);
+    let second = second.as_slice();
+    let part = |rows: &[&str]| format!("{head}\n{}\n", rows.join("\n"));
+    let csv_dir = dir.path().join("wearables");
+    std::fs::create_dir(&csv_dir).unwrap();
+    std::fs::write(csv_dir.join("a.csv"), part(first)).unwrap();
+    std::fs::write(csv_dir.join("b.csv"), part(second)).unwrap();
+    std::fs::write(csv_dir.join(".hidden.csv"), "not,a,wearable,file\n").unwrap();
+    let csv = [
+        Expected::of("/ingest/wearable", &part(first)),
+        Expected::of("/ingest/wearable", &part(second)),
+    ];
+
+    // Lab results from stdin: every rejection is listed with its location.
+    let (code, out, err) = ingest_cli(&app, Some(&token), &["--format", "hl7v2", "-"], LAB).await;
+    let lab_rejected = lab.items.len() as u64 - lab.stored();
+    assert_eq!(code, i32::from(lab_rejected > 0), "{out}{err}");
+    assert_eq!(
+        summary(&out),
+        vec![
+            1,
+            0,
+            lab.items.len() as u64,
+            lab.stored(),
+            lab_rejected,
+            0,
+            summary_queries(&lab)
+        ],
+        "{out}"
+    );
+    assert_rejections_listed(&out, "<stdin>", &lab);
+    assert!(err.contains("1/1 inputs"), "no progress on stderr: {err}");
+
+    // A directory: one batch per file, in name order.
+    let (code, out, err) = ingest_cli(
+        &app,
+        Some(&token),
+        &["--format", "wearable", csv_dir.to_str().unwrap()],
+        "",
+    )
+    .await;
+    let received: u64 = csv.iter().map(|e| e.items.len() as u64).sum();
+    let stored: u64 = csv.iter().map(Expected::stored).sum();
+    assert_eq!(code, i32::from(received > stored), "{out}{err}");
+    assert_eq!(
+        summary(&out),
+        vec![
+            2,
+            0,
+            received,
+            stored,
+            received - stored,
+            0,
+            csv.iter().map(summary_queries).sum()
+        ],
+        "{out}"
+    );
+    assert!(err.contains("2/2 inputs"), "{err}");
+    assert!(
+        received > stored,
+        "the sample's invalid rows are part of this test"
+    );
+    for (file, expected) in ["a.csv", "b.csv"].iter().zip(&csv) {
+        let name = csv_dir.join(file).display().to_string();
+        assert_rejections_listed(&out, &name, expected);
+    }
+
+    // The same lab file again, as a file: acknowledged, stored once.
+    let lab_file = dir.path().join("lab.hl7");
+    std::fs::write(&lab_file, LAB).unwrap();
+    let (_, out, err) = ingest_cli(
+        &app,
+        Some(&token),
+        &["--format", "hl7v2", lab_file.to_str().unwrap()],
+        "",
+    )
+    .await;
+    let counts = summary(&out);
+    assert_eq!(counts[..3], [1, 0, lab.items.len() as u64], "{out}{err}");
+
+    // A file that does not exist fails before anything is sent.
+    let (code, _, err) = ingest_cli(
+        &app,
+        Some(&token),
+        &[
+            "--format",
+            "diary",
+            dir.path().join("missing.ndjson").to_str().unwrap(),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("missing.ndjson"), "{err}");
+}
+
+/// Every rejection of `expected` is a line `rejected: NAME item I at
+/// LOCATION: REASON` of the output.
+#[track_caller]
+fn assert_rejections_listed(out: &str, name: &str, expected: &Expected) {
+    for r in expected.rejections() {
+        let line = format!(
+            "rejected: {name} item {} at {}: {}",
+            r["index"],
+            r["location"].as_str().unwrap_or("-"),
+            r["reason"].as_str().unwrap_or_default()
+        );
+        assert!(out.contains(&line), "{line} missing in {out}");
+    }
+}
+
+fn summary_queries(e: &Expected) -> u64 {
+    e.items
+        .iter()
+        .filter(|i| i.is_stored())
+        .map(|i| i.queries.len() as u64)
+        .sum()
+}
+
+async fn the_cli_says_when_the_server_is_full(app: TestApp) {
+    app.load_reference_trial().await;
+    let token = app.token("interface", None, None).await;
+    // No workers and room for one batch: the first is accepted (and stays
+    // processing), the second is refused with 429 and, with no retries
+    // allowed, reported as failed.
+    let (head, rows) = WEARABLE.split_once('\n').expect("a CSV header");
+    let first_row = rows.lines().next().expect("a row");
+    ingest(
+        &app,
+        &token,
+        "/ingest/wearable",
+        CSV,
+        &format!("{head}\n{first_row}\n"),
+    )
+    .await;
+    let (code, out, err) = ingest_cli(
+        &app,
+        Some(&token),
+        &["--format", "wearable", "--max-retries", "0", "-"],
+        WEARABLE,
+    )
+    .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("failed: <stdin>: the server answered 429"),
+        "{out}"
+    );
+    assert_eq!(summary(&out)[..2], [1, 1], "{out}");
+}
+
+async fn the_cli_needs_a_token(app: TestApp) {
+    let (code, _, err) = ingest_cli(&app, None, &["--format", "hl7v2", "-"], LAB).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("CLINFLOW_TOKEN"), "{err}");
+    // A token the server does not know: the 401 is reported per input.
+    let (code, out, _) =
+        ingest_cli(&app, Some("not-a-token"), &["--format", "hl7v2", "-"], LAB).await;
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("failed: <stdin>: the server answered 401"),
+        "{out}"
+    );
 }
