@@ -239,6 +239,13 @@ impl Store {
         dispatch!(self.finish_batch(id, counts, rejections))
     }
 
+    /// Puts a done batch back to processing (to be run again: a retry),
+    /// clearing its rejections, with its audit records, in one
+    /// transaction; `false` (nothing written) when it is not done.
+    pub async fn reopen_batch(&self, id: &str, audit: Vec<AuditRecord>) -> anyhow::Result<bool> {
+        dispatch!(self.reopen_batch(id, audit))
+    }
+
     /// Batches not done, oldest first: what a restart resumes.
     pub async fn unfinished_batches(&self) -> anyhow::Result<Vec<String>> {
         dispatch!(self.unfinished_batches())

@@ -53,6 +53,10 @@ engine_tests!(
         c.ingest_queue = 1;
     },
     the_cli_needs_a_token,
+    a_retried_batch_stores_what_now_passes_and_nothing_twice,
+    a_batch_still_processing_cannot_be_retried with |c: &mut clinflow_server::Config| {
+        c.ingest_workers = 0;
+    },
 );
 
 /// The reference trial as clinflow-edc sees it once loaded.
@@ -1032,4 +1036,98 @@ async fn the_cli_needs_a_token(app: TestApp) {
         out.contains("failed: <stdin>: the server answered 401"),
         "{out}"
     );
+}
+
+async fn a_retried_batch_stores_what_now_passes_and_nothing_twice(app: TestApp) {
+    app.load_reference_trial().await;
+    // A subject in the subjects file, left out of the first enrolment.
+    let (header, subjects) = SUBJECTS_CSV.split_once('\n').expect("a CSV header");
+    let late_row = subjects.lines().last().expect("a subject");
+    let late = late_row
+        .split(',')
+        .next()
+        .expect("a subject id")
+        .to_string();
+    let wearable_head = WEARABLE.lines().next().expect("a CSV header");
+    let enrolled_row = WEARABLE.lines().nth(1).expect("a row");
+    let mut fields: Vec<&str> = enrolled_row.split(',').collect();
+    let stranger = "CARDIO-01-9999";
+    fields[0] = stranger;
+    let stranger_row = fields.join(",");
+    // The late subject's row: a fresh subject id in the first row's shape.
+    let unknown_late = "CARDIO-01-LATE";
+    fields[0] = unknown_late;
+    let late_reading = fields.join(",");
+    let body = format!("{wearable_head}\n{enrolled_row}\n{stranger_row}\n{late_reading}\n");
+    let first = ingest_and_wait(&app, "/ingest/wearable", CSV, &body).await;
+    assert_eq!(first["stored"], 1, "{first}");
+    assert_eq!(first["rejected"], 2, "{first}");
+    let id = first["batch"].as_str().unwrap().to_string();
+    let observations = app.count(&app.admin, "Observation").await;
+
+    // Roles and unknown batches.
+    let interface = app.token("interface", None, None).await;
+    app.post(&format!("/ingest/batches/{id}/retry"), &interface, CSV, "")
+        .await
+        .problem(403);
+    app.post("/ingest/batches/no-such-batch/retry", &app.admin, CSV, "")
+        .await
+        .problem(404);
+
+    // Enrol the late subject (the row of the subjects file, renamed), retry.
+    let late_subject = late_row.replacen(&late, unknown_late, 1);
+    app.post(
+        &format!("/trials/{}/subjects", crate::helpers::trial_id()),
+        &app.admin,
+        "text/csv",
+        &format!("{header}\n{late_subject}\n"),
+    )
+    .await
+    .expect(200);
+    let r = app
+        .post(&format!("/ingest/batches/{id}/retry"), &app.admin, CSV, "")
+        .await;
+    r.expect(202);
+    assert_eq!(r.json()["batch"], id.as_str());
+    let again = done(&app, &app.admin, &id).await;
+    assert_eq!(again["received"], 3, "{again}");
+    assert_eq!(
+        again["stored"], 2,
+        "the late subject's row now passes: {again}"
+    );
+    assert_eq!(again["rejected"], 1, "{again}");
+    assert_eq!(again["duplicates"], 0, "{again}");
+    assert_counts_add_up(&again);
+    let still = again["rejections"].as_array().expect("rejections");
+    assert_eq!(still.len(), 1, "{again}");
+    assert_eq!(still[0]["index"], 1, "the stranger's row: {again}");
+    // One new Observation: the one stored before is not stored twice.
+    assert_eq!(app.count(&app.admin, "Observation").await, observations + 1);
+
+    // The retry is in the audit trail, with the counts it replaced.
+    let records = app
+        .store
+        .audit_records(clinflow_store::AuditQuery {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let retry = records
+        .iter()
+        .find(|r| r.record.action == "ingest-retry")
+        .expect("an ingest-retry audit record");
+    let detail = retry.record.detail.as_deref().unwrap_or_default();
+    assert!(
+        detail.contains(&id) && detail.contains("2 rejected"),
+        "{detail}"
+    );
+}
+
+async fn a_batch_still_processing_cannot_be_retried(app: TestApp) {
+    app.load_reference_trial().await;
+    let id = ingest(&app, &app.admin, "/ingest/wearable", CSV, WEARABLE).await;
+    app.post(&format!("/ingest/batches/{id}/retry"), &app.admin, CSV, "")
+        .await
+        .problem(409);
 }

@@ -71,6 +71,15 @@ async fn every_other_endpoint_needs_a_valid_token(app: TestApp) {
         (Method::GET, "/audit/export".into()),
         (Method::GET, "/audit/verify".into()),
         (Method::GET, "/metrics".into()),
+        (Method::POST, "/ingest/hl7v2".into()),
+        (Method::POST, "/ingest/wearable".into()),
+        (Method::POST, "/ingest/diary".into()),
+        (Method::POST, "/ingest/fhir".into()),
+        (Method::GET, "/ingest/batches/b".into()),
+        (Method::POST, "/ingest/batches/b/retry".into()),
+        (Method::GET, "/queries".into()),
+        (Method::POST, "/queries/q/answer".into()),
+        (Method::POST, "/queries/q/close".into()),
     ];
     let bad_tokens: [Option<&str>; 4] = [
         None,

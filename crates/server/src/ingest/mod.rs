@@ -46,6 +46,7 @@ pub fn routes() -> Router<AppState> {
         .route("/diary", post(post_diary))
         .route("/fhir", post(post_fhir))
         .route("/batches/{id}", get(get_batch))
+        .route("/batches/{id}/retry", post(retry_batch))
 }
 
 /// An input format, as a batch records it.
@@ -206,15 +207,20 @@ async fn accept(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let batch = accept_batch(state, caller, format, body).await?;
+    Ok(accepted(&batch.id, batch.status.as_str()))
+}
+
+/// `202 {"batch", "status"}` with the batch's Location.
+fn accepted(id: &str, status: &str) -> Response {
     let mut resp = (
         StatusCode::ACCEPTED,
-        AxumJson(json!({"batch": batch.id, "status": batch.status.as_str()})),
+        AxumJson(json!({"batch": id, "status": status})),
     )
         .into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/ingest/batches/{}", batch.id)) {
+    if let Ok(v) = HeaderValue::from_str(&format!("/ingest/batches/{id}")) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
-    Ok(resp)
+    resp
 }
 
 /// The one way into the pipeline (HTTP and MLLP): commits the raw input
@@ -293,4 +299,41 @@ pub async fn get_batch(
         "rejections": rejections,
     }))
     .into_response())
+}
+
+/// `POST /ingest/batches/{id}/retry` (data-manager, admin): runs a done
+/// batch again from its raw input against the trial as it is now (after a
+/// subject was enrolled or the protocol amended). What it stored before
+/// stays stored once (processing is idempotent); what is still rejected is
+/// listed again. Answers 202 like an ingest; 409 while the batch is still
+/// processing; 429 when the queue is full (nothing changed).
+pub async fn retry_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if !matches!(caller.principal.role, Role::Admin | Role::DataManager) {
+        return Err(ApiError::Forbidden(
+            "retrying an ingest batch needs the data-manager or admin role".into(),
+        ));
+    }
+    let batch = state
+        .store
+        .batch(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no ingest batch {id:?}")))?;
+    let place = state.ingest.reserve()?;
+    let k = batch.counts;
+    let mut rec = caller.audit("ingest-retry", "success");
+    rec.detail = Some(format!(
+        "batch {id} ({}): before the retry {} received, {} stored, {} rejected, {} duplicates",
+        batch.format, k.received, k.stored, k.rejected, k.duplicates
+    ));
+    if !state.store.reopen_batch(&id, vec![rec]).await? {
+        return Err(ApiError::Conflict(format!(
+            "ingest batch {id} is still processing; retry it once it is done"
+        )));
+    }
+    place.send(id.clone());
+    Ok(accepted(&id, "processing"))
 }

@@ -76,6 +76,9 @@ enum Op {
     PutBatch(NewBatch),
     /// A batch's outcome; 0 rows when it was not processing.
     FinishBatch(String, BatchCounts, Vec<BatchRejection>),
+    /// A done batch back to processing, its rejections cleared; a
+    /// `Conflict` (which drops the job's audit records) when it is not done.
+    ReopenBatch(String),
     /// A data query's lifecycle step (who, when); a `Conflict` (which
     /// drops the job's audit records) when its status does not allow it.
     ChangeQuery(String, QueryChange, String, i64),
@@ -602,6 +605,14 @@ impl PgStore {
             )
             .await?
             > 0)
+    }
+
+    pub async fn reopen_batch(&self, id: &str, audit: Vec<AuditRecord>) -> anyhow::Result<bool> {
+        match self.op(Op::ReopenBatch(id.to_string()), audit).await {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.downcast_ref(), Some(WriteError::Conflict { .. })) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn unfinished_batches(&self) -> anyhow::Result<Vec<String>> {
@@ -1359,6 +1370,27 @@ async fn apply_op(c: &Client, st: &Stmts, op: &Op) -> Result<u64, WriteError> {
                 .await
                 .map_err(db)?;
             }
+            Ok(n)
+        }
+        Op::ReopenBatch(id) => {
+            let n = c
+                .execute(
+                    "UPDATE ingest_batches SET status = 'processing', finished_at = NULL WHERE id = $1 AND status = 'done'",
+                    &[id],
+                )
+                .await
+                .map_err(db)?;
+            if n == 0 {
+                return Err(WriteError::Conflict {
+                    resource_type: "ingest batch".into(),
+                    id: id.clone(),
+                    expected: Expect::Absent,
+                    found: None,
+                });
+            }
+            c.execute("DELETE FROM ingest_rejections WHERE batch = $1", &[id])
+                .await
+                .map_err(db)?;
             Ok(n)
         }
         Op::ChangeQuery(id, change, by, at) => {

@@ -588,6 +588,35 @@ impl SqliteStore {
         Ok(done.load(std::sync::atomic::Ordering::SeqCst))
     }
 
+    /// A done batch back to processing with its rejections cleared, and its
+    /// audit records, in one transaction; `false` (nothing written) when it
+    /// is not done.
+    pub async fn reopen_batch(&self, id: &str, audit: Vec<AuditRecord>) -> anyhow::Result<bool> {
+        let id = id.to_string();
+        let not_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = not_done.clone();
+        let r = self
+            .custom(audit, move |c| {
+                let n = c.execute(
+                    "UPDATE ingest_batches SET status = 'processing', finished_at = NULL WHERE id = ? AND status = 'done'",
+                    [&id],
+                )?;
+                if n == 0 {
+                    // Failing the job drops its audit record.
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Err(anyhow!("the batch is not done"));
+                }
+                c.execute("DELETE FROM ingest_rejections WHERE batch = ?", [&id])?;
+                Ok(())
+            })
+            .await;
+        match r {
+            Ok(()) => Ok(true),
+            Err(_) if not_done.load(std::sync::atomic::Ordering::SeqCst) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The ids of batches not done, oldest first (resumed at startup).
     pub async fn unfinished_batches(&self) -> anyhow::Result<Vec<String>> {
         self.read(|c| {
