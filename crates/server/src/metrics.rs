@@ -44,6 +44,19 @@ pub struct RejectionLabels {
     pub reason: String,
 }
 
+/// An MLLP acknowledgement, by its code (`AA`, `AE`, `AR`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AckLabels {
+    pub code: String,
+}
+
+/// Why an MLLP connection was closed without an ACK (a fixed phrase,
+/// never message content).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnackedLabels {
+    pub why: String,
+}
+
 /// The server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -57,6 +70,18 @@ pub struct Metrics {
     pub ingest_rejections: Family<RejectionLabels, Counter>,
     /// From a worker taking a batch to the batch done.
     pub ingest_batch_seconds: Histogram,
+    /// MLLP connections open now, and opened in all.
+    pub mllp_connections_open: Gauge,
+    pub mllp_connections: Counter,
+    /// ACKs sent, by code.
+    pub mllp_acks: Family<AckLabels, Counter>,
+    /// From a whole frame read to its ACK written.
+    pub mllp_ack_seconds: Histogram,
+    /// Messages left without an ACK (the connection closed; the sender
+    /// resends), by reason.
+    pub mllp_unacknowledged: Family<UnackedLabels, Counter>,
+    /// Framing errors (garbage, over-size or badly ended frames).
+    pub mllp_frame_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -98,6 +123,38 @@ impl Metrics {
             "Time from a worker taking a batch to the batch done",
             ingest_batch_seconds.clone(),
         );
+        let mllp_connections_open = Gauge::default();
+        let mllp_connections = Counter::default();
+        let mllp_acks = Family::<AckLabels, Counter>::default();
+        let mllp_ack_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let mllp_unacknowledged = Family::<UnackedLabels, Counter>::default();
+        let mllp_frame_errors = Counter::default();
+        registry.register(
+            "mllp_connections_open",
+            "MLLP connections open",
+            mllp_connections_open.clone(),
+        );
+        registry.register(
+            "mllp_connections",
+            "MLLP connections accepted",
+            mllp_connections.clone(),
+        );
+        registry.register("mllp_acks", "MLLP ACKs sent, by code", mllp_acks.clone());
+        registry.register(
+            "mllp_ack_duration_seconds",
+            "Time from an MLLP frame read to its ACK written",
+            mllp_ack_seconds.clone(),
+        );
+        registry.register(
+            "mllp_unacknowledged",
+            "MLLP messages left without an ACK (connection closed), by reason",
+            mllp_unacknowledged.clone(),
+        );
+        registry.register(
+            "mllp_frame_errors",
+            "MLLP framing errors",
+            mllp_frame_errors.clone(),
+        );
         registry.register("http_requests", "HTTP requests answered", requests.clone());
         registry.register(
             "http_request_duration_seconds",
@@ -124,6 +181,12 @@ impl Metrics {
             ingest_items,
             ingest_rejections,
             ingest_batch_seconds,
+            mllp_connections_open,
+            mllp_connections,
+            mllp_acks,
+            mllp_ack_seconds,
+            mllp_unacknowledged,
+            mllp_frame_errors,
         }
     }
 

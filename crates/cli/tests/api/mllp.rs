@@ -243,6 +243,18 @@ fn expected_observation_keys(message: &str) -> Vec<String> {
         .collect()
 }
 
+/// A sample's value in `/metrics` (0 when absent), e.g.
+/// `clinflow_mllp_acks_total{code="AR"}`.
+async fn metric(app: &TestApp, sample: &str) -> f64 {
+    let r = app.get("/metrics", &app.admin).await;
+    r.expect(200);
+    r.text
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
+}
+
 async fn observations_with_key(app: &TestApp, key: &str) -> Vec<String> {
     app.search_ids(
         &app.admin,
@@ -426,6 +438,23 @@ async fn an_unreadable_message_and_an_over_size_frame_are_rejected_with_err(app:
     c.ack().await.expect("AA", "MLLP-AFTER-BIG");
     c.nothing_more().await;
 
+    // Counted: three ARs, the AA, one connection, an ACK latency for each
+    // ACK, and the over-size frame as a framing error.
+    assert_eq!(
+        metric(&app, "clinflow_mllp_acks_total{code=\"AR\"}").await,
+        3.0
+    );
+    assert_eq!(
+        metric(&app, "clinflow_mllp_acks_total{code=\"AA\"}").await,
+        1.0
+    );
+    assert_eq!(metric(&app, "clinflow_mllp_connections_total").await, 1.0);
+    assert_eq!(
+        metric(&app, "clinflow_mllp_ack_duration_seconds_count").await,
+        4.0
+    );
+    assert!(metric(&app, "clinflow_mllp_frame_errors_total").await >= 1.0);
+
     // Nothing of the rejected ones was stored.
     // (The same sender and MSH-10 give the same item keys.)
     for id in ["MLLP-BAD-1", "MLLP-BIG-1"] {
@@ -570,6 +599,18 @@ async fn a_full_pipeline_gets_no_ack_and_nothing_is_stored(app: TestApp) {
         String::from_utf8_lossy(&got)
     );
     assert_eq!(app.store.unfinished_batches().await.unwrap(), vec![first]);
+    assert_eq!(
+        metric(
+            &app,
+            "clinflow_mllp_unacknowledged_total{why=\"the pipeline stayed full\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(&app, "clinflow_mllp_acks_total{code=\"AA\"}").await,
+        0.0
+    );
 }
 
 async fn a_message_stored_but_not_done_in_time_gets_no_ack(app: TestApp) {

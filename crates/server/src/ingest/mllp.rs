@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use super::Format;
 use crate::auth::{Caller, Principal, Role};
 use crate::error::ApiError;
+use crate::metrics::{AckLabels, Metrics, UnackedLabels};
 use crate::state::AppState;
 
 /// Bytes asked of the socket per read.
@@ -110,6 +111,11 @@ impl MllpListener {
                     let (state, shutdown) = (state.clone(), shutdown.clone());
                     connections.spawn(async move {
                         let _permit = permit;
+                        let metrics = state.metrics.clone();
+                        metrics.mllp_connections.inc();
+                        metrics.mllp_connections_open.inc();
+                        // Decremented however the task ends.
+                        let _open = OpenConnection(&metrics);
                         tracing::info!(%peer, "MLLP connection opened");
                         match Connection::new(stream, peer, state, shutdown).run().await {
                             Ok(()) => tracing::info!(%peer, "MLLP connection closed"),
@@ -143,6 +149,15 @@ impl MllpListener {
     }
 }
 
+/// Decrements `mllp_connections_open` when dropped.
+struct OpenConnection<'a>(&'a Metrics);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.mllp_connections_open.dec();
+    }
+}
+
 fn log_panic(done: Result<(), tokio::task::JoinError>) {
     if let Err(e) = done {
         tracing::error!(error = %e, "an MLLP connection task panicked");
@@ -151,8 +166,8 @@ fn log_panic(done: Result<(), tokio::task::JoinError>) {
 
 /// What became of one frame.
 enum Answer {
-    /// Send this ACK (unframed) and go on.
-    Ack(Vec<u8>),
+    /// Send this ACK (unframed, of this code) and go on.
+    Ack(Vec<u8>, AckCode),
     /// Nothing to acknowledge (garbage between frames).
     Nothing,
     /// Close the connection without an ACK: the message could not be
@@ -224,12 +239,28 @@ impl Connection {
             // next read, even when a stop was asked meanwhile: the sender
             // has sent them and waits for their ACKs.
             for frame in decoder.feed(buf.get(..n).unwrap_or_default()) {
+                let started = Instant::now();
+                let metrics = &self.state.metrics;
                 let answer = match frame {
                     Ok(payload) => self.message(payload).await,
-                    Err(e) => frame_error(&e, &self.peer),
+                    Err(e) => {
+                        metrics.mllp_frame_errors.inc();
+                        frame_error(&e, &self.peer)
+                    }
                 };
                 match answer {
-                    Answer::Ack(ack) => {
+                    Answer::Ack(ack, code) => {
+                        // Counted before the write, so that a peer holding
+                        // its ACK finds it counted.
+                        metrics
+                            .mllp_acks
+                            .get_or_create(&AckLabels {
+                                code: code.as_str().to_string(),
+                            })
+                            .inc();
+                        metrics
+                            .mllp_ack_seconds
+                            .observe(started.elapsed().as_secs_f64());
                         let framed = mllp_encode(&ack);
                         timeout(idle, self.stream.write_all(&framed))
                             .await
@@ -237,6 +268,12 @@ impl Connection {
                     }
                     Answer::Nothing => {}
                     Answer::Close(why) => {
+                        metrics
+                            .mllp_unacknowledged
+                            .get_or_create(&UnackedLabels {
+                                why: why.to_string(),
+                            })
+                            .inc();
                         tracing::warn!(peer = %self.peer, why, "MLLP connection closed without an ACK");
                         return Ok(());
                     }
@@ -253,16 +290,22 @@ impl Connection {
             Ok(m) => m,
             Err(e) => {
                 tracing::info!(peer = %self.peer, error = %e, "MLLP message rejected: unreadable");
-                return Answer::Ack(build_reject_ack_without_message(
-                    salvage_control_id(&payload).as_deref(),
-                    &[AckError::from_parse_error(&e)],
-                    &now(),
-                    &ack_control_id(),
-                ));
+                return Answer::Ack(
+                    build_reject_ack_without_message(
+                        salvage_control_id(&payload).as_deref(),
+                        &[AckError::from_parse_error(&e)],
+                        &now(),
+                        &ack_control_id(),
+                    ),
+                    AckCode::Reject,
+                );
             }
         };
         let ack = |code: AckCode, errors: &[AckError]| {
-            Answer::Ack(build_ack(&message, code, errors, &now(), &ack_control_id()))
+            Answer::Ack(
+                build_ack(&message, code, errors, &now(), &ack_control_id()),
+                code,
+            )
         };
         let batch = match self.accept(&payload, deadline).await {
             Ok(b) => b,
@@ -394,8 +437,8 @@ enum Refused {
 fn frame_error(e: &FrameError, peer: &SocketAddr) -> Answer {
     tracing::warn!(%peer, error = %e, "MLLP framing error");
     match e {
-        FrameError::TooLarge { .. } | FrameError::BadTrailer { .. } => {
-            Answer::Ack(build_reject_ack_without_message(
+        FrameError::TooLarge { .. } | FrameError::BadTrailer { .. } => Answer::Ack(
+            build_reject_ack_without_message(
                 None,
                 &[AckError {
                     location: None,
@@ -405,8 +448,9 @@ fn frame_error(e: &FrameError, peer: &SocketAddr) -> Answer {
                 }],
                 &now(),
                 &ack_control_id(),
-            ))
-        }
+            ),
+            AckCode::Reject,
+        ),
         FrameError::Garbage { .. }
         | FrameError::Unterminated { .. }
         | FrameError::Truncated { .. } => Answer::Nothing,
