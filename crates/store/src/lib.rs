@@ -165,6 +165,18 @@ impl Store {
         dispatch!(self.find_by_identifier(rtype, system, value))
     }
 
+    /// The first of `keys` (resource type, identifier value in `system`)
+    /// that names a live resource: its index in `keys` and the resource's
+    /// id. One round trip for all of them (ingest checks every resource of
+    /// an item this way).
+    pub async fn find_first_by_identifier(
+        &self,
+        system: &str,
+        keys: Vec<(String, String)>,
+    ) -> anyhow::Result<Option<(usize, String)>> {
+        dispatch!(self.find_first_by_identifier(system, keys))
+    }
+
     pub async fn patient_site(&self, patient: &str) -> anyhow::Result<Option<String>> {
         dispatch!(self.patient_site(patient))
     }

@@ -42,8 +42,10 @@ use crate::fhir::write::{build_op, new_id};
 use crate::metrics::{IngestItemLabels, Metrics, RejectionLabels};
 
 /// Items of one batch written at once: their writes join the store's group
-/// commits instead of waiting for one commit each.
-const ITEMS_IN_FLIGHT: usize = 16;
+/// commits instead of waiting for one commit each. Each waits for a commit
+/// (milliseconds), so this many per worker is what keeps a group full (the
+/// SQLite writer takes up to 64 requests a commit).
+const ITEMS_IN_FLIGHT: usize = 64;
 /// Waits between attempts at a failing batch (the last entry is unused:
 /// after the last attempt it is left for the next start).
 const RETRY_BACKOFF: [std::time::Duration; 3] = [
@@ -439,21 +441,21 @@ impl Worker {
         }
         let keys: Vec<String> = item.stored.iter().map(|p| p.full_url.clone()).collect();
         let _claim = self.claims.claim(keys).await;
-        for p in &item.stored {
-            let found = self
-                .store
-                .find_by_identifier(
-                    p.resource.resource_type(),
-                    Some(ITEM_KEY_SYSTEM),
-                    &p.full_url,
-                )
-                .await?;
-            let Some(existing) = found.first() else {
-                continue;
-            };
+        // Any resource of the item already stored (one round trip for all).
+        let keys = item
+            .stored
+            .iter()
+            .map(|p| (p.resource.resource_type().to_string(), p.full_url.clone()))
+            .collect();
+        if let Some((i, existing)) = self
+            .store
+            .find_first_by_identifier(ITEM_KEY_SYSTEM, keys)
+            .await?
+        {
+            let p = &item.stored[i];
             let ours = self
                 .store
-                .read_current(p.resource.resource_type(), existing)
+                .read_current(p.resource.resource_type(), &existing)
                 .await?
                 .and_then(|r| r.body)
                 .and_then(|b| Json::parse(&b).ok())

@@ -447,6 +447,29 @@ impl PgStore {
             .collect()
     }
 
+    pub async fn find_first_by_identifier(
+        &self,
+        system: &str,
+        keys: Vec<(String, String)>,
+    ) -> anyhow::Result<Option<(usize, String)>> {
+        let (rtypes, values): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT k.i, x.id FROM UNNEST($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS k(rtype, code, i) JOIN idx_token x ON x.rtype = k.rtype AND x.param = 'identifier' AND x.code = k.code AND x.system = $3 JOIN resources r ON r.rtype = x.rtype AND r.id = x.id AND r.deleted = 0 ORDER BY k.i LIMIT 1",
+            )
+            .await?;
+        Ok(
+            match c.query_opt(&st, &[&rtypes, &values, &system]).await? {
+                Some(row) => {
+                    let i: i64 = row.try_get(0)?;
+                    Some((usize::try_from(i - 1)?, row.try_get(1)?))
+                }
+                None => None,
+            },
+        )
+    }
+
     /// The site a patient is enrolled at.
     pub async fn patient_site(&self, patient: &str) -> anyhow::Result<Option<String>> {
         let c = self.client().await?;

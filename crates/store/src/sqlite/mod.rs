@@ -344,6 +344,29 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn find_first_by_identifier(
+        &self,
+        system: &str,
+        keys: Vec<(String, String)>,
+    ) -> anyhow::Result<Option<(usize, String)>> {
+        let system = system.to_string();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT x.id FROM idx_token x JOIN resources r ON r.rtype = x.rtype AND r.id = x.id AND r.deleted = 0 WHERE x.rtype = ? AND x.param = 'identifier' AND x.code = ? AND x.system = ? LIMIT 1",
+            )?;
+            for (i, (rtype, value)) in keys.iter().enumerate() {
+                let id: Option<String> = st
+                    .query_row(params![rtype, value, system], |r| r.get(0))
+                    .optional()?;
+                if let Some(id) = id {
+                    return Ok(Some((i, id)));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
     /// The site a patient is enrolled at.
     pub async fn patient_site(&self, patient: &str) -> anyhow::Result<Option<String>> {
         let patient = patient.to_string();

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Closed-loop load on /ingest/hl7v2 (issue 3, benchmark 2).
+
+Reads HL7 v2 messages, one a line (as `parse_bench --write` writes them),
+splits them into bodies of --per-post messages, and posts them from
+--clients threads (each waits for its 202 before the next post). A 429 or
+503 is retried after its Retry-After. When everything is accepted, polls
+every batch until it is done. Prints one JSON object: messages and
+Observations accepted, seconds from the first post to the last batch done,
+post latencies (p50/p99), and the batch counts summed.
+
+Standard library only.
+"""
+
+import argparse
+import http.client
+import json
+import threading
+import time
+import urllib.parse
+
+
+def request(conn, method, path, token, body=None, ctype=None):
+    headers = {"Authorization": f"Bearer {token}"}
+    if ctype:
+        headers["Content-Type"] = ctype
+    conn.request(method, path, body=body, headers=headers)
+    r = conn.getresponse()
+    data = r.read()
+    return r.status, r.getheader("Retry-After"), data
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("base")
+    ap.add_argument("messages")
+    ap.add_argument("--token", required=True)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--per-post", type=int, default=100)
+    ap.add_argument("--timeout", type=float, default=600)
+    a = ap.parse_args()
+
+    with open(a.messages, "rb") as f:
+        msgs = [line for line in f.read().split(b"\n") if line.strip()]
+    bodies = [b"\n".join(msgs[i:i + a.per_post]) + b"\n" for i in range(0, len(msgs), a.per_post)]
+    u = urllib.parse.urlparse(a.base)
+    lock = threading.Lock()
+    next_body = [0]
+    batches, latencies, retries, errors = [], [], [0], []
+
+    def client():
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        while True:
+            with lock:
+                i = next_body[0]
+                next_body[0] += 1
+            if i >= len(bodies):
+                return
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    status, retry_after, data = request(
+                        conn, "POST", "/ingest/hl7v2", a.token, bodies[i], "application/hl7-v2")
+                except (OSError, http.client.HTTPException) as e:
+                    conn.close()
+                    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+                    with lock:
+                        errors.append(str(e))
+                    continue
+                if status in (429, 503):
+                    with lock:
+                        retries[0] += 1
+                    time.sleep(min(float(retry_after or 1), 5) / 10)
+                    continue
+                if status != 202:
+                    with lock:
+                        errors.append(f"{status}: {data[:200]!r}")
+                    break
+                with lock:
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                    batches.append(json.loads(data)["batch"])
+                break
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(a.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    accepted_s = time.perf_counter() - start
+
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    totals = {"received": 0, "stored": 0, "rejected": 0, "duplicates": 0}
+    deadline = time.perf_counter() + a.timeout
+    for b in batches:
+        while True:
+            status, _, data = request(conn, "GET", f"/ingest/batches/{b}", a.token)
+            j = json.loads(data)
+            if status == 200 and j["status"] == "done":
+                for k in totals:
+                    totals[k] += j[k]
+                break
+            if time.perf_counter() > deadline:
+                raise SystemExit(f"batch {b} not done in {a.timeout} s")
+            time.sleep(0.05)
+    done_s = time.perf_counter() - start
+    latencies.sort()
+    pct = lambda p: round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 1) if latencies else None
+    print(json.dumps({
+        "messages": len(msgs), "posts": len(bodies), "batches": len(batches),
+        "retries_429": retries[0], "errors": len(errors), "first_errors": errors[:3],
+        "accepted_seconds": round(accepted_s, 2), "done_seconds": round(done_s, 2),
+        "post_p50_ms": pct(0.50), "post_p99_ms": pct(0.99), **totals,
+    }))
+
+
+if __name__ == "__main__":
+    main()
