@@ -13,6 +13,8 @@ LIMIT=$ROOT/target/release/clinflow-bench-limit
 TOKEN=${BENCH_TOKEN:-bench-admin-$RANDOM$RANDOM}
 STARTED_PIDS=()
 PG_SCHEMAS=()
+# Extra `serve` arguments a script may set (e.g. --mllp-listen ADDR).
+SERVE_EXTRA=()
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/clinflow-bench.XXXXXX")
 
 log() { printf '%s\n' "$*" >&2; }
@@ -80,7 +82,7 @@ start_clinflow() {
     local db=$1 port=$2 logf=$3
     port_free "$port" || die "port $port is in use"
     CLINFLOW_ADMIN_TOKEN=$TOKEN "$CLINFLOW" --database "$db" --data-dir "$WORK/data" \
-        serve --listen "127.0.0.1:$port" --demo >"$logf" 2>&1 &
+        serve --listen "127.0.0.1:$port" --demo "${SERVE_EXTRA[@]}" >"$logf" 2>&1 &
     STARTED_PIDS+=($!)
     wait_http "http://127.0.0.1:$port/healthz" 60 \
         || { tail -20 "$logf" >&2; die "clinflow did not start on port $port"; }
