@@ -9,6 +9,12 @@ every batch until it is done. Prints one JSON object: messages and
 Observations accepted, seconds from the first post to the last batch done,
 post latencies (p50/p99), and the batch counts summed.
 
+With --rate R (posts per second), the load is open-loop instead: post i is
+sent at i/R seconds from the start (up to 64 in flight), a 429/503 is
+counted as refused and not retried (a burst beyond what the server takes),
+and only the accepted posts are waited for. "accepted_messages" then says
+how many messages were acknowledged.
+
 Standard library only.
 """
 
@@ -38,6 +44,7 @@ def main():
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--per-post", type=int, default=100)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--rate", type=float, default=0, help="open loop: posts per second")
     a = ap.parse_args()
 
     with open(a.messages, "rb") as f:
@@ -81,12 +88,49 @@ def main():
                     batches.append(json.loads(data)["batch"])
                 break
 
+    refused = [0]
+    accepted_messages = [0]
+
+    def post_once(i):
+        local = getattr(threading.current_thread(), "conn", None)
+        if local is None:
+            local = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+            threading.current_thread().conn = local
+        t0 = time.perf_counter()
+        try:
+            status, _, data = request(local, "POST", "/ingest/hl7v2", a.token, bodies[i], "application/hl7-v2")
+        except (OSError, http.client.HTTPException) as e:
+            local.close()
+            threading.current_thread().conn = None
+            with lock:
+                errors.append(str(e))
+            return
+        with lock:
+            if status in (429, 503):
+                refused[0] += 1
+            elif status == 202:
+                latencies.append((time.perf_counter() - t0) * 1000)
+                batches.append(json.loads(data)["batch"])
+                accepted_messages[0] += bodies[i].count(b"MSH|")
+            else:
+                errors.append(f"{status}: {data[:200]!r}")
+
     start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(a.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if a.rate > 0:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            for i in range(len(bodies)):
+                delay = start + i / a.rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                pool.submit(post_once, i)
+    else:
+        accepted_messages[0] = len(msgs)
+        threads = [threading.Thread(target=client) for _ in range(a.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     accepted_s = time.perf_counter() - start
 
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
@@ -108,7 +152,8 @@ def main():
     pct = lambda p: round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 1) if latencies else None
     print(json.dumps({
         "messages": len(msgs), "posts": len(bodies), "batches": len(batches),
-        "retries_429": retries[0], "errors": len(errors), "first_errors": errors[:3],
+        "retries_429": retries[0], "refused_429": refused[0], "accepted_messages": accepted_messages[0],
+        "errors": len(errors), "first_errors": errors[:3],
         "accepted_seconds": round(accepted_s, 2), "done_seconds": round(done_s, 2),
         "post_p50_ms": pct(0.50), "post_p99_ms": pct(0.99), **totals,
     }))
