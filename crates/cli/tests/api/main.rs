@@ -17,7 +17,8 @@
 //! - [`bundles`]: transactions and batches.
 //! - [`trials`]: `POST /trials` and subjects, idempotence, amendments, errors.
 //! - [`ingest`]: `/ingest`: samples, edit-check rejections, idempotence, 403/429, resume.
-//! - [`mllp`]: the MLLP listener: python-hl7's `mllp_send`, framing, ACKs, order, idempotence.
+//! - [`mllp`]: the MLLP listener: python-hl7's `mllp_send`, framing, ACKs, order, idempotence,
+//!   metrics, and the SIGKILL crash test of a real `clinflow serve` under HTTP and MLLP ingest.
 //! - [`queries`]: data queries: opened by ingest, answered, closed, site scoped, audited.
 //! - [`auth`]: the role matrix and site scoping, revoked and expired tokens.
 //! - [`audit`]: what is recorded, AuditEvent search, export, tampering.
