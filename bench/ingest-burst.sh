@@ -35,10 +35,6 @@ if [[ -z ${BENCH_NO_BUILD:-} ]]; then
     (cd "$ROOT" && cargo build --release -q -p clinflow-hl7v2 --example parse_bench) \
         || die "building parse_bench failed"
 fi
-count_obs() {
-    curl -fsS -H "Authorization: Bearer $TOKEN" \
-        "http://127.0.0.1:$CF_PORT/fhir/Observation?_total=accurate&_count=0" | json_get total
-}
 
 if [[ -z $SUSTAINABLE ]]; then
     "$ROOT/target/release/examples/parse_bench" --count 5000 --write "$WORK/warm.hl7" >/dev/null
@@ -55,10 +51,10 @@ COUNT=$(python3 -c "print(int($SUSTAINABLE * $FACTOR * $SECONDS_BURST))")
 log "burst: $COUNT messages at $RATE posts/s of $PER_POST for $SECONDS_BURST s (load $(loadavg))"
 start_clinflow "sqlite://$WORK/burst.db" "$CF_PORT" "$WORK/burst.log"
 pid=${STARTED_PIDS[-1]}
-before=$(count_obs)
+before=$(count_observations "$CF_PORT")
 python3 "$ROOT/bench/ingest-load.py" "http://127.0.0.1:$CF_PORT" "$WORK/burst.hl7" --token "$TOKEN" \
     --per-post "$PER_POST" --rate "$RATE" >"$WORK/burst.json" || die "the burst failed"
-after=$(count_obs)
+after=$(count_observations "$CF_PORT")
 peak=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
 python3 - "$WORK/burst.json" "$((after - before))" "$peak" "$SUSTAINABLE" "$FACTOR" <<'PY'
 import json, sys

@@ -50,10 +50,6 @@ MSGS=$WORK/messages.hl7
 "$ROOT/target/release/examples/parse_bench" --count "$MESSAGES" --write "$MSGS" \
     || die "writing the messages failed"
 
-count_obs() {
-    curl -fsS -H "Authorization: Bearer $TOKEN" \
-        "http://127.0.0.1:$CF_PORT/fhir/Observation?_total=accurate&_count=0" | json_get total
-}
 
 # clinflow_run ENGINE DATABASE_URL: sets STORED.
 clinflow_run() {
@@ -61,13 +57,13 @@ clinflow_run() {
     log "[$engine] clinflow: starting on a fresh database (load $(loadavg))"
     start_clinflow "$db" "$CF_PORT" "$WORK/clinflow-$engine.log"
     local pid=${STARTED_PIDS[-1]} before after
-    before=$(count_obs)
+    before=$(count_observations "$CF_PORT")
     local rss_before
     rss_before=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
     python3 "$ROOT/bench/ingest-load.py" "http://127.0.0.1:$CF_PORT" "$MSGS" --token "$TOKEN" \
         --clients "$CLIENTS" --per-post "$PER_POST" >"$out" || die "[$engine] the load failed"
     log "  load: $(cat "$out")"
-    after=$(count_obs)
+    after=$(count_observations "$CF_PORT")
     local peak
     peak=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
     STORED=$((after - before))

@@ -64,6 +64,12 @@ json_get() {
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
+# count_observations PORT: the Observations a clinflow on PORT stores.
+count_observations() {
+    curl -fsS -H "Authorization: Bearer $TOKEN" \
+        "http://127.0.0.1:$1/fhir/Observation?_total=accurate&_count=0" | json_get total
+}
+
 # build_release: cargo build --release; BENCH_NO_BUILD=1 uses the binaries
 # already in target/release.
 build_release() {

@@ -40,15 +40,11 @@ SERVE_EXTRA=(--mllp-listen "127.0.0.1:$MLLP_PORT")
 log "[sqlite] clinflow with MLLP on $MLLP_PORT (load $(loadavg))"
 start_clinflow "sqlite://$WORK/clinflow.db" "$CF_PORT" "$WORK/clinflow.log"
 pid=${STARTED_PIDS[-1]}
-count_obs() {
-    curl -fsS -H "Authorization: Bearer $TOKEN" \
-        "http://127.0.0.1:$CF_PORT/fhir/Observation?_total=accurate&_count=0" | json_get total
-}
-before=$(count_obs)
+before=$(count_observations "$CF_PORT")
 out=$WORK/mllp.json
 python3 "$ROOT/bench/mllp-load.py" 127.0.0.1 "$MLLP_PORT" "$MSGS" --connections "$CONNECTIONS" >"$out" \
     || die "the MLLP load failed"
-after=$(count_obs)
+after=$(count_observations "$CF_PORT")
 peak=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
 python3 - "$out" "$((after - before))" "$peak" "$CONNECTIONS" "$(loadavg)" <<'PY'
 import json, sys

@@ -69,9 +69,7 @@ clinflow_run() {
     run_txload "http://127.0.0.1:$CF_PORT/fhir" "$out" "$RUN_SECONDS" "$PATIENT" "$TOKEN"
     local sent stored
     sent=$(($(json_get bundles_ok <"$out") * 100))
-    stored=$(curl -fsS -H "Authorization: Bearer $TOKEN" \
-        "http://127.0.0.1:$CF_PORT/fhir/Observation?_total=accurate&_count=0" | json_get total) \
-        || die "counting the stored Observations failed"
+    stored=$(count_observations "$CF_PORT") || die "counting the stored Observations failed"
     # A bundle whose reply was lost to the client's deadline may be stored
     # although txload counted it as failed; txload already failed on those.
     ((stored == sent)) || die "[$engine] clinflow acknowledged $sent Observations but stores $stored"

@@ -481,6 +481,15 @@ impl Drop for TestApp {
     }
 }
 
+/// The value of a sample (`name value`, `name` with its labels if any) in
+/// Prometheus text; 0 when absent.
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
+}
+
 /// The `clinflow` binary of this build.
 pub fn clinflow_bin() -> &'static str {
     env!("CARGO_BIN_EXE_clinflow")

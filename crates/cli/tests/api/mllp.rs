@@ -249,11 +249,7 @@ fn expected_observation_keys(message: &str) -> Vec<String> {
 async fn metric(app: &TestApp, sample: &str) -> f64 {
     let r = app.get("/metrics", &app.admin).await;
     r.expect(200);
-    r.text
-        .lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().expect("a number"))
-        .unwrap_or(0.0)
+    crate::helpers::sample(&r.text, sample)
 }
 
 async fn observations_with_key(app: &TestApp, key: &str) -> Vec<String> {

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{open_store, Engine, TestApp, FHIR_JSON};
+use crate::helpers::{open_store, sample, Engine, TestApp, FHIR_JSON};
 
 engine_tests!(
     healthz_needs_no_token_and_checks_the_database,
@@ -118,14 +118,6 @@ async fn every_other_endpoint_needs_a_valid_token(app: TestApp) {
         .get(&format!("/fhir/Patient/{patient}"), &app.admin)
         .await;
     assert_eq!(r.header("etag"), Some("W/\"1\""));
-}
-
-/// The value of an unlabelled sample (`name value`) in Prometheus text.
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 async fn metrics_render_prometheus_text(app: TestApp) {

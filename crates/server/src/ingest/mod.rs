@@ -130,17 +130,13 @@ pub async fn post_hl7v2(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_ingest_role(&caller)?;
-    match media_type(&headers).as_str() {
-        "application/hl7-v2" | "x-application/hl7-v2+er7" | "text/plain" => {}
-        other => {
-            return Err(unsupported(
-                other,
-                "application/hl7-v2, x-application/hl7-v2+er7 or text/plain",
-            ))
-        }
-    }
-    accept(&state, &caller, Format::Hl7v2, body).await
+    let takes = [
+        ("application/hl7-v2", Format::Hl7v2),
+        ("x-application/hl7-v2+er7", Format::Hl7v2),
+        ("text/plain", Format::Hl7v2),
+    ];
+    let described = "application/hl7-v2, x-application/hl7-v2+er7 or text/plain";
+    ingest_as(&state, &caller, &headers, body, &takes, described).await
 }
 
 /// `POST /ingest/wearable`: a wearable CSV file.
@@ -150,12 +146,8 @@ pub async fn post_wearable(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_ingest_role(&caller)?;
-    match media_type(&headers).as_str() {
-        "text/csv" => {}
-        other => return Err(unsupported(other, "text/csv")),
-    }
-    accept(&state, &caller, Format::WearableCsv, body).await
+    let takes = [("text/csv", Format::WearableCsv)];
+    ingest_as(&state, &caller, &headers, body, &takes, "text/csv").await
 }
 
 /// `POST /ingest/diary`: a diary or an array (JSON), or NDJSON.
@@ -165,18 +157,12 @@ pub async fn post_diary(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_ingest_role(&caller)?;
-    let format = match media_type(&headers).as_str() {
-        "application/json" => Format::DiaryJson,
-        "application/x-ndjson" => Format::DiaryNdjson,
-        other => {
-            return Err(unsupported(
-                other,
-                "application/json or application/x-ndjson",
-            ))
-        }
-    };
-    accept(&state, &caller, format, body).await
+    let takes = [
+        ("application/json", Format::DiaryJson),
+        ("application/x-ndjson", Format::DiaryNdjson),
+    ];
+    let described = "application/json or application/x-ndjson";
+    ingest_as(&state, &caller, &headers, body, &takes, described).await
 }
 
 /// `POST /ingest/fhir`: a Bundle, or NDJSON (one resource a line).
@@ -186,17 +172,35 @@ pub async fn post_fhir(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_ingest_role(&caller)?;
-    let format =
-        match media_type(&headers).as_str() {
-            "application/fhir+json" => Format::FhirBundle,
-            "application/fhir+ndjson" | "application/x-ndjson" => Format::FhirNdjson,
-            other => return Err(unsupported(
-                other,
-                "application/fhir+json (a Bundle), application/fhir+ndjson or application/x-ndjson",
-            )),
-        };
-    accept(&state, &caller, format, body).await
+    let takes = [
+        ("application/fhir+json", Format::FhirBundle),
+        ("application/fhir+ndjson", Format::FhirNdjson),
+        ("application/x-ndjson", Format::FhirNdjson),
+    ];
+    let described =
+        "application/fhir+json (a Bundle), application/fhir+ndjson or application/x-ndjson";
+    ingest_as(&state, &caller, &headers, body, &takes, described).await
+}
+
+/// What every ingest endpoint does: the role check, the input format from
+/// the Content-Type (`takes`; 415 naming `described` otherwise), then
+/// [`accept`].
+async fn ingest_as(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: Bytes,
+    takes: &[(&str, Format)],
+    described: &str,
+) -> Result<Response, ApiError> {
+    require_ingest_role(caller)?;
+    let media = media_type(headers);
+    let format = takes
+        .iter()
+        .find(|(m, _)| *m == media)
+        .map(|(_, f)| *f)
+        .ok_or_else(|| unsupported(&media, described))?;
+    accept(state, caller, format, body).await
 }
 
 /// Stores the raw input durably, queues the batch, answers 202.

@@ -556,11 +556,7 @@ impl PgStore {
         audit: Vec<AuditRecord>,
     ) -> anyhow::Result<(BatchRecord, bool)> {
         let (format, sha) = (b.format.clone(), b.sha256.clone());
-        let created = match self.op(Op::PutBatch(b), audit).await {
-            Ok(_) => true,
-            Err(e) if matches!(e.downcast_ref(), Some(WriteError::Conflict { .. })) => false,
-            Err(e) => return Err(e),
-        };
+        let created = self.op_applied(Op::PutBatch(b), audit).await?;
         let c = self.client().await?;
         let st = c
             .prepare_cached(&format!("{BATCH_SELECT} WHERE format = $1 AND sha256 = $2"))
@@ -631,7 +627,14 @@ impl PgStore {
     }
 
     pub async fn reopen_batch(&self, id: &str, audit: Vec<AuditRecord>) -> anyhow::Result<bool> {
-        match self.op(Op::ReopenBatch(id.to_string()), audit).await {
+        self.op_applied(Op::ReopenBatch(id.to_string()), audit)
+            .await
+    }
+
+    /// Runs an op whose `Conflict` means "not applied" (its audit records
+    /// dropped with it): `false` then, `true` when it committed.
+    async fn op_applied(&self, op: Op, audit: Vec<AuditRecord>) -> anyhow::Result<bool> {
+        match self.op(op, audit).await {
             Ok(_) => Ok(true),
             Err(e) if matches!(e.downcast_ref(), Some(WriteError::Conflict { .. })) => Ok(false),
             Err(e) => Err(e),
@@ -749,17 +752,11 @@ impl PgStore {
         at: i64,
         audit: Vec<AuditRecord>,
     ) -> anyhow::Result<bool> {
-        match self
-            .op(
-                Op::ChangeQuery(id.to_string(), change, by.to_string(), at),
-                audit,
-            )
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if matches!(e.downcast_ref(), Some(WriteError::Conflict { .. })) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.op_applied(
+            Op::ChangeQuery(id.to_string(), change, by.to_string(), at),
+            audit,
+        )
+        .await
     }
 
     /// Runs raw SQL on the writer's connection, inside its transaction. For
