@@ -79,7 +79,6 @@ struct Input {
 #[derive(Debug, Default)]
 struct Outcome {
     name: String,
-    batch: Option<String>,
     /// Why the input was not accepted or not seen through.
     error: Option<String>,
     received: u64,
@@ -198,7 +197,6 @@ async fn one(client: &reqwest::Client, base: &str, opts: &Options, input: Input)
             return out;
         }
     };
-    out.batch = Some(batch.clone());
     match wait(client, base, opts, &batch).await {
         Ok(status) => {
             let n = |k: &str| status.get(k).and_then(Value::as_u64).unwrap_or(0);
