@@ -79,13 +79,22 @@ enum Command {
         /// Requests served at once before answering 503.
         #[arg(long, default_value_t = 2048)]
         max_in_flight: usize,
-        /// Ingest worker tasks (each processes one batch at a time).
+        /// Ingest `map` stage workers: parse, map to FHIR and edit checks,
+        /// one batch at a time each.
         #[arg(long, default_value_t = 2)]
-        ingest_workers: usize,
-        /// Accepted ingest batches that may wait for a worker before the
-        /// ingest endpoints answer 429 (0 counts as 1).
+        ingest_map_workers: usize,
+        /// Ingest `persist` stage workers: store a mapped batch's items,
+        /// one batch at a time each.
+        #[arg(long, default_value_t = 2)]
+        ingest_persist_workers: usize,
+        /// Accepted ingest batches that may wait for a `map` worker before
+        /// the ingest endpoints answer 429 (0 counts as 1).
         #[arg(long, default_value_t = 64)]
         ingest_queue: usize,
+        /// Mapped batches that may wait for a `persist` worker before the
+        /// `map` workers wait (0 counts as 1).
+        #[arg(long, default_value_t = 4)]
+        ingest_mapped_queue: usize,
         /// Also listen for HL7 v2 over MLLP on ADDR (off unless set). MLLP
         /// has no authentication: bind a trusted interface or firewall it.
         #[arg(long, value_name = "ADDR")]
@@ -277,8 +286,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             body_limit,
             max_bundle_entries,
             max_in_flight,
-            ingest_workers,
+            ingest_map_workers,
+            ingest_persist_workers,
             ingest_queue,
+            ingest_mapped_queue,
             mllp_listen,
         } => {
             let mut config = Config::new(url.clone());
@@ -288,8 +299,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.body_limit = body_limit;
             config.max_bundle_entries = max_bundle_entries;
             config.max_in_flight = max_in_flight;
-            config.ingest_workers = ingest_workers;
+            config.ingest_map_workers = ingest_map_workers;
+            config.ingest_persist_workers = ingest_persist_workers;
             config.ingest_queue = ingest_queue;
+            config.ingest_mapped_queue = ingest_mapped_queue;
             config.mllp_listen = mllp_listen;
             let shutdown = shutdown_signal()?;
             let app = Application::build(config).await?;

@@ -21,12 +21,19 @@ pub struct Config {
     pub max_bundle_entries: usize,
     /// Requests served at once; beyond it, 503 with `Retry-After`.
     pub max_in_flight: usize,
-    /// Ingest worker tasks, each processing one batch at a time. 0 accepts
-    /// batches without processing them (tests of a full pipeline).
-    pub ingest_workers: usize,
-    /// Accepted batches waiting for a worker (at least 1); beyond it, the
-    /// ingest endpoints answer 429 with `Retry-After`.
+    /// Ingest `map` stage workers (parse, map to FHIR, edit checks), each
+    /// on one batch at a time. 0 accepts batches without processing them
+    /// (tests of a full pipeline).
+    pub ingest_map_workers: usize,
+    /// Ingest `persist` stage workers (store the mapped items, finish the
+    /// batch), each on one batch at a time.
+    pub ingest_persist_workers: usize,
+    /// Accepted batches waiting for a `map` worker (at least 1); beyond it,
+    /// the ingest endpoints answer 429 with `Retry-After`.
     pub ingest_queue: usize,
+    /// Mapped batches waiting for a `persist` worker (at least 1); when it
+    /// is full, `map` workers wait, and the intake queue fills up.
+    pub ingest_mapped_queue: usize,
     /// MLLP (HL7 v2 over TCP) listen address; `None` (the default) runs no
     /// listener. MLLP has no authentication: bind it to a trusted interface
     /// or firewall it (see ARCHITECTURE.md).
@@ -56,8 +63,10 @@ impl Config {
             body_limit: 32 * 1024 * 1024,
             max_bundle_entries: 10_000,
             max_in_flight: 2048,
-            ingest_workers: 2,
+            ingest_map_workers: 2,
+            ingest_persist_workers: 2,
             ingest_queue: 64,
+            ingest_mapped_queue: 4,
             mllp_listen: None,
             mllp_max_frame: 1024 * 1024,
             mllp_max_connections: 256,

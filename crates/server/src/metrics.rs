@@ -37,6 +37,29 @@ pub struct IngestItemLabels {
     pub fate: String,
 }
 
+/// An ingest pipeline stage (`map`, `persist`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: String,
+}
+
+/// One ingest stage's metrics: handles into the `ingest_stage_*`
+/// families, labelled with the stage.
+#[derive(Clone)]
+pub struct StageMetrics {
+    /// Batches waiting for the stage's workers.
+    pub queue_depth: Gauge,
+    /// Workers on a batch now (waiting to hand it to the next stage
+    /// included: a blocked worker is an occupied one).
+    pub busy: Gauge,
+    /// Workers the stage has.
+    pub workers: Gauge,
+    /// Items that left the stage.
+    pub items: Counter,
+    /// Time a batch spends in the stage, handing it on included.
+    pub seconds: Histogram,
+}
+
 /// An edit-check rejection, by its stable code (never its text: that
 /// names subjects and values).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,8 +87,9 @@ pub struct Metrics {
     pub latency: Family<RouteLabels, Histogram>,
     pub auth_failures: Counter,
     pub resources_written: Counter,
-    /// Batches accepted and waiting for a worker.
-    pub ingest_queue_depth: Gauge,
+    /// The ingest stages behind the intake, in order.
+    pub ingest_map: StageMetrics,
+    pub ingest_persist: StageMetrics,
     pub ingest_items: Family<IngestItemLabels, Counter>,
     pub ingest_rejections: Family<RejectionLabels, Counter>,
     /// From a worker taking a batch to the batch done.
@@ -99,14 +123,53 @@ impl Metrics {
         });
         let auth_failures = Counter::default();
         let resources_written = Counter::default();
-        let ingest_queue_depth = Gauge::default();
+        let stage_queue = Family::<StageLabels, Gauge>::default();
+        let stage_busy = Family::<StageLabels, Gauge>::default();
+        let stage_workers = Family::<StageLabels, Gauge>::default();
+        let stage_items = Family::<StageLabels, Counter>::default();
+        let stage_seconds = Family::<StageLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+        });
+        let stage = |name: &str| {
+            let l = StageLabels {
+                stage: name.to_string(),
+            };
+            StageMetrics {
+                queue_depth: stage_queue.get_or_create(&l).clone(),
+                busy: stage_busy.get_or_create(&l).clone(),
+                workers: stage_workers.get_or_create(&l).clone(),
+                items: stage_items.get_or_create(&l).clone(),
+                seconds: stage_seconds.get_or_create(&l).clone(),
+            }
+        };
+        let (ingest_map, ingest_persist) = (stage("map"), stage("persist"));
         let ingest_items = Family::<IngestItemLabels, Counter>::default();
         let ingest_rejections = Family::<RejectionLabels, Counter>::default();
         let ingest_batch_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register(
-            "ingest_queue_depth",
-            "Ingest batches accepted and waiting for a worker",
-            ingest_queue_depth.clone(),
+            "ingest_stage_queue_depth",
+            "Ingest batches waiting for a stage's workers, by stage",
+            stage_queue,
+        );
+        registry.register(
+            "ingest_stage_busy",
+            "Ingest workers on a batch, by stage",
+            stage_busy,
+        );
+        registry.register(
+            "ingest_stage_workers",
+            "Ingest workers, by stage",
+            stage_workers,
+        );
+        registry.register(
+            "ingest_stage_items",
+            "Ingest items that left a stage, by stage",
+            stage_items,
+        );
+        registry.register(
+            "ingest_stage_duration_seconds",
+            "Time an ingest batch spends in a stage, by stage",
+            stage_seconds,
         );
         registry.register(
             "ingest_items",
@@ -120,7 +183,7 @@ impl Metrics {
         );
         registry.register(
             "ingest_batch_duration_seconds",
-            "Time from a worker taking a batch to the batch done",
+            "Time from a map worker taking a batch to the batch done",
             ingest_batch_seconds.clone(),
         );
         let mllp_connections_open = Gauge::default();
@@ -177,7 +240,8 @@ impl Metrics {
             latency,
             auth_failures,
             resources_written,
-            ingest_queue_depth,
+            ingest_map,
+            ingest_persist,
             ingest_items,
             ingest_rejections,
             ingest_batch_seconds,

@@ -19,7 +19,7 @@ use crate::auth::require_auth;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::ingest::mllp::MllpListener;
-use crate::ingest::Pipeline;
+use crate::ingest::{Pipeline, Stages};
 use crate::metrics::{self, Metrics};
 use crate::state::AppState;
 use crate::{audit_api, fhir, ingest, queries, trials};
@@ -56,8 +56,12 @@ impl Application {
         let (ingest, pipeline) = Pipeline::start(
             store.clone(),
             metrics.clone(),
-            config.ingest_workers,
-            config.ingest_queue,
+            Stages {
+                map_workers: config.ingest_map_workers,
+                persist_workers: config.ingest_persist_workers,
+                queue: config.ingest_queue,
+                mapped_queue: config.ingest_mapped_queue,
+            },
             unfinished,
         );
         let state = AppState {

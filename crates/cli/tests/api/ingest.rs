@@ -14,7 +14,7 @@ use std::time::Duration;
 use clinflow_edc::{ItemOutcome, TrialContext};
 use serde_json::Value;
 
-use crate::helpers::{open_store, TestApp, PROTOCOL_YAML, SUBJECTS_CSV};
+use crate::helpers::{open_store, sample, TestApp, PROTOCOL_YAML, SUBJECTS_CSV};
 use clinflow_server::Application;
 
 pub const LAB: &str = include_str!("../../../../reference-trial/samples/lab-results.hl7");
@@ -36,26 +36,32 @@ engine_tests!(
     concurrent_batches_of_the_same_messages_store_them_once,
     only_ingest_roles_may_ingest,
     bad_requests_are_problem_json,
+    a_slow_stage_shows_as_its_queue_and_a_burst_as_429 with |c: &mut clinflow_server::Config| {
+        c.ingest_map_workers = 1;
+        c.ingest_persist_workers = 0;
+        c.ingest_queue = 1;
+        c.ingest_mapped_queue = 1;
+    },
     a_full_pipeline_answers_429 with |c: &mut clinflow_server::Config| {
-        c.ingest_workers = 0;
+        c.ingest_map_workers = 0;
         c.ingest_queue = 1;
         c.body_limit = 64 * 1024;
     },
     an_unprocessed_batch_is_processed_after_a_restart with |c: &mut clinflow_server::Config| {
-        c.ingest_workers = 0;
+        c.ingest_map_workers = 0;
     },
     a_batch_cut_short_is_resumed_without_storing_twice,
     a_fhir_bundle_is_stored_with_references_by_identifier_resolved,
     fhir_ndjson_rejects_an_invalid_line_with_its_element_path,
     the_cli_ingests_files_directories_and_stdin,
     the_cli_says_when_the_server_is_full with |c: &mut clinflow_server::Config| {
-        c.ingest_workers = 0;
+        c.ingest_map_workers = 0;
         c.ingest_queue = 1;
     },
     the_cli_needs_a_token,
     a_retried_batch_stores_what_now_passes_and_nothing_twice,
     a_batch_still_processing_cannot_be_retried with |c: &mut clinflow_server::Config| {
-        c.ingest_workers = 0;
+        c.ingest_map_workers = 0;
     },
 );
 
@@ -353,15 +359,30 @@ async fn invalid_wearable_rows_are_rejected_with_reason_and_location(app: TestAp
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0]["resource"]["valueQuantity"]["value"], 150);
     assert_eq!(app.count(&app.admin, "Observation").await, 1);
-    // Rejections are counted by reason code; metrics name no subject.
+    // Rejections are counted by reason code; metrics name no subject. The
+    // persist worker counts just after the batch is done: wait for it.
+    metric_reaches(
+        &app,
+        "clinflow_ingest_items_total{format=\"wearable-csv\",fate=\"rejected\"}",
+        4.0,
+    )
+    .await;
+    // Every item went through both stages, and no batch waits in either.
+    let received = status["received"].as_u64().unwrap() as f64;
+    for stage in ["map", "persist"] {
+        let at = |name: &str| format!("{name}{{stage=\"{stage}\"}}");
+        metric_reaches(&app, &at("clinflow_ingest_stage_items_total"), received).await;
+        metric_reaches(&app, &at("clinflow_ingest_stage_busy"), 0.0).await;
+        let metrics = app.get("/metrics", &app.admin).await.text;
+        assert_eq!(
+            sample(&metrics, &at("clinflow_ingest_stage_queue_depth")),
+            0.0
+        );
+        assert_eq!(sample(&metrics, &at("clinflow_ingest_stage_workers")), 2.0);
+    }
     let metrics = app.get("/metrics", &app.admin).await.text;
     assert!(
         metrics.contains("clinflow_ingest_rejections_total{reason=\"hard-range\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics
-            .contains("clinflow_ingest_items_total{format=\"wearable-csv\",fate=\"rejected\"} 4"),
         "{metrics}"
     );
     assert!(!metrics.contains("CARDIO-01"), "no subject ids in metrics");
@@ -585,6 +606,61 @@ async fn a_full_pipeline_answers_429(app: TestApp) {
         .expect(413);
 }
 
+/// Polls `/metrics` until `sample` of it is `value`, for at most 30 s.
+async fn metric_reaches(app: &TestApp, name: &str, value: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = app.get("/metrics", &app.admin).await.text;
+        if sample(&metrics, name) == value {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never reached {value}: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn a_slow_stage_shows_as_its_queue_and_a_burst_as_429(app: TestApp) {
+    app.load_reference_trial().await;
+    // One map worker, no persist worker, one place in each queue: the
+    // persist stage is the slow one.
+    let persist_queue = "clinflow_ingest_stage_queue_depth{stage=\"persist\"}";
+    let map_queue = "clinflow_ingest_stage_queue_depth{stage=\"map\"}";
+    let map_busy = "clinflow_ingest_stage_busy{stage=\"map\"}";
+    let first = ingest(&app, &app.admin, "/ingest/wearable", CSV, WEARABLE).await;
+    // Mapped and handed on: it waits for persist.
+    metric_reaches(&app, persist_queue, 1.0).await;
+    metric_reaches(&app, map_busy, 0.0).await;
+    // The second is mapped and its worker waits to hand it on.
+    let second = ingest(&app, &app.admin, "/ingest/hl7v2", HL7, LAB).await;
+    metric_reaches(&app, map_queue, 0.0).await;
+    metric_reaches(&app, map_busy, 1.0).await;
+    // The third waits in the intake queue, and that is full: 429.
+    let third_body = format!("{LAB}GARBAGE\n");
+    let third = ingest(&app, &app.admin, "/ingest/hl7v2", HL7, &third_body).await;
+    metric_reaches(&app, map_queue, 1.0).await;
+    let r = app
+        .post("/ingest/hl7v2", &app.admin, HL7, &format!("{LAB}MORE\n"))
+        .await;
+    r.problem(429);
+    assert!(r.header("retry-after").is_some());
+    let metrics = app.get("/metrics", &app.admin).await.text;
+    assert_eq!(sample(&metrics, persist_queue), 1.0, "{metrics}");
+    assert_eq!(
+        sample(&metrics, "clinflow_ingest_stage_workers{stage=\"persist\"}"),
+        0.0
+    );
+    // Nothing was stored; the accepted batches wait, durable.
+    assert_eq!(app.count(&app.admin, "Observation").await, 0);
+    let mut waiting = app.store.unfinished_batches().await.unwrap();
+    let mut accepted = vec![first, second, third];
+    waiting.sort();
+    accepted.sort();
+    assert_eq!(waiting, accepted);
+}
+
 /// A second server on `app`'s database (the first one stopped), with
 /// `workers` ingest workers; `app` now talks to it. Returns its stop
 /// switch and task.
@@ -597,7 +673,7 @@ async fn restart(
 ) {
     let store = open_store(&app.db_url).await;
     let mut config = app.config.clone();
-    config.ingest_workers = workers;
+    config.ingest_map_workers = workers;
     let restarted = Application::with_store(config, store)
         .await
         .expect("the server builds");

@@ -35,7 +35,7 @@ fn with_mllp(c: &mut clinflow_server::Config) {
 /// No workers: accepted messages are never done.
 fn with_mllp_no_workers(c: &mut clinflow_server::Config) {
     with_mllp(c);
-    c.ingest_workers = 0;
+    c.ingest_map_workers = 0;
     c.ingest_queue = 1;
     c.mllp_ack_timeout = Duration::from_millis(300);
 }

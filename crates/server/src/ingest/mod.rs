@@ -36,7 +36,7 @@ use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub use pipeline::{IngestQueue, Pipeline};
+pub use pipeline::{IngestQueue, Pipeline, Stage, Stages};
 
 /// The routes under `/ingest`.
 pub fn routes() -> Router<AppState> {

@@ -1,12 +1,13 @@
-//! The ingest pipeline: accepted batches -> a bounded queue -> worker tasks
-//! that map, check and store them.
+//! The ingest pipeline: accepted batches -> bounded queues -> the worker
+//! pools of two stages, `map` and `persist`.
 //!
 //! ```text
-//! POST /ingest/* ──(raw input durable)──> queue (bounded) ──> worker 1..n
-//!   (429 when full)                                             │
-//!        clinflow-edc (parse, map, check) <── raw input, trial context
-//!        per item: ids, references, one store write with audit
-//!        counts + rejections, batch done (one write)
+//! POST /ingest/*, MLLP ──(raw input durable)──> queue (bounded; 429 when full)
+//!   ──> map 1..m: raw input + trial context -> clinflow-edc (parse, map,
+//!       edit checks) -> items; FHIR: references by identifier resolved
+//!   ──> mapped queue (bounded; map waits when full)
+//!   ──> persist 1..p: per item ids, references, one store write with
+//!       audit; counts + rejections, batch done (one write)
 //! ```
 //!
 //! Processing is idempotent, so that a batch can be run again after a crash
@@ -19,13 +20,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use clinflow_edc::provenance::ITEM_KEY_SYSTEM;
 use clinflow_edc::{ItemOutcome, Reason, Rejection, TrialContext};
 use clinflow_fhir::{Json, Resource};
 use clinflow_store::{
-    AuditRecord, BatchCounts, BatchRejection, BatchStatus, Expect, NewDataQuery, Store, WriteOp,
-    WriteRequest,
+    AuditRecord, BatchCounts, BatchRecord, BatchRejection, BatchStatus, Expect, NewDataQuery,
+    Store, WriteOp, WriteRequest,
 };
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
@@ -39,7 +41,7 @@ use crate::fhir::bundle::{
     apply_identifier_refs, identifier_refs, lookup_identifier, IdentifierKey, Unresolved,
 };
 use crate::fhir::write::{build_op, new_id};
-use crate::metrics::{IngestItemLabels, Metrics, RejectionLabels};
+use crate::metrics::{IngestItemLabels, Metrics, RejectionLabels, StageMetrics};
 
 /// Items of one batch written at once: their writes join the store's group
 /// commits instead of waiting for one commit each. Each waits for a commit
@@ -55,6 +57,51 @@ const RETRY_BACKOFF: [std::time::Duration; 3] = [
 ];
 /// What a 429 asks the client to wait, in seconds.
 const RETRY_AFTER: u64 = 1;
+
+/// The stages' sizes (from [`crate::Config`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Stages {
+    /// `map` workers; 0 leaves accepted batches queued.
+    pub map_workers: usize,
+    /// `persist` workers.
+    pub persist_workers: usize,
+    /// Places in the intake queue (batch ids waiting for `map`).
+    pub queue: usize,
+    /// Places in the mapped queue (mapped batches waiting for `persist`).
+    pub mapped_queue: usize,
+}
+
+/// A stage behind the intake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Parse, map to FHIR, edit checks (clinflow-edc), and for FHIR input
+    /// the references by identifier: CPU work, off the async threads.
+    Map,
+    /// Store the items (each in one write with its audit), count, finish
+    /// the batch.
+    Persist,
+}
+
+impl Stage {
+    /// Every stage, in pipeline order.
+    pub const ALL: [Stage; 2] = [Stage::Map, Stage::Persist];
+
+    /// The stage's name, as the metrics label it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Map => "map",
+            Stage::Persist => "persist",
+        }
+    }
+
+    /// The stage's metrics.
+    pub fn metrics(self, m: &Metrics) -> &StageMetrics {
+        match self {
+            Stage::Map => &m.ingest_map,
+            Stage::Persist => &m.ingest_persist,
+        }
+    }
+}
 
 /// The intake's end of the queue (in [`crate::state::AppState`]).
 #[derive(Clone)]
@@ -97,47 +144,93 @@ pub struct Place<'a> {
 impl Place<'_> {
     /// Queues the batch.
     pub fn send(self, batch: String) {
-        self.metrics.ingest_queue_depth.inc();
+        self.metrics.ingest_map.queue_depth.inc();
         self.permit.send(batch);
     }
 }
 
-/// The running workers, stopped by [`Pipeline::stop`].
+/// A batch the `map` stage has done, on its way to `persist`.
+struct Mapped {
+    id: String,
+    batch: BatchRecord,
+    ctx: Arc<TrialContext>,
+    items: Vec<ItemOutcome>,
+    /// When a `map` worker took it (for `ingest_batch_duration_seconds`).
+    started: Instant,
+}
+
+/// A queue's receiving end, shared by a stage's workers. The lock is
+/// tokio's because a worker holds it while it waits (an await).
+type Shared<T> = Arc<tokio::sync::Mutex<mpsc::Receiver<T>>>;
+
+/// The next item of `rx`, or `None` once stopping (or closed).
+async fn next<T>(rx: &Shared<T>, cancel: &CancellationToken) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => None,
+        item = async { rx.lock().await.recv().await } => item,
+    }
+}
+
+/// The running stages, stopped by [`Pipeline::stop`].
 pub struct Pipeline {
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-    /// Keeps the queue open when there are no workers (a closed queue
+    /// Keep the queues open when a stage has no workers (a closed intake
     /// would refuse batches with 503 instead of filling up).
-    _rx: Arc<tokio::sync::Mutex<mpsc::Receiver<String>>>,
+    _rx: (Shared<String>, Shared<Mapped>),
 }
 
 impl Pipeline {
-    /// Starts `workers` worker tasks on a queue of `queue` places, and
-    /// queues again every batch the store has not finished (`unfinished`,
-    /// read before the server takes requests, so none is missed).
+    /// Starts the stages' workers and queues, and queues again every batch
+    /// the store has not finished (`unfinished`, read before the server
+    /// takes requests, so none is missed).
+    ///
+    /// ```text
+    /// intake ─(queue)─> map 1..m ─(mapped queue)─> persist 1..p
+    /// ```
+    ///
+    /// Each queue is bounded: a slow `persist` fills the mapped queue, the
+    /// `map` workers then wait to hand on, the intake queue fills, and the
+    /// ingest endpoints answer 429. `ingest_stage_*` metrics show where.
     pub fn start(
         store: Store,
         metrics: Arc<Metrics>,
-        workers: usize,
-        queue: usize,
+        stages: Stages,
         unfinished: Vec<String>,
     ) -> (IngestQueue, Pipeline) {
-        let (tx, rx) = mpsc::channel(queue.max(1));
-        // Workers share one receiver; the lock is tokio's because a worker
-        // holds it while it waits for the next id (an await).
-        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let (tx, rx) = mpsc::channel(stages.queue.max(1));
+        let (mapped_tx, mapped_rx) = mpsc::channel(stages.mapped_queue.max(1));
+        let rx: Shared<String> = Arc::new(tokio::sync::Mutex::new(rx));
+        let mapped_rx: Shared<Mapped> = Arc::new(tokio::sync::Mutex::new(mapped_rx));
         let cancel = CancellationToken::new();
         let claims = Arc::new(Claims::default());
         let finished = Arc::new(Notify::new());
-        let mut tasks = Vec::with_capacity(workers + 1);
-        for _ in 0..workers {
-            let worker = Worker {
-                store: store.clone(),
-                metrics: metrics.clone(),
-                claims: claims.clone(),
-                finished: finished.clone(),
-            };
-            tasks.push(tokio::spawn(worker.run(rx.clone(), cancel.clone())));
+        metrics.ingest_map.workers.set(stages.map_workers as i64);
+        metrics
+            .ingest_persist
+            .workers
+            .set(stages.persist_workers as i64);
+        let worker = Worker {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            claims,
+            finished: finished.clone(),
+        };
+        let worker = Arc::new(worker);
+        let mut tasks = Vec::with_capacity(stages.map_workers + stages.persist_workers + 1);
+        for _ in 0..stages.map_workers {
+            let (w, rx, tx, cancel) = (
+                worker.clone(),
+                rx.clone(),
+                mapped_tx.clone(),
+                cancel.clone(),
+            );
+            tasks.push(tokio::spawn(async move { w.run_map(rx, tx, cancel).await }));
+        }
+        for _ in 0..stages.persist_workers {
+            let (w, rx, cancel) = (worker.clone(), mapped_rx.clone(), cancel.clone());
+            tasks.push(tokio::spawn(async move { w.run_persist(rx, cancel).await }));
         }
         if !unfinished.is_empty() {
             tracing::info!(
@@ -152,7 +245,7 @@ impl Pipeline {
                         biased;
                         _ = cancel.cancelled() => break,
                         r = tx.send(id) => match r {
-                            Ok(()) => { metrics.ingest_queue_depth.inc(); }
+                            Ok(()) => { metrics.ingest_map.queue_depth.inc(); }
                             Err(_) => break,
                         },
                     }
@@ -168,14 +261,15 @@ impl Pipeline {
             Pipeline {
                 cancel,
                 tasks,
-                _rx: rx,
+                _rx: (rx, mapped_rx),
             },
         )
     }
 
-    /// Stops taking batches off the queue and waits for the workers to
-    /// finish the batch each is on. Batches still queued stay `processing`
-    /// in the store and are resumed at the next start.
+    /// Stops taking batches off the queues and waits for every worker to
+    /// finish the batch it is on (a `map` worker waiting to hand one on
+    /// drops it). Batches not done stay `processing` in the store and are
+    /// resumed at the next start.
     pub async fn stop(self) {
         self.cancel.cancel();
         for t in self.tasks {
@@ -230,6 +324,7 @@ impl Drop for Claim<'_> {
     }
 }
 
+/// What the workers of both stages share.
 struct Worker {
     store: Store,
     metrics: Arc<Metrics>,
@@ -244,68 +339,130 @@ enum Fate {
     Duplicate,
 }
 
+/// Runs `attempt` until it succeeds, at most `RETRY_BACKOFF.len()` times,
+/// waiting between attempts (a stop does not wait). A failure (the
+/// database unreachable, no trial loaded) is logged with the batch id;
+/// processing is idempotent, so a retry after a partial run is safe.
+/// `None` when every attempt failed or the pipeline is stopping.
+async fn retrying<T, F, Fut>(
+    stage: Stage,
+    id: &str,
+    cancel: &CancellationToken,
+    mut attempt: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    for (n, backoff) in RETRY_BACKOFF.iter().enumerate() {
+        match attempt().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tracing::error!(
+                    batch = %id,
+                    stage = stage.name(),
+                    attempt = n + 1,
+                    error = %format!("{e:#}"),
+                    "an ingest batch failed"
+                );
+                if n + 1 == RETRY_BACKOFF.len() {
+                    tracing::error!(
+                        batch = %id,
+                        "the batch stays processing; it is resumed at the next start"
+                    );
+                    return None;
+                }
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(*backoff) => {}
+                }
+            }
+        }
+    }
+    None
+}
+
 impl Worker {
-    async fn run(
-        self,
-        rx: Arc<tokio::sync::Mutex<mpsc::Receiver<String>>>,
+    /// A `map` worker: batch ids in, mapped batches out.
+    async fn run_map(
+        &self,
+        rx: Shared<String>,
+        tx: mpsc::Sender<Mapped>,
         cancel: CancellationToken,
     ) {
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => None,
-                id = async { rx.lock().await.recv().await } => id,
-            };
-            let Some(id) = next else { break };
-            self.metrics.ingest_queue_depth.dec();
-            let started = std::time::Instant::now();
-            // Not raced against the cancellation: a batch started is finished.
-            // A failure (the database unreachable, no trial loaded) is
-            // retried a few times; processing is idempotent, so a retry
-            // after a partial run is safe.
-            for (attempt, backoff) in RETRY_BACKOFF.iter().enumerate() {
-                match self.process(&id).await {
-                    Ok(()) => {
-                        self.metrics
-                            .ingest_batch_seconds
-                            .observe(started.elapsed().as_secs_f64());
-                        break;
-                    }
-                    Err(e) => {
-                        let last = attempt + 1 == RETRY_BACKOFF.len();
-                        tracing::error!(
-                            batch = %id,
-                            attempt = attempt + 1,
-                            error = %format!("{e:#}"),
-                            "an ingest batch failed"
-                        );
-                        if last {
-                            tracing::error!(
-                                batch = %id,
-                                "the batch stays processing; it is resumed at the next start"
-                            );
-                            break;
+        let m = &self.metrics.ingest_map;
+        while let Some(id) = next(&rx, &cancel).await {
+            m.queue_depth.dec();
+            m.busy.inc();
+            let started = Instant::now();
+            // Not raced against the cancellation: a batch started is mapped.
+            let mapped = retrying(Stage::Map, &id, &cancel, || self.map(&id, started)).await;
+            let handed = match mapped {
+                Some(Some(mapped)) => {
+                    let items = mapped.items.len() as u64;
+                    // Waits while `persist` is behind: the backpressure.
+                    let place = tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => None,
+                        p = tx.reserve() => p.ok(),
+                    };
+                    match place {
+                        Some(place) => {
+                            m.items.inc_by(items);
+                            self.metrics.ingest_persist.queue_depth.inc();
+                            place.send(mapped);
+                            true
                         }
-                        // A stop does not wait for the retries.
-                        tokio::select! {
-                            biased;
-                            _ = cancel.cancelled() => break,
-                            _ = tokio::time::sleep(*backoff) => {}
-                        }
+                        // Stopping: the batch stays processing in the store.
+                        None => false,
                     }
                 }
+                // Done already, or given up after its retries.
+                Some(None) | None => false,
+            };
+            m.busy.dec();
+            m.seconds.observe(started.elapsed().as_secs_f64());
+            if !handed {
+                self.finished.notify_waiters();
+            }
+        }
+        tracing::debug!("ingest map worker stopped");
+    }
+
+    /// A `persist` worker: mapped batches in, done batches out.
+    async fn run_persist(&self, rx: Shared<Mapped>, cancel: CancellationToken) {
+        let m = &self.metrics.ingest_persist;
+        while let Some(mapped) = next(&rx, &cancel).await {
+            m.queue_depth.dec();
+            m.busy.inc();
+            let started = Instant::now();
+            // Not raced against the cancellation: a batch started is finished.
+            let done = retrying(Stage::Persist, &mapped.id, &cancel, || {
+                self.persist(&mapped)
+            })
+            .await;
+            m.busy.dec();
+            m.seconds.observe(started.elapsed().as_secs_f64());
+            if done.is_some() {
+                m.items.inc_by(mapped.items.len() as u64);
+                self.metrics
+                    .ingest_batch_seconds
+                    .observe(mapped.started.elapsed().as_secs_f64());
             }
             self.finished.notify_waiters();
         }
-        tracing::debug!("ingest worker stopped");
+        tracing::debug!("ingest persist worker stopped");
     }
 
-    async fn process(&self, id: &str) -> anyhow::Result<()> {
+    /// The `map` stage of one batch: its raw input through clinflow-edc;
+    /// `None` when the batch is done already.
+    async fn map(&self, id: &str, started: Instant) -> anyhow::Result<Option<Mapped>> {
         let Some(batch) = self.store.batch(id).await? else {
             anyhow::bail!("no such batch");
         };
         if batch.status == BatchStatus::Done {
-            return Ok(());
+            return Ok(None);
         }
         let format = Format::from_code(&batch.format)
             .ok_or_else(|| anyhow::anyhow!("unknown batch format {:?}", batch.format))?;
@@ -326,7 +483,26 @@ impl Worker {
         if format.is_fhir() {
             resolve_identifiers(&self.store, &mut items).await?;
         }
+        Ok(Some(Mapped {
+            id: id.to_string(),
+            batch,
+            ctx,
+            items,
+            started,
+        }))
+    }
 
+    /// The `persist` stage of one batch: each item stored once, the counts
+    /// and rejections, the batch done (one write).
+    async fn persist(&self, mapped: &Mapped) -> anyhow::Result<()> {
+        let Mapped {
+            id,
+            batch,
+            ctx,
+            items,
+            ..
+        } = mapped;
+        let (id, ctx) = (id.as_str(), ctx.as_ref());
         let source = batch_source(id);
         let audit = AuditRecord {
             actor: batch.submitter.clone(),
@@ -353,7 +529,7 @@ impl Worker {
                     fates.push(fate);
                 }
             }
-            in_flight.push_back(self.store_item(&ctx, item, repeated, &source, &audit));
+            in_flight.push_back(self.store_item(ctx, item, repeated, &source, &audit));
         }
         while let Some(fate) = in_flight.next().await {
             fates.push(fate);
