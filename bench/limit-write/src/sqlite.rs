@@ -25,6 +25,11 @@ fn open(path: &Path, pragmas: &[String]) -> anyhow::Result<Connection> {
     conn.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA cache_size=-262144; PRAGMA mmap_size=1073741824; PRAGMA temp_store=MEMORY;",
     )?;
+    // As clinflow's writer connection (`WRITER_CACHE_KIB`).
+    conn.execute_batch(&format!(
+        "PRAGMA cache_size=-{};",
+        clinflow_store::sqlite::WRITER_CACHE_KIB
+    ))?;
     for p in pragmas {
         conn.execute_batch(&format!("PRAGMA {p};"))
             .with_context(|| format!("PRAGMA {p}"))?;

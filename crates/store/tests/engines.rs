@@ -174,6 +174,7 @@ suite!(
     records_cut_from_the_end_are_detected,
     ingest_batches_are_accepted_once_and_finished_once,
     data_queries_commit_with_their_values_and_follow_their_lifecycle,
+    a_replaced_version_leaves_no_index_rows_behind,
 );
 
 // ---- data ----
@@ -2012,4 +2013,77 @@ async fn data_queries_commit_with_their_values_and_follow_their_lifecycle(engine
     // Never deleted: the database itself refuses.
     assert!(s.execute_raw("DELETE FROM data_queries").await.is_err());
     assert_eq!(s.data_queries(all(None, None)).await.unwrap().len(), 2);
+}
+
+/// Observation `i` at `version` (1 creates it), coded `code`.
+fn recoded(i: usize, version: u64, code: &str) -> WriteOp {
+    let mut op = observation(i);
+    if version > 1 {
+        op.expect = Expect::Version(version - 1);
+    }
+    op.new_version = version;
+    op.last_updated += version as i64;
+    op.body = body("Observation", &obs_id(i), code);
+    for e in &mut op.extracted.entries {
+        if let IndexValue::Token { code: c, .. } = &mut e.value {
+            *c = code.to_string();
+        }
+    }
+    op.extracted.entries.push(token("status", None, code));
+    op
+}
+
+async fn a_replaced_version_leaves_no_index_rows_behind(engine: Engine) {
+    let db = TestDb::open(engine).await;
+    let s = &db.store;
+    let write = |op: WriteOp| async move {
+        s.write(WriteRequest {
+            queries: Vec::new(),
+            ops: vec![op],
+            audit: vec![],
+        })
+        .await
+        .expect("write")
+    };
+    let found = |code: &'static str| async move {
+        let by_code = id_set(s, query("Observation", vec![loinc(code)])).await;
+        let status = query(
+            "Observation",
+            vec![clause(
+                "status",
+                vec![Predicate::Token {
+                    system: TokenSystem::None,
+                    code: Some(code.to_string()),
+                }],
+            )],
+        );
+        (by_code, id_set(s, status).await)
+    };
+    let one = set(&[&obs_id(0)]);
+    let none = BTreeSet::new();
+    write(recoded(0, 1, SYSTOLIC)).await;
+    assert_eq!(found(SYSTOLIC).await, (one.clone(), one.clone()));
+    // Recoded: found by the new code only, for both of its tokens.
+    write(recoded(0, 2, DIASTOLIC)).await;
+    assert_eq!(found(SYSTOLIC).await, (none.clone(), none.clone()));
+    assert_eq!(found(DIASTOLIC).await, (one.clone(), one.clone()));
+    // A rejected update (stale version) removes nothing.
+    let stale = recoded(0, 2, HEART_RATE);
+    s.write(WriteRequest {
+        queries: Vec::new(),
+        ops: vec![stale],
+        audit: vec![],
+    })
+    .await
+    .expect_err("a stale version conflicts");
+    assert_eq!(found(DIASTOLIC).await, (one.clone(), one.clone()));
+    // Deleted, then written again under another code.
+    let mut delete = recoded(0, 3, DIASTOLIC);
+    delete.body = None;
+    delete.extracted = Extracted::default();
+    write(delete).await;
+    assert_eq!(found(DIASTOLIC).await, (none.clone(), none.clone()));
+    write(recoded(0, 4, HEART_RATE)).await;
+    assert_eq!(found(HEART_RATE).await, (one.clone(), one.clone()));
+    assert_eq!(found(DIASTOLIC).await, (none.clone(), none));
 }

@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("0003_no_random_order_indexes.sql")),
     (4, include_str!("0004_ingest.sql")),
     (5, include_str!("0005_data_queries.sql")),
+    (6, include_str!("0006_token_search_order.sql")),
 ];
 
 /// How many queued write requests one group commit takes at most.
@@ -67,6 +68,15 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 /// The writer's own automatic checkpoint, in pages: only a backstop, should
 /// the checkpointer fall behind (SQLite's default is 1,000).
 const WRITER_AUTOCHECKPOINT: i64 = 20_000;
+/// The writer's page cache, in KiB (readers keep 256 MiB each). Every
+/// COMMIT costs SQLite a walk of the writer's whole page-cache hash while
+/// the file is under 1 GiB (`pcache1TruncateUnsafe`: a B-tree rebalance
+/// parks a page at the pending-byte page number, past the end of the file,
+/// so the truncate to the file's size at commit cannot take its short
+/// path): 12% of the writer's CPU with 256 MiB. Pages it evicts are read
+/// back through the memory map. 32 MiB measured 10-12% less writer CPU per
+/// Observation than 256 MiB, side by side under txload (2026-12-02).
+pub const WRITER_CACHE_KIB: i64 = 32 * 1024;
 
 /// Runs WAL checkpoints on its own connection, so that the writer thread
 /// (the bottleneck of ingest: measured ~90% of the CPU under load) only
@@ -143,7 +153,7 @@ impl SqliteStore {
             }
             let mut w = open_conn(&p, false)?;
             w.execute_batch(&format!(
-                "PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT}"
+                "PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT}; PRAGMA cache_size=-{WRITER_CACHE_KIB}"
             ))?;
             migrate(&mut w)?;
             let readers = (0..4)
@@ -1334,6 +1344,11 @@ fn apply_op(c: &Connection, op: &WriteOp) -> Result<(), WriteError> {
         op.extracted.patient.as_deref()
     };
     let sort_date = op.extracted.sort_date.unwrap_or(sql::NO_SORT_DATE);
+    let tokens = if deleted {
+        "[]".to_string()
+    } else {
+        token_keys(&op.extracted.entries)
+    };
     let conflict = |found| WriteError::Conflict {
         resource_type: op.resource_type.clone(),
         id: op.id.clone(),
@@ -1344,7 +1359,7 @@ fn apply_op(c: &Connection, op: &WriteOp) -> Result<(), WriteError> {
         Expect::Absent => {
             let r = c
                 .prepare_cached(
-                    "INSERT INTO resources (rtype, id, vid, last_updated, deleted, patient, sort_date) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO resources (rtype, id, vid, last_updated, deleted, patient, sort_date, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .map_err(db)?
                 .execute(params![
@@ -1354,7 +1369,8 @@ fn apply_op(c: &Connection, op: &WriteOp) -> Result<(), WriteError> {
                     op.last_updated,
                     deleted as i64,
                     patient,
-                    sort_date
+                    sort_date,
+                    tokens
                 ]);
             match r {
                 Ok(_) => {}
@@ -1367,9 +1383,12 @@ fn apply_op(c: &Connection, op: &WriteOp) -> Result<(), WriteError> {
             }
         }
         Expect::Version(v) => {
+            // Before the row changes: the keys of the rows it replaces (if
+            // the version is not v, the write fails below and rolls back).
+            remove_token_rows(c, &op.resource_type, &op.id)?;
             let n = c
                 .prepare_cached(
-                    "UPDATE resources SET vid = ?, last_updated = ?, deleted = ?, patient = ?, sort_date = ? WHERE rtype = ? AND id = ? AND vid = ?",
+                    "UPDATE resources SET vid = ?, last_updated = ?, deleted = ?, patient = ?, sort_date = ?, tokens = ? WHERE rtype = ? AND id = ? AND vid = ?",
                 )
                 .map_err(db)?
                 .execute(params![
@@ -1378,6 +1397,7 @@ fn apply_op(c: &Connection, op: &WriteOp) -> Result<(), WriteError> {
                     deleted as i64,
                     patient,
                     sort_date,
+                    tokens,
                     op.resource_type,
                     op.id,
                     v as i64
@@ -1386,13 +1406,7 @@ fn apply_op(c: &Connection, op: &WriteOp) -> Result<(), WriteError> {
             if n != 1 {
                 return Err(conflict(current_version(c, &op.resource_type, &op.id)?));
             }
-            for table in [
-                "idx_token",
-                "idx_string",
-                "idx_date",
-                "idx_reference",
-                "idx_quantity",
-            ] {
+            for table in ["idx_string", "idx_date", "idx_reference", "idx_quantity"] {
                 c.prepare_cached(&format!("DELETE FROM {table} WHERE rtype = ? AND id = ?"))
                     .map_err(db)?
                     .execute(params![op.resource_type, op.id])
@@ -1426,6 +1440,84 @@ fn apply_op(c: &Connection, op: &WriteOp) -> Result<(), WriteError> {
     Ok(())
 }
 
+/// The token rows a resource version has, as `resources.tokens` keeps
+/// them: a JSON array of `[param, system, code]`.
+fn token_keys(entries: &[clinflow_fhir::IndexEntry]) -> String {
+    fn push_str(out: &mut String, s: &str) {
+        out.push('"');
+        for ch in s.chars() {
+            match ch {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    let mut out = String::from("[");
+    for e in entries {
+        if let IndexValue::Token { system, code } = &e.value {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            out.push('[');
+            push_str(&mut out, e.param);
+            out.push(',');
+            push_str(&mut out, system.as_deref().unwrap_or(""));
+            out.push(',');
+            push_str(&mut out, code);
+            out.push(']');
+        }
+    }
+    out.push(']');
+    out
+}
+
+/// Deletes the `idx_token` rows of the version a write replaces. The table
+/// is keyed in search order (type, parameter, code, system, id) with no
+/// second index, which saves a B-tree insert per token on every create
+/// (migration 6); the keys of a resource's rows are kept beside its current
+/// version in `resources.tokens`. Keys that cannot be read (never written
+/// so by this code) fall back to a scan of the type's rows: slow, complete.
+fn remove_token_rows(c: &Connection, rtype: &str, id: &str) -> Result<(), WriteError> {
+    let row: Option<Option<String>> = c
+        .prepare_cached("SELECT tokens FROM resources WHERE rtype = ? AND id = ?")
+        .map_err(db)?
+        .query_row(params![rtype, id], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    // No such resource: nothing to remove (the write reports the conflict).
+    let Some(keys) = row else { return Ok(()) };
+    let parsed = keys
+        .as_deref()
+        .and_then(|k| clinflow_fhir::Json::parse(k).ok());
+    let Some(clinflow_fhir::Json::Array(keys)) = parsed else {
+        tracing::warn!(rtype, "unreadable token keys; scanning for the token rows");
+        c.prepare_cached("DELETE FROM idx_token WHERE rtype = ? AND id = ?")
+            .map_err(db)?
+            .execute(params![rtype, id])
+            .map_err(db)?;
+        return Ok(());
+    };
+    let mut st = c
+        .prepare_cached(
+            "DELETE FROM idx_token WHERE rtype = ? AND param = ? AND system = ? AND code = ? AND id = ?",
+        )
+        .map_err(db)?;
+    for key in &keys {
+        let clinflow_fhir::Json::Array(parts) = key else {
+            continue;
+        };
+        if let [param, system, code] = parts.as_slice() {
+            if let (Some(p), Some(s), Some(k)) = (param.as_str(), system.as_str(), code.as_str()) {
+                st.execute(params![rtype, p, s, k, id]).map_err(db)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn write_index(
     c: &Connection,
     rtype: &str,
@@ -1435,8 +1527,8 @@ fn write_index(
     for e in entries {
         match &e.value {
             IndexValue::Token { system, code } => {
-                c.prepare_cached("INSERT OR IGNORE INTO idx_token (rtype, id, param, system, code) VALUES (?, ?, ?, ?, ?)")?
-                    .execute(params![rtype, id, e.param, system.as_deref().unwrap_or(""), code])?;
+                c.prepare_cached("INSERT OR IGNORE INTO idx_token (rtype, param, code, system, id) VALUES (?, ?, ?, ?, ?)")?
+                    .execute(params![rtype, e.param, code, system.as_deref().unwrap_or(""), id])?;
             }
             IndexValue::String { value } => {
                 c.prepare_cached("INSERT OR IGNORE INTO idx_string (rtype, id, param, value) VALUES (?, ?, ?, ?)")?
@@ -1523,4 +1615,82 @@ fn append_audit(c: &Connection, records: Vec<&AuditRecord>) -> anyhow::Result<()
     c.prepare_cached("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")?
         .execute(params![seq, prev])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clinflow_fhir::Json;
+
+    #[test]
+    fn migration_6_keeps_token_rows_and_records_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open_conn(&dir.path().join("v5.db"), false).unwrap();
+        c.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied INTEGER NOT NULL)")
+            .unwrap();
+        for (version, sql) in &MIGRATIONS[..5] {
+            c.execute_batch(sql).unwrap();
+            c.execute("INSERT INTO schema_migrations VALUES (?, 0)", [version])
+                .unwrap();
+        }
+        c.execute_batch(
+            "INSERT INTO resources VALUES ('Observation', 'o1', 1, 0, 0, 'p1', 0);
+             INSERT INTO resources VALUES ('Observation', 'o2', 1, 0, 0, 'p1', 0);
+             INSERT INTO idx_token VALUES ('Observation', 'o1', 'code', 'http://loinc.org', '8867-4');
+             INSERT INTO idx_token VALUES ('Observation', 'o1', 'status', '', 'fi\"nal');",
+        )
+        .unwrap();
+        migrate(&mut c).unwrap();
+        let tokens = |id: &str| -> String {
+            c.query_row("SELECT tokens FROM resources WHERE id = ?", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        let Json::Array(keys) = Json::parse(&tokens("o1")).unwrap() else {
+            panic!("an array")
+        };
+        let mut keys: Vec<String> = keys.iter().map(|k| k.to_compact()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                r#"["code","http://loinc.org","8867-4"]"#,
+                r#"["status","","fi\"nal"]"#
+            ]
+        );
+        assert_eq!(tokens("o2"), "[]");
+        let rows: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM idx_token WHERE rtype = 'Observation' AND param = 'code' AND code = '8867-4' AND id = 'o1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rows, 1);
+        // The recorded keys are what a replacing write deletes.
+        remove_token_rows(&c, "Observation", "o1").unwrap();
+        let left: i64 = c
+            .query_row("SELECT COUNT(*) FROM idx_token", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn token_keys_are_json_whatever_the_code_holds() {
+        let entries = vec![clinflow_fhir::IndexEntry {
+            param: "identifier",
+            value: IndexValue::Token {
+                system: Some("urn:a\\b".into()),
+                code: "x\"y\u{1}z é".into(),
+            },
+        }];
+        let keys = Json::parse(&token_keys(&entries)).expect("JSON");
+        assert_eq!(
+            keys.to_compact(),
+            Json::parse(r#"[["identifier","urn:a\\b","x\"y\u0001z é"]]"#)
+                .unwrap()
+                .to_compact()
+        );
+    }
 }
