@@ -34,6 +34,9 @@ pub struct Config {
     /// Mapped batches waiting for a `persist` worker (at least 1); when it
     /// is full, `map` workers wait, and the intake queue fills up.
     pub ingest_mapped_queue: usize,
+    /// How long a graceful shutdown lets the ingest stages drain (finish
+    /// every queued batch); what is left then resumes at the next start.
+    pub ingest_drain_timeout: Duration,
     /// MLLP (HL7 v2 over TCP) listen address; `None` (the default) runs no
     /// listener. MLLP has no authentication: bind it to a trusted interface
     /// or firewall it (see ARCHITECTURE.md).
@@ -67,6 +70,7 @@ impl Config {
             ingest_persist_workers: 2,
             ingest_queue: 64,
             ingest_mapped_queue: 4,
+            ingest_drain_timeout: Duration::from_secs(30),
             mllp_listen: None,
             mllp_max_frame: 1024 * 1024,
             mllp_max_connections: 256,

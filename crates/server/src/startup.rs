@@ -97,8 +97,9 @@ impl Application {
 
     /// Serves until `shutdown` resolves; then stops accepting (HTTP and
     /// MLLP), finishes the requests and MLLP messages in flight (the
-    /// pipeline still running, so that their ACKs can be sent), lets each
-    /// ingest worker finish its batch, and commits queued audit records.
+    /// pipeline still running, so that their ACKs can be sent), drains the
+    /// ingest stages (at most `ingest_drain_timeout`), and commits queued
+    /// audit records.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -132,7 +133,9 @@ impl Application {
         );
         signal.abort();
         served?;
-        self.pipeline.stop().await;
+        self.pipeline
+            .stop(self.state.config.ingest_drain_timeout)
+            .await;
         self.state.store.flush().await?;
         tracing::info!("server stopped; queued audit records committed");
         Ok(())

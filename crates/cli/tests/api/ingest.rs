@@ -42,6 +42,7 @@ engine_tests!(
         c.ingest_queue = 1;
         c.ingest_mapped_queue = 1;
     },
+    a_graceful_shutdown_drains_the_stages,
     a_full_pipeline_answers_429 with |c: &mut clinflow_server::Config| {
         c.ingest_map_workers = 0;
         c.ingest_queue = 1;
@@ -659,6 +660,44 @@ async fn a_slow_stage_shows_as_its_queue_and_a_burst_as_429(app: TestApp) {
     waiting.sort();
     accepted.sort();
     assert_eq!(waiting, accepted);
+}
+
+async fn a_graceful_shutdown_drains_the_stages(mut app: TestApp) {
+    app.load_reference_trial().await;
+    // Batches of 200 readings each, accepted faster than two workers per
+    // stage store them (each acceptance is one commit; each batch, 200).
+    let batch = |b: usize| {
+        let mut csv = String::from("subject,device,time,metric,value,unit\n");
+        for i in 0..200 {
+            csv.push_str(&format!(
+                "CARDIO-01-0001,watch-{b},2026-03-{:02}T{:02}:{:02}:00-05:00,heart-rate,{},/min\n",
+                2 + b % 20,
+                i / 60,
+                i % 60,
+                60 + i % 30
+            ));
+        }
+        csv
+    };
+    let bodies: Vec<String> = (0..24).map(batch).collect();
+    let posts = bodies
+        .iter()
+        .map(|body| ingest(&app, &app.admin, "/ingest/wearable", CSV, body));
+    let ids = futures::future::join_all(posts).await;
+    // The precondition of this test: work is still queued at the stop.
+    let waiting = app.store.unfinished_batches().await.unwrap();
+    assert!(!waiting.is_empty(), "every batch was done before the stop");
+    app.signal_shutdown();
+    app.stopped().await.expect("a clean stop");
+    // Drained: every accepted batch was finished before the server stopped.
+    assert_eq!(
+        app.store.unfinished_batches().await.unwrap(),
+        Vec::<String>::new()
+    );
+    for id in &ids {
+        let b = app.store.batch(id).await.unwrap().expect("the batch");
+        assert_eq!(b.counts.stored, 200, "{id}");
+    }
 }
 
 /// A second server on `app`'s database (the first one stopped), with

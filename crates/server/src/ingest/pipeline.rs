@@ -163,18 +163,27 @@ struct Mapped {
 /// tokio's because a worker holds it while it waits (an await).
 type Shared<T> = Arc<tokio::sync::Mutex<mpsc::Receiver<T>>>;
 
-/// The next item of `rx`, or `None` once stopping (or closed).
-async fn next<T>(rx: &Shared<T>, cancel: &CancellationToken) -> Option<T> {
+/// The next item of `rx`: waited for until the drain starts, then only
+/// what is queued already; `None` when there is no more, or on abort.
+async fn next<T>(
+    rx: &Shared<T>,
+    drain: &CancellationToken,
+    abort: &CancellationToken,
+) -> Option<T> {
     tokio::select! {
         biased;
-        _ = cancel.cancelled() => None,
+        _ = abort.cancelled() => None,
+        _ = drain.cancelled() => rx.lock().await.try_recv().ok(),
         item = async { rx.lock().await.recv().await } => item,
     }
 }
 
 /// The running stages, stopped by [`Pipeline::stop`].
 pub struct Pipeline {
-    cancel: CancellationToken,
+    /// Stop waiting for new batches; finish what is queued.
+    drain: CancellationToken,
+    /// Stop taking batches at all (the drain took too long).
+    abort: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     /// Keep the queues open when a stage has no workers (a closed intake
     /// would refuse batches with 503 instead of filling up).
@@ -203,7 +212,7 @@ impl Pipeline {
         let (mapped_tx, mapped_rx) = mpsc::channel(stages.mapped_queue.max(1));
         let rx: Shared<String> = Arc::new(tokio::sync::Mutex::new(rx));
         let mapped_rx: Shared<Mapped> = Arc::new(tokio::sync::Mutex::new(mapped_rx));
-        let cancel = CancellationToken::new();
+        let (drain, abort) = (CancellationToken::new(), CancellationToken::new());
         let claims = Arc::new(Claims::default());
         let finished = Arc::new(Notify::new());
         metrics.ingest_map.workers.set(stages.map_workers as i64);
@@ -220,24 +229,24 @@ impl Pipeline {
         let worker = Arc::new(worker);
         let mut tasks = Vec::with_capacity(stages.map_workers + stages.persist_workers + 1);
         for _ in 0..stages.map_workers {
-            let (w, rx, tx, cancel) = (
-                worker.clone(),
-                rx.clone(),
-                mapped_tx.clone(),
-                cancel.clone(),
-            );
-            tasks.push(tokio::spawn(async move { w.run_map(rx, tx, cancel).await }));
+            let (w, rx, tx) = (worker.clone(), rx.clone(), mapped_tx.clone());
+            let (drain, abort) = (drain.clone(), abort.clone());
+            tasks.push(tokio::spawn(async move {
+                w.run_map(rx, tx, drain, abort).await
+            }));
         }
         for _ in 0..stages.persist_workers {
-            let (w, rx, cancel) = (worker.clone(), mapped_rx.clone(), cancel.clone());
-            tasks.push(tokio::spawn(async move { w.run_persist(rx, cancel).await }));
+            let (w, rx, abort) = (worker.clone(), mapped_rx.clone(), abort.clone());
+            // Runs until every map worker is gone (the drain done) and the
+            // mapped queue is empty: the mapped queue's senders are theirs.
+            tasks.push(tokio::spawn(async move { w.run_persist(rx, abort).await }));
         }
         if !unfinished.is_empty() {
             tracing::info!(
                 batches = unfinished.len(),
                 "resuming ingest batches not done"
             );
-            let (tx, cancel, metrics) = (tx.clone(), cancel.clone(), metrics.clone());
+            let (tx, cancel, metrics) = (tx.clone(), drain.clone(), metrics.clone());
             // Waits for places like any producer; never more than the queue.
             tasks.push(tokio::spawn(async move {
                 for id in unfinished {
@@ -259,21 +268,36 @@ impl Pipeline {
                 finished,
             },
             Pipeline {
-                cancel,
+                drain,
+                abort,
                 tasks,
                 _rx: (rx, mapped_rx),
             },
         )
     }
 
-    /// Stops taking batches off the queues and waits for every worker to
-    /// finish the batch it is on (a `map` worker waiting to hand one on
-    /// drops it). Batches not done stay `processing` in the store and are
-    /// resumed at the next start.
-    pub async fn stop(self) {
-        self.cancel.cancel();
-        for t in self.tasks {
-            if let Err(e) = t.await {
+    /// Drains the stages: the workers take what is queued (nothing new
+    /// comes: the server has stopped taking requests), hand it on and
+    /// finish it, then stop. What is still not done `within` is left:
+    /// every worker finishes the batch it is on, the rest stays
+    /// `processing` in the store and is resumed at the next start.
+    pub async fn stop(self, within: std::time::Duration) {
+        self.drain.cancel();
+        let all = futures::future::join_all(self.tasks);
+        tokio::pin!(all);
+        let results = tokio::select! {
+            r = &mut all => r,
+            _ = tokio::time::sleep(within) => {
+                tracing::warn!(
+                    seconds = within.as_secs_f64(),
+                    "the ingest drain took too long; what is left resumes at the next start"
+                );
+                self.abort.cancel();
+                all.await
+            }
+        };
+        for r in results {
+            if let Err(e) = r {
                 tracing::error!(error = %e, "an ingest worker panicked");
             }
         }
@@ -340,10 +364,10 @@ enum Fate {
 }
 
 /// Runs `attempt` until it succeeds, at most `RETRY_BACKOFF.len()` times,
-/// waiting between attempts (a stop does not wait). A failure (the
+/// waiting between attempts (an abort does not wait). A failure (the
 /// database unreachable, no trial loaded) is logged with the batch id;
 /// processing is idempotent, so a retry after a partial run is safe.
-/// `None` when every attempt failed or the pipeline is stopping.
+/// `None` when every attempt failed or the pipeline is aborting.
 async fn retrying<T, F, Fut>(
     stage: Stage,
     id: &str,
@@ -389,22 +413,23 @@ impl Worker {
         &self,
         rx: Shared<String>,
         tx: mpsc::Sender<Mapped>,
-        cancel: CancellationToken,
+        drain: CancellationToken,
+        abort: CancellationToken,
     ) {
         let m = &self.metrics.ingest_map;
-        while let Some(id) = next(&rx, &cancel).await {
+        while let Some(id) = next(&rx, &drain, &abort).await {
             m.queue_depth.dec();
             m.busy.inc();
             let started = Instant::now();
             // Not raced against the cancellation: a batch started is mapped.
-            let mapped = retrying(Stage::Map, &id, &cancel, || self.map(&id, started)).await;
+            let mapped = retrying(Stage::Map, &id, &abort, || self.map(&id, started)).await;
             let handed = match mapped {
                 Some(Some(mapped)) => {
                     let items = mapped.items.len() as u64;
                     // Waits while `persist` is behind: the backpressure.
                     let place = tokio::select! {
                         biased;
-                        _ = cancel.cancelled() => None,
+                        _ = abort.cancelled() => None,
                         p = tx.reserve() => p.ok(),
                     };
                     match place {
@@ -431,17 +456,16 @@ impl Worker {
     }
 
     /// A `persist` worker: mapped batches in, done batches out.
-    async fn run_persist(&self, rx: Shared<Mapped>, cancel: CancellationToken) {
+    async fn run_persist(&self, rx: Shared<Mapped>, abort: CancellationToken) {
         let m = &self.metrics.ingest_persist;
-        while let Some(mapped) = next(&rx, &cancel).await {
+        // No drain token: this ends when the queue is closed and empty.
+        let never = CancellationToken::new();
+        while let Some(mapped) = next(&rx, &never, &abort).await {
             m.queue_depth.dec();
             m.busy.inc();
             let started = Instant::now();
             // Not raced against the cancellation: a batch started is finished.
-            let done = retrying(Stage::Persist, &mapped.id, &cancel, || {
-                self.persist(&mapped)
-            })
-            .await;
+            let done = retrying(Stage::Persist, &mapped.id, &abort, || self.persist(&mapped)).await;
             m.busy.dec();
             m.seconds.observe(started.elapsed().as_secs_f64());
             if done.is_some() {
