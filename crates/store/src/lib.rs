@@ -258,6 +258,22 @@ impl Store {
         dispatch!(self.reopen_batch(id, audit))
     }
 
+    /// Records the retry of item `index` of a done batch, with its audit
+    /// records, in one transaction: the item's rejections replaced by
+    /// `rejections` (its new ones, if any) and the counts changed as `fate`
+    /// says. `false` (nothing written) when the batch is not done or has no
+    /// rejection of that item (a retry already resolved it).
+    pub async fn retry_item(
+        &self,
+        batch: &str,
+        index: u64,
+        fate: RetriedFate,
+        rejections: Vec<BatchRejection>,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<bool> {
+        dispatch!(self.retry_item(batch, index, fate, rejections, audit))
+    }
+
     /// Batches not done, oldest first: what a restart resumes.
     pub async fn unfinished_batches(&self) -> anyhow::Result<Vec<String>> {
         dispatch!(self.unfinished_batches())

@@ -234,6 +234,19 @@ pub struct BatchRejection {
     pub location: String,
 }
 
+/// What one rejected item of a done batch became when it was run again
+/// ([`crate::Store::retry_item`]): how the batch's counts change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetriedFate {
+    /// Rejected before, stored now, with this many data queries opened.
+    Stored { queries: u64 },
+    /// Rejected before, and now a duplicate of an item another batch stored.
+    Duplicate,
+    /// The counts stay: still rejected, or stored before with some values
+    /// rejected. Only the item's rejections are replaced.
+    Unchanged,
+}
+
 /// An ingest batch as stored (without its raw input).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchRecord {

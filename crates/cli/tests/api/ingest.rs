@@ -43,6 +43,7 @@ engine_tests!(
         c.ingest_mapped_queue = 1;
     },
     a_graceful_shutdown_drains_the_stages,
+    a_retried_item_is_stored_once_and_the_batch_counts_follow,
     a_full_pipeline_answers_429 with |c: &mut clinflow_server::Config| {
         c.ingest_map_workers = 0;
         c.ingest_queue = 1;
@@ -105,13 +106,15 @@ impl Expected {
             .count() as u64
     }
 
-    fn rejections(&self) -> Vec<Value> {
+    /// The rejections a batch `batch` of this input lists.
+    fn rejections(&self, batch: &str) -> Vec<Value> {
         self.items
             .iter()
             .flat_map(|i| &i.rejections)
             .map(|r| {
                 serde_json::json!({
                     "index": r.index,
+                    "item": format!("{batch}.{}", r.index),
                     "reason": r.reason.to_string(),
                     "location": r.location,
                 })
@@ -136,7 +139,8 @@ impl Expected {
             .map(|i| i.queries.len())
             .sum();
         assert_eq!(status["queries_opened"], queries as u64, "{status}");
-        assert_eq!(status["rejections"], Value::from(self.rejections()));
+        let batch = status["batch"].as_str().expect("the batch id");
+        assert_eq!(status["rejections"], Value::from(self.rejections(batch)));
         assert_counts_add_up(status);
     }
 }
@@ -605,6 +609,125 @@ async fn a_full_pipeline_answers_429(app: TestApp) {
     app.post("/ingest/hl7v2", &app.admin, HL7, &big)
         .await
         .expect(413);
+}
+
+async fn a_retried_item_is_stored_once_and_the_batch_counts_follow(app: TestApp) {
+    app.load_reference_trial().await;
+    let (header, subjects) = SUBJECTS_CSV.split_once('\n').expect("a CSV header");
+    let late_row = subjects.lines().last().expect("a subject");
+    let late = late_row.split(',').next().expect("a subject id");
+    let wearable_head = WEARABLE.lines().next().expect("a CSV header");
+    let enrolled_row = WEARABLE.lines().nth(1).expect("a row");
+    let mut fields: Vec<&str> = enrolled_row.split(',').collect();
+    fields[0] = "CARDIO-01-9999";
+    let stranger_row = fields.join(",");
+    fields[0] = "CARDIO-01-LATE";
+    let late_reading = fields.join(",");
+    let body = format!("{wearable_head}\n{enrolled_row}\n{stranger_row}\n{late_reading}\n");
+    let first = ingest_and_wait(&app, "/ingest/wearable", CSV, &body).await;
+    assert_eq!(
+        (first["stored"].as_u64(), first["rejected"].as_u64()),
+        (Some(1), Some(2))
+    );
+    let id = first["batch"].as_str().unwrap().to_string();
+    let item_of = |status: &Value, index: u64| -> String {
+        status["rejections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["index"] == index)
+            .and_then(|r| r["item"].as_str())
+            .unwrap_or_else(|| panic!("no rejection of item {index}: {status}"))
+            .to_string()
+    };
+    let (stranger, late_item) = (item_of(&first, 1), item_of(&first, 2));
+    let observations = app.count(&app.admin, "Observation").await;
+    let retry = |item: String| {
+        let app = &app;
+        async move {
+            app.post(&format!("/ingest/items/{item}/retry"), &app.admin, CSV, "")
+                .await
+        }
+    };
+
+    // Still rejected: the counts stay, the reason is given again.
+    let r = retry(late_item.clone()).await;
+    r.expect(200);
+    assert_eq!(r.json()["outcome"], "rejected", "{}", r.json());
+    assert!(r.json()["rejections"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not enrolled"));
+    // Roles, unknown items, an item that was not rejected.
+    let interface = app.token("interface", None, None).await;
+    app.post(
+        &format!("/ingest/items/{late_item}/retry"),
+        &interface,
+        CSV,
+        "",
+    )
+    .await
+    .problem(403);
+    for bad in [
+        format!("{id}.0"),
+        format!("{id}.99"),
+        "nonsense".into(),
+        "x.1".into(),
+    ] {
+        retry(bad).await.problem(404);
+    }
+
+    // Enrolled now: stored once, counted, its rejection gone; the other
+    // rejected item is untouched.
+    app.post(
+        &format!("/trials/{}/subjects", crate::helpers::trial_id()),
+        &app.admin,
+        "text/csv",
+        &format!(
+            "{header}\n{}\n",
+            late_row.replacen(late, "CARDIO-01-LATE", 1)
+        ),
+    )
+    .await
+    .expect(200);
+    let r = retry(late_item.clone()).await;
+    r.expect(200);
+    assert_eq!(r.json()["outcome"], "stored", "{}", r.json());
+    assert_eq!(app.count(&app.admin, "Observation").await, observations + 1);
+    let after = app
+        .get(&format!("/ingest/batches/{id}"), &app.admin)
+        .await
+        .json();
+    assert_eq!(
+        (after["stored"].as_u64(), after["rejected"].as_u64()),
+        (Some(2), Some(1)),
+        "{after}"
+    );
+    assert_counts_add_up(&after);
+    assert_eq!(item_of(&after, 1), stranger);
+    assert_eq!(after["rejections"].as_array().unwrap().len(), 1, "{after}");
+    // Resolved: a second retry finds nothing to do, and stores nothing.
+    retry(late_item).await.problem(404);
+    assert_eq!(app.count(&app.admin, "Observation").await, observations + 1);
+    // Audited, with what became of the item.
+    let records = app
+        .store
+        .audit_records(clinflow_store::AuditQuery {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let outcomes: Vec<&str> = records
+        .iter()
+        .filter(|r| r.record.action == "ingest-item-retry")
+        .filter_map(|r| r.record.detail.as_deref())
+        .collect();
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    assert!(
+        outcomes[0].contains("rejected") && outcomes[1].contains("stored"),
+        "{outcomes:?}"
+    );
 }
 
 /// Polls `/metrics` until `sample` of it is `value`, for at most 30 s.
@@ -1089,7 +1212,7 @@ async fn the_cli_ingests_files_directories_and_stdin(app: TestApp) {
 /// LOCATION: REASON` of the output.
 #[track_caller]
 fn assert_rejections_listed(out: &str, name: &str, expected: &Expected) {
-    for r in expected.rejections() {
+    for r in expected.rejections("-") {
         let line = format!(
             "rejected: {name} item {} at {}: {}",
             r["index"],
@@ -1243,6 +1366,10 @@ async fn a_batch_still_processing_cannot_be_retried(app: TestApp) {
     app.load_reference_trial().await;
     let id = ingest(&app, &app.admin, "/ingest/wearable", CSV, WEARABLE).await;
     app.post(&format!("/ingest/batches/{id}/retry"), &app.admin, CSV, "")
+        .await
+        .problem(409);
+    // Nor one of its items.
+    app.post(&format!("/ingest/items/{id}.0/retry"), &app.admin, CSV, "")
         .await
         .problem(409);
 }

@@ -47,6 +47,7 @@ pub fn routes() -> Router<AppState> {
         .route("/fhir", post(post_fhir))
         .route("/batches/{id}", get(get_batch))
         .route("/batches/{id}/retry", post(retry_batch))
+        .route("/items/{id}/retry", post(retry_item))
 }
 
 /// An input format, as a batch records it.
@@ -288,7 +289,14 @@ pub async fn get_batch(
         .batch_rejections(&id)
         .await?
         .into_iter()
-        .map(|r| json!({"index": r.index, "reason": r.reason, "location": r.location}))
+        .map(|r| {
+            json!({
+                "index": r.index,
+                "item": format!("{id}.{}", r.index),
+                "reason": r.reason,
+                "location": r.location,
+            })
+        })
         .collect();
     let k = batch.counts;
     Ok(AxumJson(json!({
@@ -300,6 +308,48 @@ pub async fn get_batch(
         "rejected": k.rejected,
         "duplicates": k.duplicates,
         "queries_opened": k.queries_opened,
+        "rejections": rejections,
+    }))
+    .into_response())
+}
+
+/// `POST /ingest/items/{id}/retry` (data-manager, admin), `id` being
+/// `BATCH.INDEX` (the `item` of a rejection in the batch's status): runs
+/// that one rejected item again against the trial as it is now (after a
+/// subject was enrolled or the protocol amended). Answers 200 with what it
+/// became (`stored`, `duplicate`, `rejected`, or `stored-before` for an
+/// item stored with some values rejected, which stay so) and its
+/// rejections now; the batch's counts follow. Audited (`ingest-item-retry`).
+pub async fn retry_item(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if !matches!(caller.principal.role, Role::Admin | Role::DataManager) {
+        return Err(ApiError::Forbidden(
+            "retrying an ingest item needs the data-manager or admin role".into(),
+        ));
+    }
+    let (batch, index) = id
+        .rsplit_once('.')
+        .and_then(|(b, i)| Some((b, i.parse::<u64>().ok()?)))
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "{id:?} is not an ingest item id (BATCH.INDEX, as a rejection's \"item\" gives it)"
+            ))
+        })?;
+    let audit = caller.audit("ingest-item-retry", "success");
+    let r = state.ingest.retry_item(batch, index, audit).await?;
+    let rejections: Vec<_> = r
+        .rejections
+        .iter()
+        .map(|x| json!({"index": x.index, "item": id, "reason": x.reason, "location": x.location}))
+        .collect();
+    Ok(AxumJson(json!({
+        "item": id,
+        "batch": batch,
+        "index": index,
+        "outcome": r.outcome,
         "rejections": rejections,
     }))
     .into_response())

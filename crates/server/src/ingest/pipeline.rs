@@ -27,7 +27,7 @@ use clinflow_edc::{ItemOutcome, Reason, Rejection, TrialContext};
 use clinflow_fhir::{Json, Resource};
 use clinflow_store::{
     AuditRecord, BatchCounts, BatchRecord, BatchRejection, BatchStatus, Expect, NewDataQuery,
-    Store, WriteOp, WriteRequest,
+    RetriedFate, Store, WriteOp, WriteRequest,
 };
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
@@ -108,6 +108,8 @@ impl Stage {
 pub struct IngestQueue {
     tx: mpsc::Sender<String>,
     metrics: Arc<Metrics>,
+    /// For one item run again outside the stages (`retry_item`).
+    worker: Arc<Worker>,
     /// Woken (all waiters) each time a worker has finished with a batch, so
     /// that the MLLP listener can wait for a message's outcome.
     finished: Arc<Notify>,
@@ -127,12 +129,121 @@ impl IngestQueue {
         })
     }
 
+    /// Runs item `index` of done batch `id` again, from the batch's raw
+    /// input against the trial as it is now, outside the stages: stored if
+    /// it passes now (once: an item stored meanwhile is a duplicate), its
+    /// rejections replaced, the batch's counts changed to match, `audit`
+    /// (an `ingest-item-retry` record) committed with them. 404 for no
+    /// such batch or rejected item, 409 while the batch is processing.
+    pub async fn retry_item(
+        &self,
+        id: &str,
+        index: u64,
+        audit: AuditRecord,
+    ) -> Result<RetriedItem, ApiError> {
+        let w = &self.worker;
+        let missing =
+            || ApiError::NotFound(format!("ingest batch {id} has no rejected item {index}"));
+        let batch = w
+            .store
+            .batch(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no ingest batch {id:?}")))?;
+        if batch.status != BatchStatus::Done {
+            return Err(ApiError::Conflict(format!(
+                "ingest batch {id} is still processing; retry the item once it is done"
+            )));
+        }
+        // One retry of an item at a time in this process, so that the
+        // fate computed below is the one the counts record.
+        let _retry = w.claims.claim(vec![format!("retry {id}.{index}")]).await;
+        let before = w.store.batch_rejections(id).await?;
+        if !before.iter().any(|r| r.index == index) {
+            return Err(missing());
+        }
+        let mapped = w.map_batch(batch, Instant::now()).await?;
+        let item = mapped
+            .items
+            .iter()
+            .find(|i| i.index as u64 == index)
+            .ok_or_else(missing)?;
+        let source = batch_source(id);
+        let create = AuditRecord {
+            actor: mapped.batch.submitter.clone(),
+            role: mapped.batch.role.clone(),
+            action: "create".into(),
+            reason: Some(format!(
+                "ingest batch {id}, item {index} retried by {}",
+                audit.actor
+            )),
+            outcome: "success".into(),
+            ..AuditRecord::default()
+        };
+        let fate = match w
+            .store_item(&mapped.ctx, item, false, &source, &create)
+            .await?
+        {
+            Fate::Stored {
+                queries,
+                written: true,
+            } => RetriedFate::Stored {
+                queries: queries as u64,
+            },
+            Fate::Stored { written: false, .. } | Fate::Rejected => RetriedFate::Unchanged,
+            Fate::Duplicate => RetriedFate::Duplicate,
+        };
+        let rejections: Vec<BatchRejection> = item
+            .rejections
+            .iter()
+            .map(|r| BatchRejection {
+                index,
+                reason: r.reason.to_string(),
+                location: r.location.clone(),
+            })
+            .collect();
+        let outcome = match fate {
+            RetriedFate::Stored { .. } => "stored",
+            RetriedFate::Duplicate => "duplicate",
+            RetriedFate::Unchanged if item.is_stored() => "stored-before",
+            RetriedFate::Unchanged => "rejected",
+        };
+        let mut audit = audit;
+        audit.detail = Some(format!(
+            "batch {id} ({}), item {index}: {outcome}, {} rejection(s)",
+            mapped.batch.format,
+            rejections.len()
+        ));
+        if !w
+            .store
+            .retry_item(id, index, fate, rejections.clone(), vec![audit])
+            .await?
+        {
+            return Err(ApiError::Conflict(format!(
+                "item {index} of ingest batch {id} was resolved meanwhile"
+            )));
+        }
+        Ok(RetriedItem {
+            outcome,
+            rejections,
+        })
+    }
+
     /// Notified each time a worker has finished with a batch (done, or left
     /// after its retries). Create the `notified()` future before checking
     /// the batch's status, so that no finish between the two is missed.
     pub fn finished(&self) -> &Notify {
         &self.finished
     }
+}
+
+/// What [`IngestQueue::retry_item`] did.
+#[derive(Debug)]
+pub struct RetriedItem {
+    /// `stored`, `duplicate`, `rejected` (still), or `stored-before` (the
+    /// item was stored with some values rejected; those stay rejected).
+    pub outcome: &'static str,
+    /// The item's rejections now.
+    pub rejections: Vec<BatchRejection>,
 }
 
 /// A reserved place in the queue; dropping it unused gives it back.
@@ -266,6 +377,7 @@ impl Pipeline {
                 tx,
                 metrics,
                 finished,
+                worker,
             },
             Pipeline {
                 drain,
@@ -358,7 +470,11 @@ struct Worker {
 
 /// What became of one item.
 enum Fate {
-    Stored { queries: usize },
+    /// `written`: by this call (else found stored by this very batch).
+    Stored {
+        queries: usize,
+        written: bool,
+    },
     Rejected,
     Duplicate,
 }
@@ -488,6 +604,12 @@ impl Worker {
         if batch.status == BatchStatus::Done {
             return Ok(None);
         }
+        self.map_batch(batch, started).await.map(Some)
+    }
+
+    /// Runs a batch's raw input through clinflow-edc, whatever its status.
+    async fn map_batch(&self, batch: BatchRecord, started: Instant) -> anyhow::Result<Mapped> {
+        let id = batch.id.as_str();
         let format = Format::from_code(&batch.format)
             .ok_or_else(|| anyhow::anyhow!("unknown batch format {:?}", batch.format))?;
         let raw = self
@@ -507,13 +629,13 @@ impl Worker {
         if format.is_fhir() {
             resolve_identifiers(&self.store, &mut items).await?;
         }
-        Ok(Some(Mapped {
+        Ok(Mapped {
             id: id.to_string(),
             batch,
             ctx,
             items,
             started,
-        }))
+        })
     }
 
     /// The `persist` stage of one batch: each item stored once, the counts
@@ -572,7 +694,7 @@ impl Worker {
                     continue;
                 }
                 Fate::Rejected => counts.rejected += 1,
-                Fate::Stored { queries } => {
+                Fate::Stored { queries, .. } => {
                     counts.stored += 1;
                     counts.queries_opened += *queries as u64;
                 }
@@ -668,6 +790,7 @@ impl Worker {
             return Ok(if ours {
                 Fate::Stored {
                     queries: item.queries.len(),
+                    written: false,
                 }
             } else {
                 Fate::Duplicate
@@ -697,7 +820,10 @@ impl Worker {
             })
             .await?;
         self.metrics.resources_written.inc_by(n);
-        Ok(Fate::Stored { queries: opened })
+        Ok(Fate::Stored {
+            queries: opened,
+            written: true,
+        })
     }
 }
 

@@ -79,6 +79,9 @@ enum Op {
     /// A done batch back to processing, its rejections cleared; a
     /// `Conflict` (which drops the job's audit records) when it is not done.
     ReopenBatch(String),
+    /// Item `u64` of a done batch run again; a `Conflict` when the batch is
+    /// not done or has no rejection of that item.
+    RetryItem(String, u64, RetriedFate, Vec<BatchRejection>),
     /// A data query's lifecycle step (who, when); a `Conflict` (which
     /// drops the job's audit records) when its status does not allow it.
     ChangeQuery(String, QueryChange, String, i64),
@@ -595,7 +598,7 @@ impl PgStore {
         let c = self.client().await?;
         let st = c
             .prepare_cached(
-                "SELECT item, reason, location FROM ingest_rejections WHERE batch = $1 ORDER BY seq",
+                "SELECT item, reason, location FROM ingest_rejections WHERE batch = $1 ORDER BY item, seq",
             )
             .await?;
         c.query(&st, &[&id])
@@ -629,6 +632,21 @@ impl PgStore {
     pub async fn reopen_batch(&self, id: &str, audit: Vec<AuditRecord>) -> anyhow::Result<bool> {
         self.op_applied(Op::ReopenBatch(id.to_string()), audit)
             .await
+    }
+
+    pub async fn retry_item(
+        &self,
+        batch: &str,
+        index: u64,
+        fate: RetriedFate,
+        rejections: Vec<BatchRejection>,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<bool> {
+        self.op_applied(
+            Op::RetryItem(batch.to_string(), index, fate, rejections),
+            audit,
+        )
+        .await
     }
 
     /// Runs an op whose `Conflict` means "not applied" (its audit records
@@ -1412,6 +1430,49 @@ async fn apply_op(c: &Client, st: &Stmts, op: &Op) -> Result<u64, WriteError> {
                 .await
                 .map_err(db)?;
             Ok(n)
+        }
+        Op::RetryItem(id, index, fate, rejections) => {
+            let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            let item = as_i64(*index);
+            let removed = c
+                .execute(
+                    "DELETE FROM ingest_rejections WHERE batch = $1 AND item = $2 AND EXISTS (SELECT 1 FROM ingest_batches WHERE id = $1 AND status = 'done')",
+                    &[id, &item],
+                )
+                .await
+                .map_err(db)?;
+            if removed == 0 {
+                return Err(WriteError::Conflict {
+                    resource_type: "ingest item".into(),
+                    id: format!("{id}.{index}"),
+                    expected: Expect::Absent,
+                    found: None,
+                });
+            }
+            if !rejections.is_empty() {
+                let reason: Vec<&str> = rejections.iter().map(|r| r.reason.as_str()).collect();
+                let location: Vec<&str> = rejections.iter().map(|r| r.location.as_str()).collect();
+                c.execute(
+                    "INSERT INTO ingest_rejections (batch, seq, item, reason, location) SELECT $1, (SELECT COALESCE(MAX(seq), -1) FROM ingest_rejections WHERE batch = $1) + r.n, $2, r.reason, r.location FROM UNNEST($3::TEXT[], $4::TEXT[]) WITH ORDINALITY AS r(reason, location, n)",
+                    &[id, &item, &reason, &location],
+                )
+                .await
+                .map_err(db)?;
+            }
+            let (stored, duplicates, queries): (i64, i64, i64) = match fate {
+                RetriedFate::Stored { queries } => (1, 0, as_i64(*queries)),
+                RetriedFate::Duplicate => (0, 1, 0),
+                RetriedFate::Unchanged => (0, 0, 0),
+            };
+            if stored + duplicates > 0 {
+                c.execute(
+                    "UPDATE ingest_batches SET rejected = rejected - 1, stored = stored + $1, duplicates = duplicates + $2, queries_opened = queries_opened + $3 WHERE id = $4",
+                    &[&stored, &duplicates, &queries, id],
+                )
+                .await
+                .map_err(db)?;
+            }
+            Ok(removed)
         }
         Op::ChangeQuery(id, change, by, at) => {
             let n = match change {

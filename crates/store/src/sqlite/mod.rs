@@ -568,7 +568,7 @@ impl SqliteStore {
         let id = id.to_string();
         self.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT item, reason, location FROM ingest_rejections WHERE batch = ? ORDER BY seq",
+                "SELECT item, reason, location FROM ingest_rejections WHERE batch = ? ORDER BY item, seq",
             )?;
             let rows = st.query_map([id], |r| {
                 Ok(BatchRejection {
@@ -651,6 +651,60 @@ impl SqliteStore {
     }
 
     /// The ids of batches not done, oldest first (resumed at startup).
+    pub async fn retry_item(
+        &self,
+        batch: &str,
+        index: u64,
+        fate: RetriedFate,
+        rejections: Vec<BatchRejection>,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<bool> {
+        let id = batch.to_string();
+        let stale = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stale.clone();
+        let r = self
+            .custom(audit, move |c| {
+                let removed = c.execute(
+                    "DELETE FROM ingest_rejections WHERE batch = ?1 AND item = ?2 AND EXISTS (SELECT 1 FROM ingest_batches WHERE id = ?1 AND status = 'done')",
+                    params![id, index as i64],
+                )?;
+                if removed == 0 {
+                    // Failing the job drops its audit records.
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Err(anyhow!("no rejected item {index} in a done batch"));
+                }
+                let next: i64 = c.query_row(
+                    "SELECT COALESCE(MAX(seq), -1) + 1 FROM ingest_rejections WHERE batch = ?",
+                    [&id],
+                    |r| r.get(0),
+                )?;
+                let mut st = c.prepare_cached(
+                    "INSERT INTO ingest_rejections (batch, seq, item, reason, location) VALUES (?, ?, ?, ?, ?)",
+                )?;
+                for (k, r) in rejections.iter().enumerate() {
+                    st.execute(params![id, next + k as i64, index as i64, r.reason, r.location])?;
+                }
+                let (stored, duplicates, queries) = match fate {
+                    RetriedFate::Stored { queries } => (1, 0, queries as i64),
+                    RetriedFate::Duplicate => (0, 1, 0),
+                    RetriedFate::Unchanged => (0, 0, 0),
+                };
+                if stored + duplicates > 0 {
+                    c.execute(
+                        "UPDATE ingest_batches SET rejected = rejected - 1, stored = stored + ?, duplicates = duplicates + ?, queries_opened = queries_opened + ? WHERE id = ?",
+                        params![stored, duplicates, queries, id],
+                    )?;
+                }
+                Ok(())
+            })
+            .await;
+        match r {
+            Ok(()) => Ok(true),
+            Err(_) if stale.load(std::sync::atomic::Ordering::SeqCst) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn unfinished_batches(&self) -> anyhow::Result<Vec<String>> {
         self.read(|c| {
             let mut st = c.prepare_cached(
