@@ -155,6 +155,11 @@ pub enum Reason {
     /// A reference by identifier names no resource, or several.
     #[error("{0}")]
     UnresolvedReference(String),
+    /// The item is about a subject outside the submitter's reach (a site
+    /// user's site, a patient's own record); checked by the server, which
+    /// knows the submitter.
+    #[error("{0}")]
+    OutOfScope(String),
 }
 
 impl Reason {
@@ -183,6 +188,7 @@ impl Reason {
             Reason::NotAnOption { .. } => "not-an-option",
             Reason::InvalidResource { .. } => "invalid-resource",
             Reason::UnresolvedReference(_) => "unresolved-reference",
+            Reason::OutOfScope(_) => "out-of-scope",
         }
     }
 }

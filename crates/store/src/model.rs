@@ -204,10 +204,51 @@ pub struct NewBatch {
     /// The submitting token's name.
     pub submitter: String,
     pub role: String,
+    /// Whose data the batch may hold (the submitter's); part of its
+    /// identity, with the format and content.
+    pub scope: IngestScope,
     /// Milliseconds since the epoch.
     pub received_at: i64,
     /// The bytes as received.
     pub raw: Vec<u8>,
+}
+
+/// Whose data an ingest batch may store: its submitter's reach. Items of
+/// other subjects are rejected (`out-of-scope`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum IngestScope {
+    /// Any subject of the trial (interface, data-manager, admin).
+    #[default]
+    All,
+    /// The subjects enrolled at this site (a site user).
+    Site(String),
+    /// This Patient only (a patient's own diaries).
+    Patient(String),
+}
+
+impl IngestScope {
+    /// As the `ingest_batches.scope` column holds it: ``, `site:ID`,
+    /// `patient:ID`.
+    pub fn to_column(&self) -> String {
+        match self {
+            IngestScope::All => String::new(),
+            IngestScope::Site(s) => format!("site:{s}"),
+            IngestScope::Patient(p) => format!("patient:{p}"),
+        }
+    }
+
+    /// The inverse of [`IngestScope::to_column`].
+    pub fn from_column(s: &str) -> anyhow::Result<IngestScope> {
+        if s.is_empty() {
+            Ok(IngestScope::All)
+        } else if let Some(site) = s.strip_prefix("site:") {
+            Ok(IngestScope::Site(site.to_string()))
+        } else if let Some(p) = s.strip_prefix("patient:") {
+            Ok(IngestScope::Patient(p.to_string()))
+        } else {
+            anyhow::bail!("unknown ingest scope {s:?}")
+        }
+    }
 }
 
 /// What processing a batch gave, item by item.
@@ -255,6 +296,7 @@ pub struct BatchRecord {
     pub sha256: String,
     pub submitter: String,
     pub role: String,
+    pub scope: IngestScope,
     pub received_at: i64,
     pub status: BatchStatus,
     /// Zero until the batch is done.

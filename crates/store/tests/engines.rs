@@ -175,6 +175,7 @@ suite!(
     ingest_batches_are_accepted_once_and_finished_once,
     data_queries_commit_with_their_values_and_follow_their_lifecycle,
     a_replaced_version_leaves_no_index_rows_behind,
+    an_ingest_batch_is_its_format_content_and_scope,
 );
 
 // ---- data ----
@@ -1737,6 +1738,7 @@ fn new_batch(id: &str, format: &str, raw: &[u8]) -> NewBatch {
         sha256: hex::encode(sha2::Sha256::digest(raw)),
         submitter: "lab-interface".into(),
         role: "interface".into(),
+        scope: IngestScope::All,
         received_at: T0,
         raw: raw.to_vec(),
     }
@@ -2086,4 +2088,35 @@ async fn a_replaced_version_leaves_no_index_rows_behind(engine: Engine) {
     write(recoded(0, 4, HEART_RATE)).await;
     assert_eq!(found(HEART_RATE).await, (one.clone(), one.clone()));
     assert_eq!(found(DIASTOLIC).await, (none.clone(), none));
+}
+
+async fn an_ingest_batch_is_its_format_content_and_scope(engine: Engine) {
+    let db = TestDb::open(engine).await;
+    let s = &db.store;
+    // The same content under another scope is another batch, which keeps
+    // its scope; under the same scope, the same batch.
+    let raw = b"MSH|^~\\&|scoped\r";
+    let mut scoped = new_batch("scoped-1", "hl7v2", raw);
+    scoped.scope = IngestScope::Site("SITE-A".into());
+    let (a, created) = s.put_batch(scoped.clone(), vec![]).await.unwrap();
+    assert!(created);
+    assert_eq!(a.scope, IngestScope::Site("SITE-A".into()));
+    scoped.id = "scoped-2".into();
+    let (again, created) = s.put_batch(scoped.clone(), vec![]).await.unwrap();
+    assert!(!created);
+    assert_eq!(again.id, "scoped-1");
+    scoped.id = "scoped-3".into();
+    scoped.scope = IngestScope::Patient("p1".into());
+    let (p, created) = s.put_batch(scoped.clone(), vec![]).await.unwrap();
+    assert!(created);
+    assert_eq!(
+        s.batch(&p.id).await.unwrap().unwrap().scope,
+        IngestScope::Patient("p1".into())
+    );
+    let (all, created) = s
+        .put_batch(new_batch("scoped-4", "hl7v2", raw), vec![])
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(all.scope, IngestScope::All);
 }

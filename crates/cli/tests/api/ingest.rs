@@ -35,6 +35,7 @@ engine_tests!(
     the_same_messages_re_encoded_are_duplicates,
     concurrent_batches_of_the_same_messages_store_them_once,
     only_ingest_roles_may_ingest,
+    site_users_and_patients_ingest_only_their_own,
     bad_requests_are_problem_json,
     a_slow_stage_shows_as_its_queue_and_a_burst_as_429 with |c: &mut clinflow_server::Config| {
         c.ingest_map_workers = 1;
@@ -532,17 +533,14 @@ async fn concurrent_batches_of_the_same_messages_store_them_once(app: TestApp) {
 
 async fn only_ingest_roles_may_ingest(app: TestApp) {
     app.load_reference_trial().await;
-    let site = crate::helpers::site_ids()[0].clone();
     let id = ingest(&app, &app.admin, "/ingest/wearable", CSV, WEARABLE).await;
-    for (role, site) in [("monitor", None), ("site-user", Some(site.as_str()))] {
-        let token = app.token(role, site, None).await;
-        app.post("/ingest/hl7v2", &token, HL7, LAB)
-            .await
-            .problem(403);
-        app.get(&format!("/ingest/batches/{id}"), &token)
-            .await
-            .problem(403);
-    }
+    let monitor = app.token("monitor", None, None).await;
+    app.post("/ingest/hl7v2", &monitor, HL7, LAB)
+        .await
+        .problem(403);
+    app.get(&format!("/ingest/batches/{id}"), &monitor)
+        .await
+        .problem(403);
     for role in ["interface", "data-manager"] {
         let token = app.token(role, None, None).await;
         let own = ingest(
@@ -558,6 +556,78 @@ async fn only_ingest_roles_may_ingest(app: TestApp) {
     app.post("/ingest/hl7v2", "not-a-token", HL7, LAB)
         .await
         .problem(401);
+}
+
+async fn site_users_and_patients_ingest_only_their_own(app: TestApp) {
+    app.load_reference_trial().await;
+    let subjects = crate::helpers::subjects();
+    let diaries: Vec<&str> = DIARY.lines().filter(|l| !l.trim().is_empty()).collect();
+    let subject_of = |line: &str| -> String {
+        serde_json::from_str::<Value>(line).unwrap()["subject"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let site_of = |subject: &str| -> String {
+        subjects
+            .iter()
+            .find(|s| s.id == subject)
+            .unwrap()
+            .site
+            .clone()
+    };
+    let first = subject_of(diaries[0]);
+    let site = site_of(&first);
+    let others = diaries
+        .iter()
+        .filter(|d| site_of(&subject_of(d)) != site)
+        .count();
+    assert!(others > 0, "the diary sample has subjects of other sites");
+    let admins = ingest(&app, &app.admin, "/ingest/wearable", CSV, WEARABLE).await;
+
+    // A site user: its site's diaries are stored, the others rejected.
+    let site_user = app.token("site-user", Some(&site), None).await;
+    let id = ingest(&app, &site_user, "/ingest/diary", NDJSON, DIARY).await;
+    let status = done(&app, &site_user, &id).await;
+    assert_eq!(status["received"], diaries.len() as u64, "{status}");
+    assert_eq!(status["rejected"], others as u64, "{status}");
+    assert_counts_add_up(&status);
+    for r in status["rejections"].as_array().unwrap() {
+        let subject = subject_of(diaries[r["index"].as_u64().unwrap() as usize]);
+        assert_ne!(site_of(&subject), site, "{r}");
+        assert!(r["reason"].as_str().unwrap().contains(&site), "{r}");
+    }
+    let metrics = app.get("/metrics", &app.admin).await.text;
+    assert!(metrics.contains("reason=\"out-of-scope\""), "{metrics}");
+    // It sees its own batches only.
+    app.get(&format!("/ingest/batches/{admins}"), &site_user)
+        .await
+        .problem(404);
+
+    // A patient: its own diary only, and diaries only.
+    let patient = app.token("patient", None, Some(&first)).await;
+    app.post("/ingest/hl7v2", &patient, HL7, LAB)
+        .await
+        .problem(403);
+    app.post("/ingest/wearable", &patient, CSV, WEARABLE)
+        .await
+        .problem(403);
+    let own = ingest(&app, &patient, "/ingest/diary", NDJSON, DIARY).await;
+    // The same content as the site user's: another batch (its own scope).
+    assert_ne!(own, id);
+    let mine = done(&app, &patient, &own).await;
+    assert_eq!(mine["received"], diaries.len() as u64, "{mine}");
+    assert_eq!(mine["rejected"], diaries.len() as u64 - 1, "{mine}");
+    // Its diary was stored by the site user's batch already: a duplicate.
+    assert_eq!(mine["duplicates"], 1, "{mine}");
+    app.get(&format!("/ingest/batches/{id}"), &patient)
+        .await
+        .problem(404);
+    // Stored once, each diary of the site user's site.
+    assert_eq!(
+        app.count(&app.admin, "QuestionnaireResponse").await,
+        (diaries.len() - others) as u64
+    );
 }
 
 async fn bad_requests_are_problem_json(app: TestApp) {

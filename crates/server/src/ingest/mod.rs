@@ -13,8 +13,10 @@
 //! - [`mllp`]: the MLLP listener (`--mllp-listen`): HL7 v2 over TCP, each
 //!   message a batch accepted as above, answered with an ACK once done.
 //!
-//! Authorised: `interface`, `data-manager`, `admin`. Site users (their own
-//! site's subjects) and patients (their own diaries) are not yet: 403.
+//! Authorised: `interface`, `data-manager`, `admin`; `site-user` for its
+//! own site's subjects and `patient` for its own diaries (a batch records
+//! the scope; the map stage rejects items outside it, `out-of-scope`; they
+//! see only their own batches).
 
 pub mod context;
 pub mod mllp;
@@ -28,7 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json as AxumJson, Router};
 use clinflow_edc::{ItemOutcome, TrialContext};
-use clinflow_store::{BatchRecord, NewBatch};
+use clinflow_store::{BatchRecord, IngestScope, NewBatch};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -110,13 +112,43 @@ impl Format {
     }
 }
 
-fn require_ingest_role(caller: &Caller) -> Result<(), ApiError> {
+/// Who may send `format`: interface, data-manager and admin anything; a
+/// site user anything about its site's subjects; a patient its own diaries.
+fn require_ingest_role(caller: &Caller, format: Option<Format>) -> Result<(), ApiError> {
     match caller.principal.role {
-        Role::Interface | Role::DataManager | Role::Admin => Ok(()),
+        Role::Interface | Role::DataManager | Role::Admin | Role::SiteUser => Ok(()),
+        Role::Patient
+            if format.is_none_or(|f| matches!(f, Format::DiaryJson | Format::DiaryNdjson)) =>
+        {
+            Ok(())
+        }
+        Role::Patient => Err(ApiError::Forbidden(
+            "a patient may ingest its own diaries only".into(),
+        )),
         r => Err(ApiError::Forbidden(format!(
             "the {} role may not ingest data",
             r.as_str()
         ))),
+    }
+}
+
+/// Whose items a batch from `caller` may store.
+fn scope_of(caller: &Caller) -> Result<IngestScope, ApiError> {
+    let p = &caller.principal;
+    match p.role {
+        Role::SiteUser => p.site.clone().map(IngestScope::Site),
+        Role::Patient => p.patient.clone().map(IngestScope::Patient),
+        _ => Some(IngestScope::All),
+    }
+    .ok_or_else(|| ApiError::Forbidden("the token has no site or patient to ingest for".into()))
+}
+
+/// Whether `caller` may see batch `b`: its scope within the caller's.
+fn may_see(caller: &Caller, b: &BatchRecord) -> bool {
+    match scope_of(caller) {
+        Ok(IngestScope::All) => true,
+        Ok(scope) => scope == b.scope,
+        Err(_) => false,
     }
 }
 
@@ -194,7 +226,8 @@ async fn ingest_as(
     takes: &[(&str, Format)],
     described: &str,
 ) -> Result<Response, ApiError> {
-    require_ingest_role(caller)?;
+    // Every media type an endpoint takes is one family of formats.
+    require_ingest_role(caller, takes.first().map(|(_, f)| *f))?;
     let media = media_type(headers);
     let format = takes
         .iter()
@@ -262,6 +295,7 @@ pub(crate) async fn accept_batch(
         sha256,
         submitter: caller.principal.name.clone(),
         role: caller.principal.role.as_str().to_string(),
+        scope: scope_of(caller)?,
         received_at: clinflow_store::now_millis(),
         raw: body.to_vec(),
     };
@@ -278,11 +312,12 @@ pub async fn get_batch(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_ingest_role(&caller)?;
+    require_ingest_role(&caller, None)?;
     let batch = state
         .store
         .batch(&id)
         .await?
+        .filter(|b| may_see(&caller, b))
         .ok_or_else(|| ApiError::NotFound(format!("no ingest batch {id:?}")))?;
     let rejections: Vec<_> = state
         .store

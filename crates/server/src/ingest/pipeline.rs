@@ -26,8 +26,8 @@ use clinflow_edc::provenance::ITEM_KEY_SYSTEM;
 use clinflow_edc::{ItemOutcome, Reason, Rejection, TrialContext};
 use clinflow_fhir::{Json, Resource};
 use clinflow_store::{
-    AuditRecord, BatchCounts, BatchRecord, BatchRejection, BatchStatus, Expect, NewDataQuery,
-    RetriedFate, Store, WriteOp, WriteRequest,
+    AuditRecord, BatchCounts, BatchRecord, BatchRejection, BatchStatus, Expect, IngestScope,
+    NewDataQuery, RetriedFate, Store, WriteOp, WriteRequest,
 };
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
@@ -629,6 +629,7 @@ impl Worker {
         if format.is_fhir() {
             resolve_identifiers(&self.store, &mut items).await?;
         }
+        apply_scope(&self.store, &batch.scope, &mut items).await?;
         Ok(Mapped {
             id: id.to_string(),
             batch,
@@ -861,6 +862,67 @@ async fn resolve_identifiers(store: &Store, items: &mut [ItemOutcome]) -> anyhow
             item.rejections.push(Rejection {
                 index: item.index,
                 reason: Reason::UnresolvedReference(why),
+                location: item.location.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Rejects, whole, every item with a resource outside the batch's scope:
+/// for a site user's batch, a patient not enrolled at its site; for a
+/// patient's, anyone else. A resource in no patient's compartment is
+/// outside every scope but [`IngestScope::All`].
+async fn apply_scope(
+    store: &Store,
+    scope: &IngestScope,
+    items: &mut [ItemOutcome],
+) -> anyhow::Result<()> {
+    if *scope == IngestScope::All {
+        return Ok(());
+    }
+    let mut sites: HashMap<String, Option<String>> = HashMap::new();
+    for item in items.iter_mut() {
+        let mut why = None;
+        for p in &item.stored {
+            let rtype = p.resource.resource_type();
+            let Some(patient) = clinflow_fhir::index::extract(&p.resource).patient else {
+                why = Some(format!(
+                    "a {rtype} in no patient's record is outside the submitter's reach"
+                ));
+                break;
+            };
+            match scope {
+                IngestScope::All => {}
+                IngestScope::Patient(me) if *me == patient => {}
+                IngestScope::Patient(_) => {
+                    why = Some(format!("Patient/{patient} is not the submitting patient"));
+                    break;
+                }
+                IngestScope::Site(site) => {
+                    let at = match sites.get(&patient) {
+                        Some(at) => at.clone(),
+                        None => {
+                            let at = store.patient_site(&patient).await?;
+                            sites.insert(patient.clone(), at.clone());
+                            at
+                        }
+                    };
+                    if at.as_deref() != Some(site.as_str()) {
+                        why = Some(format!(
+                            "Patient/{patient} is not enrolled at site {site}, the submitter's"
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(why) = why {
+            item.stored.clear();
+            item.queries.clear();
+            item.rejections.push(Rejection {
+                index: item.index,
+                reason: Reason::OutOfScope(why),
                 location: item.location.clone(),
             });
         }

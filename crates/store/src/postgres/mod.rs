@@ -47,6 +47,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("0002_no_random_order_indexes.sql")),
     (3, include_str!("0003_ingest.sql")),
     (4, include_str!("0004_data_queries.sql")),
+    (5, include_str!("0005_batch_scope.sql")),
 ];
 
 /// How many queued write requests one group commit takes at most.
@@ -558,14 +559,16 @@ impl PgStore {
         b: NewBatch,
         audit: Vec<AuditRecord>,
     ) -> anyhow::Result<(BatchRecord, bool)> {
-        let (format, sha) = (b.format.clone(), b.sha256.clone());
+        let (format, sha, scope) = (b.format.clone(), b.sha256.clone(), b.scope.to_column());
         let created = self.op_applied(Op::PutBatch(b), audit).await?;
         let c = self.client().await?;
         let st = c
-            .prepare_cached(&format!("{BATCH_SELECT} WHERE format = $1 AND sha256 = $2"))
+            .prepare_cached(&format!(
+                "{BATCH_SELECT} WHERE format = $1 AND sha256 = $2 AND scope = $3"
+            ))
             .await?;
         let row = c
-            .query_opt(&st, &[&format, &sha])
+            .query_opt(&st, &[&format, &sha, &scope])
             .await?
             .ok_or_else(|| anyhow!("an accepted batch is not found"))?;
         Ok((batch_row(&row)?, created))
@@ -890,6 +893,7 @@ fn batch_row(row: &Row) -> anyhow::Result<BatchRecord> {
         sha256: row.try_get(2)?,
         submitter: row.try_get(3)?,
         role: row.try_get(4)?,
+        scope: IngestScope::from_column(row.try_get(12)?)?,
         received_at: row.try_get(5)?,
         status: BatchStatus::parse(row.try_get(6)?)?,
         counts: BatchCounts {
@@ -1359,8 +1363,8 @@ async fn apply_op(c: &Client, st: &Stmts, op: &Op) -> Result<u64, WriteError> {
         Op::PutBatch(b) => {
             let n = c
                 .execute(
-                    "INSERT INTO ingest_batches (id, format, sha256, submitter, role, received_at, status) VALUES ($1, $2, $3, $4, $5, $6, 'processing') ON CONFLICT DO NOTHING",
-                    &[&b.id, &b.format, &b.sha256, &b.submitter, &b.role, &b.received_at],
+                    "INSERT INTO ingest_batches (id, format, sha256, submitter, role, scope, received_at, status) VALUES ($1, $2, $3, $4, $5, $6, $7, 'processing') ON CONFLICT DO NOTHING",
+                    &[&b.id, &b.format, &b.sha256, &b.submitter, &b.role, &b.scope.to_column(), &b.received_at],
                 )
                 .await
                 .map_err(db)?;

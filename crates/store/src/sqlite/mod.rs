@@ -29,6 +29,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("0004_ingest.sql")),
     (5, include_str!("0005_data_queries.sql")),
     (6, include_str!("0006_token_search_order.sql")),
+    (7, include_str!("0007_batch_scope.sql")),
 ];
 
 /// How many queued write requests one group commit takes at most.
@@ -501,12 +502,12 @@ impl SqliteStore {
     ) -> anyhow::Result<(BatchRecord, bool)> {
         let existed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let e2 = existed.clone();
-        let (format, sha) = (b.format.clone(), b.sha256.clone());
+        let (format, sha, scope) = (b.format.clone(), b.sha256.clone(), b.scope.to_column());
         let r = self
             .custom(audit, move |c| {
                 let n = c.execute(
-                    "INSERT OR IGNORE INTO ingest_batches (id, format, sha256, submitter, role, received_at, status) VALUES (?, ?, ?, ?, ?, ?, 'processing')",
-                    params![b.id, b.format, b.sha256, b.submitter, b.role, b.received_at],
+                    "INSERT OR IGNORE INTO ingest_batches (id, format, sha256, submitter, role, scope, received_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'processing')",
+                    params![b.id, b.format, b.sha256, b.submitter, b.role, b.scope.to_column(), b.received_at],
                 )?;
                 if n == 0 {
                     // Failing the job drops its audit record: the record
@@ -528,11 +529,11 @@ impl SqliteStore {
         };
         let rec = self
             .read(move |c| {
-                Ok(
-                    c.prepare_cached(&format!("{BATCH_SELECT} WHERE format = ? AND sha256 = ?"))?
-                        .query_row(params![format, sha], batch_row)
-                        .optional()?,
-                )
+                Ok(c.prepare_cached(&format!(
+                    "{BATCH_SELECT} WHERE format = ? AND sha256 = ? AND scope = ?"
+                ))?
+                .query_row(params![format, sha, scope], batch_row)
+                .optional()?)
             })
             .await?
             .ok_or_else(|| anyhow!("an accepted batch is not found"))?;
@@ -924,11 +925,12 @@ fn insert_queries(c: &Connection, queries: &[NewDataQuery]) -> Result<(), WriteE
 }
 
 pub(crate) const BATCH_SELECT: &str =
-    "SELECT id, format, sha256, submitter, role, received_at, status, received, stored, rejected, duplicates, queries_opened FROM ingest_batches";
+    "SELECT id, format, sha256, submitter, role, received_at, status, received, stored, rejected, duplicates, queries_opened, scope FROM ingest_batches";
 
 /// A batch row; the outer error is the driver's, the inner a bad status.
 fn batch_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<anyhow::Result<BatchRecord>> {
     let status: String = row.get(6)?;
+    let scope: String = row.get(12)?;
     let n = |i: usize| row.get::<_, i64>(i).map(|v| v as u64);
     let counts = BatchCounts {
         received: n(7)?,
@@ -945,12 +947,15 @@ fn batch_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<anyhow::Result<BatchRe
         row.get(4)?,
         row.get(5)?,
     );
-    Ok(BatchStatus::parse(&status).map(|status| BatchRecord {
+    let parsed = BatchStatus::parse(&status)
+        .and_then(|status| Ok((status, IngestScope::from_column(&scope)?)));
+    Ok(parsed.map(|(status, scope)| BatchRecord {
         id,
         format,
         sha256,
         submitter,
         role,
+        scope,
         received_at,
         status,
         counts,
