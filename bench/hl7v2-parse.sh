@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # HL7 v2 parse throughput: clinflow-hl7v2 against python-hl7 (`hl7` on PyPI).
 #
-# Issue 3, benchmark 1 (target: clinflow >= 50x python-hl7 for parse + map;
-# the mapping to FHIR comes later, so this measures parsing and reading the
-# ORU^R01 structure). Idempotent:
+# Issue 3, benchmark 1 (target: clinflow >= 50x python-hl7 for parse + map).
+# Idempotent:
 #   1. a venv in target/bench-venv with `hl7`, installed once;
 #   2. clinflow's side built with
 #      `cargo build --release -p clinflow-hl7v2 --example parse_bench`
@@ -16,7 +15,10 @@
 # Compared: `parse_tree` (clinflow's parse plus a visit of every
 # subcomponent) with `hl7.parse` (which builds that whole tree), and
 # `parse_oru` (parse + OruR01::read) with `hl7.parse` plus reading the same
-# fields. The machine's load average is printed before and after: the
+# fields, and the target's row: clinflow's parse + map (clinflow-edc's
+# `ingest_hl7`: parse, V2-to-FHIR mapping, edit checks, FHIR validation of
+# what it produces; `map_bench`) against python-hl7's parse + reading the
+# same fields (python-hl7 has no mapping: its side does strictly less). The machine's load average is printed before and after: the
 # figures are only comparable on a quiet machine.
 #
 # Knobs (environment): COUNT (messages, default 20000), ROUNDS (timed
@@ -48,6 +50,12 @@ if [[ -z $bin ]]; then
     cargo build --quiet --release -p clinflow-hl7v2 --example parse_bench
     bin=$root/target/release/examples/parse_bench
 fi
+map_bin=${EDC_MAP_BENCH_BIN:-}
+if [[ -z $map_bin ]]; then
+    echo "== building map_bench (release)"
+    cargo build --quiet --release -p clinflow-edc --example map_bench
+    map_bin=$root/target/release/examples/map_bench
+fi
 
 # 3. Data.
 mkdir -p "$data_dir"
@@ -63,19 +71,23 @@ echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
 echo "== clinflow-hl7v2 ($count messages, median of $rounds rounds)"
 rust_json=$("$bin" --count "$count" --rounds "$rounds")
 echo "   $rust_json"
+echo "== clinflow-edc parse + map ($count messages, median of $rounds rounds)"
+map_json=$("$map_bin" "$data" --rounds "$rounds")
+echo "   $map_json"
 echo "== python-hl7 ($py_count messages, median of $py_rounds rounds)"
 py_json=$("$venv/bin/python" "$root/bench/hl7v2-parse.py" "$data" --rounds "$py_rounds" --limit "$py_count")
 echo "   $py_json"
 echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-python3 - "$rust_json" "$py_json" <<'PY'
+python3 - "$rust_json" "$py_json" "$map_json" <<'PY'
 import json, sys
-r, p = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+r, p, m = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 rows = [
     ("parse (lazy)", r["parse_msgs_per_s"], p["parse_msgs_per_s"], "hl7.parse"),
     ("parse + full tree", r["parse_tree_msgs_per_s"], p["parse_msgs_per_s"], "hl7.parse"),
     ("parse + tree, decoded", r["parse_tree_decoded_msgs_per_s"], p["parse_msgs_per_s"], "hl7.parse"),
     ("parse + ORU^R01 read", r["parse_oru_msgs_per_s"], p["parse_read_msgs_per_s"], "hl7.parse + same fields"),
+    ("parse + map (target)", m["parse_map_msgs_per_s"], p["parse_read_msgs_per_s"], "hl7.parse + same fields"),
 ]
 print(f"{'clinflow':<24}{'msgs/s':>10}  {'python-hl7':<26}{'msgs/s':>8}  ratio")
 for name, rv, pv, pname in rows:

@@ -150,6 +150,15 @@ pub fn map_message(
             mapper.order(&mut item, &who, order);
         }
     }
+    // Every item is stored or says why not (a message with no patient or
+    // order left to map would otherwise vanish silently).
+    if !item.is_stored() && item.rejections.is_empty() {
+        let at = item.location.clone();
+        item.reject(
+            Reason::Malformed("the message holds no result to store".into()),
+            at,
+        );
+    }
     item
 }
 
@@ -180,6 +189,14 @@ impl Mapper<'_> {
             }
         };
         let obr_at = segment(&order.location);
+        if order.observations.is_empty() {
+            // An order with no OBX has nothing to store: say so.
+            item.reject(
+                Reason::Malformed("the order has no results (no OBX after its OBR)".into()),
+                obr_at.clone(),
+            );
+            return;
+        }
         let mut results = Vec::new();
         let mut first_visit = None;
         for obs in &order.observations {

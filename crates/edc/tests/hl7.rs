@@ -429,3 +429,14 @@ fn value_types_map_to_the_ig_value_x() {
         }
     }
 }
+
+#[test]
+fn an_order_without_results_is_rejected_where_it_is() {
+    // Found by hl7_mutated_sample: an OBR whose OBX lost their segment
+    // ends left an item neither stored nor rejected.
+    let item = one(&message(&[]));
+    assert!(!item.is_stored());
+    assert_eq!(item.rejections.len(), 1, "{item:?}");
+    assert!(matches!(&item.rejections[0].reason, Reason::Malformed(m) if m.contains("no OBX")));
+    assert_eq!(item.rejections[0].location, "OBR[1]");
+}

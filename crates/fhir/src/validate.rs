@@ -94,7 +94,17 @@ pub fn validate_json(
         }
     }
 
+    // fhirkit's decoder tries each of value[x]'s ~50 types by name for every
+    // extension (a formatted key per type): most of an ingested resource's
+    // validation time went there (its provenance, protocol-version and visit
+    // extensions). Extensions of the simple shapes that `simple_extensions`
+    // checks itself exactly are taken out while fhirkit decodes the rest.
+    let mut json = json;
+    let taken = take_simple_extensions(&rtype, &mut json);
     let (decoded, found) = fhirkit::decode_json::<fhirkit::r4::Resource>(&json);
+    if let (Json::Object(members), Some((at, ext))) = (&mut json, taken) {
+        members.insert(at, ("extension".to_string(), ext));
+    }
     let mut outcome = OperationOutcome::default();
     let mut error_paths: Vec<String> = Vec::new();
     for issue in found {
@@ -148,6 +158,61 @@ pub fn validate_json(
         // Warnings do not reject; the caller has nowhere to put them on success.
         Ok(Resource::from_validated(rtype, json))
     }
+}
+
+/// Takes a DomainResource's own `extension` out of `json`, with its
+/// position, when every extension in it is of a shape [`simple_extensions`]
+/// checks exactly as fhirkit would; `None` (nothing taken) otherwise, and
+/// for the resources that are not DomainResources (`Bundle`, `Binary`,
+/// `Parameters`: fhirkit must see an `extension` there, to reject it).
+fn take_simple_extensions(rtype: &str, json: &mut Json) -> Option<(usize, Json)> {
+    if matches!(rtype, "Bundle" | "Binary" | "Parameters") {
+        return None;
+    }
+    let Json::Object(members) = json else {
+        return None;
+    };
+    let at = members.iter().position(|(k, _)| k == "extension")?;
+    if !simple_extensions(&members[at].1, 0) {
+        return None;
+    }
+    Some((at, members.remove(at).1))
+}
+
+/// Whether `v` is a non-empty array of extensions each of which is either
+/// `{"url", one of valueString|valueCode|valueUri|valueInteger|valueBoolean}`
+/// or `{"url", "extension": [...]}` of the same shapes (one level deep),
+/// every value valid by fhirkit's own primitive rules: what fhirkit accepts
+/// for such an Extension. Anything else (an `id`, `_value` siblings, other
+/// value types, both a value and extensions, none) is left to fhirkit.
+fn simple_extensions(v: &Json, depth: u8) -> bool {
+    use fhirkit::primitive::{is_integer, Kind};
+    let Json::Array(items) = v else { return false };
+    !items.is_empty()
+        && items.iter().all(|e| {
+            let Json::Object(m) = e else { return false };
+            let [(k1, v1), (k2, v2)] = m.as_slice() else {
+                return false;
+            };
+            let ((_, url), (key, value)) = match (k1.as_str(), k2.as_str()) {
+                ("url", _) => ((k1, v1), (k2, v2)),
+                (_, "url") => ((k2, v2), (k1, v1)),
+                _ => return false,
+            };
+            let Json::String(url) = url else { return false };
+            if Kind::Uri.check(url).is_err() {
+                return false;
+            }
+            match (key.as_str(), value) {
+                ("extension", nested) => depth == 0 && simple_extensions(nested, depth + 1),
+                ("valueString", Json::String(s)) => Kind::String.check(s).is_ok(),
+                ("valueCode", Json::String(s)) => Kind::Code.check(s).is_ok(),
+                ("valueUri", Json::String(s)) => Kind::Uri.check(s).is_ok(),
+                ("valueInteger", Json::Number(n)) => is_integer(n) && n.parse::<i32>().is_ok(),
+                ("valueBoolean", Json::Bool(_)) => true,
+                _ => false,
+            }
+        })
 }
 
 /// Whether `name` is an R4 resource type.
@@ -218,6 +283,62 @@ fn reroot(issue_path: &str, rtype: &str, prefix: &str) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The fast path for simple extensions decides exactly as fhirkit does:
+    /// for each extension array, an Observation carrying it is accepted by
+    /// `parse_resource` iff fhirkit's decoder, given the whole resource,
+    /// finds no error.
+    #[test]
+    fn simple_extensions_are_judged_as_fhirkit_judges_them() {
+        let cases = [
+            // edc's own: provenance (complex), protocol version, visit.
+            r#"[{"url":"https://x.test/prov","extension":[{"url":"format","valueCode":"hl7v2"},{"url":"sender","valueString":"LAB|HOSP"},{"url":"sha256","valueString":"ab12"}]},{"url":"https://x.test/v","valueInteger":3},{"url":"https://x.test/visit","valueString":"week-4"}]"#,
+            r#"[{"valueBoolean":true,"url":"urn:x"}]"#,
+            r#"[{"url":"urn:x","valueUri":"urn:uuid:1"}]"#,
+            r#"[{"url":"urn:x","valueInteger":-2147483648}]"#,
+            // Invalid, or outside the fast path's shapes.
+            r#"[{"url":"has space","valueString":"a"}]"#,
+            r#"[{"url":"","valueString":"a"}]"#,
+            r#"[{"url":"urn:x","valueString":""}]"#,
+            r#"[{"url":"urn:x","valueCode":" padded"}]"#,
+            r#"[{"url":"urn:x","valueCode":"two  spaces"}]"#,
+            r#"[{"url":"urn:x","valueInteger":1.5}]"#,
+            r#"[{"url":"urn:x","valueInteger":2147483648}]"#,
+            r#"[{"url":"urn:x","valueInteger":"1"}]"#,
+            r#"[{"url":"urn:x","valueBoolean":"true"}]"#,
+            r#"[{"url":"urn:x","valueString":7}]"#,
+            r#"[{"url":"urn:x","valueFoo":"a"}]"#,
+            r#"[{"url":"urn:x"}]"#,
+            r#"[{"valueString":"a"}]"#,
+            r#"[{"url":"urn:x","valueString":"a","extension":[{"url":"y","valueString":"b"}]}]"#,
+            r#"[{"url":"urn:x","extension":[]}]"#,
+            r#"[{"url":"urn:x","extension":[{"url":"y","extension":[{"url":"z","valueString":"c"}]}]}]"#,
+            r#"[{"id":"e1","url":"urn:x","valueString":"a"}]"#,
+            r#"[{"url":"urn:x","valueDecimal":1.50}]"#,
+            r#"[]"#,
+            r#"{"url":"urn:x","valueString":"a"}"#,
+            r#"["urn:x"]"#,
+        ];
+        for ext in cases {
+            let text = format!(
+                r#"{{"resourceType":"Observation","extension":{ext},"status":"final","code":{{"text":"x"}}}}"#
+            );
+            let json = Json::parse(&text).expect("JSON");
+            let (_, issues) = fhirkit::decode_json::<fhirkit::r4::Resource>(&json);
+            let fhirkit_accepts = !issues
+                .iter()
+                .any(|i| matches!(i.severity, fhirkit::Severity::Error));
+            let ours = parse_resource(&text, Some("Observation"));
+            assert_eq!(ours.is_ok(), fhirkit_accepts, "{ext}: {ours:?}");
+            if let Ok(r) = ours {
+                // Served back as sent: the extensions are back in place.
+                assert_eq!(r.json().to_compact(), json.to_compact(), "{ext}");
+            }
+        }
+        // A Bundle has no `extension`: never taken out there.
+        let bundle = r#"{"resourceType":"Bundle","type":"collection","extension":[{"url":"urn:x","valueString":"a"}]}"#;
+        assert!(parse_resource(bundle, Some("Bundle")).is_err());
+    }
 
     const OBS: &str = r#"{"resourceType":"Observation","status":"final",
         "category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"vital-signs"}]}],
