@@ -30,7 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json as AxumJson, Router};
 use clinflow_edc::{ItemOutcome, TrialContext};
-use clinflow_store::{BatchRecord, IngestScope, NewBatch};
+use clinflow_store::{BatchRecord, BatchRejection, IngestScope, NewBatch};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -130,6 +130,28 @@ fn require_ingest_role(caller: &Caller, format: Option<Format>) -> Result<(), Ap
             r.as_str()
         ))),
     }
+}
+
+/// Who may retry ingest batches and items: data managers and admins.
+fn require_retry_role(caller: &Caller, what: &str) -> Result<(), ApiError> {
+    if matches!(caller.principal.role, Role::Admin | Role::DataManager) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "retrying an ingest {what} needs the data-manager or admin role"
+        )))
+    }
+}
+
+/// A rejection as the ingest API shows it, with the id of its item
+/// (`BATCH.INDEX`, what `POST /ingest/items/{id}/retry` takes).
+fn rejection_json(batch: &str, r: &BatchRejection) -> serde_json::Value {
+    json!({
+        "index": r.index,
+        "item": format!("{batch}.{}", r.index),
+        "reason": r.reason,
+        "location": r.location,
+    })
 }
 
 /// Whose items a batch from `caller` may store.
@@ -324,14 +346,7 @@ pub async fn get_batch(
         .batch_rejections(&id)
         .await?
         .into_iter()
-        .map(|r| {
-            json!({
-                "index": r.index,
-                "item": format!("{id}.{}", r.index),
-                "reason": r.reason,
-                "location": r.location,
-            })
-        })
+        .map(|r| rejection_json(&id, &r))
         .collect();
     let k = batch.counts;
     Ok(AxumJson(json!({
@@ -360,11 +375,7 @@ pub async fn retry_item(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if !matches!(caller.principal.role, Role::Admin | Role::DataManager) {
-        return Err(ApiError::Forbidden(
-            "retrying an ingest item needs the data-manager or admin role".into(),
-        ));
-    }
+    require_retry_role(&caller, "item")?;
     let (batch, index) = id
         .rsplit_once('.')
         .and_then(|(b, i)| Some((b, i.parse::<u64>().ok()?)))
@@ -378,7 +389,7 @@ pub async fn retry_item(
     let rejections: Vec<_> = r
         .rejections
         .iter()
-        .map(|x| json!({"index": x.index, "item": id, "reason": x.reason, "location": x.location}))
+        .map(|r| rejection_json(batch, r))
         .collect();
     Ok(AxumJson(json!({
         "item": id,
@@ -401,11 +412,7 @@ pub async fn retry_batch(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if !matches!(caller.principal.role, Role::Admin | Role::DataManager) {
-        return Err(ApiError::Forbidden(
-            "retrying an ingest batch needs the data-manager or admin role".into(),
-        ));
-    }
+    require_retry_role(&caller, "batch")?;
     let batch = state
         .store
         .batch(&id)
