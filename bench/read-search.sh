@@ -94,32 +94,6 @@ EOF
     echo "$entries" >"$WORK/entries-$s"
 done
 
-# bench NAME SYSTEM ARGS...: one wrk run; appends its result.
-bench() {
-    local name=$1 system=$2 out=$WORK/wrk-$1-$2.txt
-    shift 2
-    log "wrk: $name on $system (load $(loadavg))"
-    wrk -t2 -c64 -d"$DURATION" --timeout 30s --latency "$@" >"$out" 2>&1 || { cat "$out" >&2; die "wrk failed"; }
-    python3 - "$out" "$name" "$system" "$(loadavg)" >>"$RESULTS" <<'EOF' || { cat "$out" >&2; die "wrk run $name on $system failed"; }
-import json, re, sys
-text, name, system, load = open(sys.argv[1]).read(), *sys.argv[2:5]
-def ms(v, unit):
-    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
-p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
-p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
-bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-errs = re.search(r"Socket errors:.*", text)
-if not rps or not p99 or float(rps.group(1)) == 0:
-    sys.exit("no requests/s or p99 in wrk's output")
-if bad:
-    sys.exit(f"{bad.group(1)} responses were not 2xx")
-print(json.dumps({"test": name, "system": system, "rps": float(rps.group(1)),
-                  "p50": ms(*p50.groups()), "p99": ms(*p99.groups()),
-                  "errors": errs.group(0) if errs else "", "load": load}))
-EOF
-}
-
 AUTH="Authorization: Bearer $TOKEN"
 for round in $(seq "$ROUNDS"); do
     for s in "${SYSTEMS[@]}"; do

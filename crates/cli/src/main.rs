@@ -310,6 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if demo {
                 let store = &app.state().store;
                 let report = load_trial_text(store, DEMO_PROTOCOL, Some(DEMO_SUBJECTS)).await?;
+                app.state().sites.refresh().await?;
                 let token = create_token(
                     store,
                     "demo-admin",

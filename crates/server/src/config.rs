@@ -53,6 +53,13 @@ pub struct Config {
     /// for a place in a full queue, then for its batch to be done); beyond
     /// it the connection is closed without an ACK, and the sender resends.
     pub mllp_ack_timeout: Duration,
+    /// How often the site registry's snapshot is rebuilt from the database
+    /// (besides right after a write through this server and, on
+    /// PostgreSQL, on another node's change).
+    pub sites_refresh: Duration,
+    /// Each dashboard section's own deadline; a section past it is
+    /// reported unavailable and the others are still answered.
+    pub dashboard_section_timeout: Duration,
 }
 
 impl Config {
@@ -76,6 +83,8 @@ impl Config {
             mllp_max_connections: 256,
             mllp_idle_timeout: Duration::from_secs(300),
             mllp_ack_timeout: Duration::from_secs(60),
+            sites_refresh: Duration::from_secs(600),
+            dashboard_section_timeout: Duration::from_secs(2),
         }
     }
 }

@@ -24,6 +24,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Unprocessable(String),
+    /// An `If-Match` that no longer holds: 412.
+    #[error("{0}")]
+    PreconditionFailed(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("the request body is larger than {0} bytes")]
@@ -46,6 +49,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -151,7 +155,7 @@ impl From<ApiError> for FhirError {
             ApiError::Forbidden(_) => IssueCode::Forbidden,
             ApiError::NotFound(_) => IssueCode::NotFound,
             ApiError::BadRequest(_) => IssueCode::Invalid,
-            ApiError::Conflict(_) => IssueCode::Conflict,
+            ApiError::Conflict(_) | ApiError::PreconditionFailed(_) => IssueCode::Conflict,
             ApiError::Unprocessable(_) => IssueCode::Processing,
             ApiError::UnsupportedMediaType(_) => IssueCode::NotSupported,
             ApiError::PayloadTooLarge(_) => IssueCode::TooCostly,

@@ -8,6 +8,7 @@
 //! Route map (everything but `/healthz` behind [`auth::require_auth`]):
 //! - `/fhir/...`: the FHIR R4 REST API ([`fhir`]).
 //! - `/trials...`: trial set-up ([`trials`]).
+//! - `/sites...`: the site registry ([`sites`]).
 //! - `/ingest/...`: HL7 v2, wearable CSV and diary intake, batch status ([`ingest`]).
 //! - `/audit/export`, `/audit/verify`: the audit trail ([`audit_api`]).
 //! - `/metrics`: Prometheus metrics; `/healthz`: liveness and database.
@@ -21,6 +22,7 @@ pub mod ingest;
 mod media;
 pub mod metrics;
 pub mod queries;
+pub mod sites;
 pub mod startup;
 pub mod state;
 pub mod trials;

@@ -106,6 +106,18 @@ pub struct Metrics {
     pub mllp_unacknowledged: Family<UnackedLabels, Counter>,
     /// Framing errors (garbage, over-size or badly ended frames).
     pub mllp_frame_errors: Counter,
+    /// Site-registry snapshot rebuilds, by outcome (`ok`, `failed`).
+    pub sites_refreshes: Family<OutcomeLabels, Counter>,
+    /// Age of the snapshot served (set when rendered): grows while
+    /// refreshes fail.
+    pub sites_snapshot_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Sites in the snapshot served.
+    pub sites: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -218,6 +230,20 @@ impl Metrics {
             "MLLP framing errors",
             mllp_frame_errors.clone(),
         );
+        let sites_refreshes = Family::<OutcomeLabels, Counter>::default();
+        let sites_snapshot_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let sites = Gauge::default();
+        registry.register(
+            "sites_refreshes",
+            "Site-registry snapshot rebuilds, by outcome",
+            sites_refreshes.clone(),
+        );
+        registry.register(
+            "sites_snapshot_age_seconds",
+            "Age of the site-registry snapshot served",
+            sites_snapshot_age.clone(),
+        );
+        registry.register("sites", "Sites in the registry snapshot", sites.clone());
         registry.register("http_requests", "HTTP requests answered", requests.clone());
         registry.register(
             "http_request_duration_seconds",
@@ -251,6 +277,9 @@ impl Metrics {
             mllp_ack_seconds,
             mllp_unacknowledged,
             mllp_frame_errors,
+            sites_refreshes,
+            sites_snapshot_age,
+            sites,
         }
     }
 

@@ -21,8 +21,10 @@ use crate::error::ApiError;
 use crate::ingest::mllp::MllpListener;
 use crate::ingest::{Pipeline, Stages};
 use crate::metrics::{self, Metrics};
+use crate::sites::SiteRegistry;
 use crate::state::AppState;
-use crate::{audit_api, fhir, ingest, queries, trials};
+use crate::{audit_api, fhir, ingest, queries, sites, trials};
+use anyhow::Context;
 
 /// A built server, bound to its port, not yet serving.
 pub struct Application {
@@ -64,11 +66,14 @@ impl Application {
             },
             unfinished,
         );
+        let sites = Arc::new(SiteRegistry::new(store.clone(), metrics.clone()));
+        sites.refresh().await.context("loading the site registry")?;
         let state = AppState {
             store,
             config: Arc::new(config),
             metrics,
             ingest,
+            sites,
         };
         let router = router(state.clone());
         Ok(Application {
@@ -112,6 +117,11 @@ impl Application {
                 stop.cancel();
             })
         };
+        let refresher = tokio::spawn(crate::sites::registry::run(
+            self.state.sites.clone(),
+            self.state.config.sites_refresh,
+            stop.clone(),
+        ));
         let app = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
@@ -132,6 +142,7 @@ impl Application {
             mllp
         );
         signal.abort();
+        refresher.abort();
         served?;
         self.pipeline
             .stop(self.state.config.ingest_drain_timeout)
@@ -151,6 +162,7 @@ pub fn router(state: AppState) -> Router {
         .route("/trials/{id}", get(trials::get_trial))
         .route("/trials/{id}/subjects", post(trials::post_subjects))
         .nest("/ingest", ingest::routes())
+        .nest("/sites", sites::routes())
         .route("/queries", get(queries::list))
         .route("/queries/{id}/answer", post(queries::answer))
         .route("/queries/{id}/close", post(queries::close))
@@ -232,6 +244,7 @@ async fn render_metrics(
     caller: crate::auth::Caller,
 ) -> Result<Response, ApiError> {
     caller.deny_interface()?;
+    state.sites.observe_age();
     Ok((
         [(
             header::CONTENT_TYPE,

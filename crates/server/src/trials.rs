@@ -6,6 +6,11 @@
 //! a ResearchSubject per subject) and writes only what differs from what is
 //! stored, in one request: loading the same file twice changes nothing. Each
 //! protocol version is kept; a changed protocol must bump `version`.
+//!
+//! A site's `Organization` is created by the first load that lists it and
+//! from then on belongs to the site registry ([`crate::sites`]): a later
+//! load leaves it as the registry has it (a site's details change through
+//! `PUT /sites/{id}`, not through a protocol amendment).
 
 use crate::media::media_type;
 use axum::body::Bytes;
@@ -125,6 +130,10 @@ pub async fn load(
             .to_string();
         let current = store.read_current(&rtype, &id).await?;
         let expect = match &current {
+            Some(c) if !c.deleted && rtype == "Organization" => {
+                report.unchanged += 1;
+                continue;
+            }
             Some(c) if !c.deleted => {
                 let stored = c.body.as_deref().and_then(|b| Json::parse(b).ok());
                 if stored.is_some_and(|s| same_content(&s, res.json())) {
@@ -222,6 +231,7 @@ pub async fn post_trial(
         caller.audit("trial-load", "success"),
     )
     .await?;
+    state.sites.refresh_after_write().await;
     let status = if report.new_version || report.created > 0 {
         StatusCode::CREATED
     } else {
@@ -259,6 +269,7 @@ pub async fn post_subjects(
         caller.audit("trial-load", "success"),
     )
     .await?;
+    state.sites.refresh_after_write().await;
     Ok(AxumJson(report).into_response())
 }
 

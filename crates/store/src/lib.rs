@@ -177,6 +177,43 @@ impl Store {
         dispatch!(self.find_first_by_identifier(system, keys))
     }
 
+    /// Every current `rtype` resource the scope allows (of `patient` only,
+    /// when given), in id order. For read-whole views (dashboard, site
+    /// registry) over types with at most thousands of resources.
+    pub async fn current_resources(
+        &self,
+        rtype: &str,
+        patient: Option<&str>,
+        scope: Scope,
+    ) -> anyhow::Result<Vec<StoredResource>> {
+        dispatch!(self.current_resources(rtype, patient, scope))
+    }
+
+    /// Every patient's site: `(patient, site)`.
+    pub async fn patient_sites(&self) -> anyhow::Result<Vec<(String, String)>> {
+        dispatch!(self.patient_sites())
+    }
+
+    /// Items rejected in batches received at or after `since` (ms), of
+    /// batches submitted in `scope` only when given.
+    pub async fn rejected_since(
+        &self,
+        since: i64,
+        scope: Option<IngestScope>,
+    ) -> anyhow::Result<u64> {
+        dispatch!(self.rejected_since(since, scope))
+    }
+
+    /// A signal per committed change of a site or a trial made by any
+    /// process, where the engine can tell (PostgreSQL: LISTEN/NOTIFY);
+    /// `None` on SQLite, whose one server sees its own writes.
+    pub fn site_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        match self {
+            Store::Sqlite(_) => None,
+            Store::Postgres(s) => Some(s.site_changes()),
+        }
+    }
+
     pub async fn patient_site(&self, patient: &str) -> anyhow::Result<Option<String>> {
         dispatch!(self.patient_site(patient))
     }

@@ -583,6 +583,22 @@ pub fn include_targets(dialect: Dialect, rtype: &str, param: &str, ids: &[String
     sql
 }
 
+/// Every current non-deleted `rtype` resource, scoped, optionally of one
+/// patient's compartment only, in id order (what the dashboard and the
+/// site registry read whole).
+pub fn current_all(dialect: Dialect, rtype: &str, patient: Option<&str>, scope: &Scope) -> Sql {
+    let mut sql = Sql::new(dialect);
+    sql.push("SELECT r.id, r.vid, r.last_updated, r.patient, 0, v.body FROM resources r JOIN resource_versions v ON v.rtype = r.rtype AND v.id = r.id AND v.vid = r.vid WHERE r.rtype = ")
+        .text(rtype)
+        .push(" AND r.deleted = 0");
+    if let Some(p) = patient {
+        sql.push(" AND r.patient = ").text(p);
+    }
+    push_scope(&mut sql, scope);
+    sql.push(" ORDER BY r.id");
+    sql
+}
+
 /// Current non-deleted versions of the given keys, scoped.
 pub fn read_many(dialect: Dialect, rtype: &str, ids: &[String], scope: &Scope) -> Sql {
     let mut sql = Sql::new(dialect);

@@ -175,6 +175,8 @@ pub struct TestApp {
     pub db_url: String,
     /// The configuration the server runs with.
     pub config: Config,
+    /// The server's site registry (tests wait on its refreshes).
+    pub sites: std::sync::Arc<clinflow_server::sites::SiteRegistry>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
     /// Keeps the SQLite database alive as long as the app.
@@ -197,6 +199,7 @@ pub async fn spawn_app(engine: Engine, configure: fn(&mut Config)) -> TestApp {
         .await
         .expect("the server builds");
     let addr = app.local_addr().expect("a bound address");
+    let sites = app.state().sites.clone();
     let mllp_addr = app
         .mllp_local_addr()
         .map(|a| a.expect("a bound MLLP address"));
@@ -217,10 +220,44 @@ pub async fn spawn_app(engine: Engine, configure: fn(&mut Config)) -> TestApp {
         store,
         db_url,
         config,
+        sites,
         shutdown: Some(tx),
         server: Some(server),
         _dir: dir,
         pg_schema,
+    }
+}
+
+/// A second server on `app`'s database (another node of the same
+/// deployment), with the same admin token; stopped when dropped.
+pub async fn spawn_node(app: &TestApp) -> TestApp {
+    let store = open_store(&app.db_url).await;
+    let mut config = app.config.clone();
+    config.listen = "127.0.0.1:0".parse().expect("an address");
+    let node = Application::with_store(config.clone(), store.clone())
+        .await
+        .expect("the second node builds");
+    let addr = node.local_addr().expect("a bound address");
+    let sites = node.state().sites.clone();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(node.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        engine: app.engine,
+        addr,
+        mllp_addr: None,
+        base: format!("http://{addr}"),
+        client: app.client.clone(),
+        admin: app.admin.clone(),
+        store,
+        db_url: app.db_url.clone(),
+        config,
+        sites,
+        shutdown: Some(tx),
+        server: Some(server),
+        _dir: None,
+        pg_schema: None,
     }
 }
 

@@ -20,6 +20,7 @@
 //! - [`mllp`]: the MLLP listener: python-hl7's `mllp_send`, framing, ACKs, order, idempotence,
 //!   metrics, and the SIGKILL crash test of a real `clinflow serve` under HTTP and MLLP ingest.
 //! - [`queries`]: data queries: opened by ingest, answered, closed, site scoped, audited.
+//! - [`sites`]: the site registry: snapshot, writes, ETags, search, refreshes, LISTEN/NOTIFY.
 //! - [`auth`]: the role matrix and site scoping, revoked and expired tokens.
 //! - [`audit`]: what is recorded, AuditEvent search, export, tampering.
 //! - [`cli`]: the `clinflow` binary against a running server's database.
@@ -39,4 +40,5 @@ mod ingest;
 mod mllp;
 mod ops;
 mod queries;
+mod sites;
 mod trials;

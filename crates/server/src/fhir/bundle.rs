@@ -22,6 +22,7 @@ use super::{
 };
 use crate::auth::Caller;
 use crate::error::FhirError;
+use crate::sites::SiteRegistry;
 use crate::state::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -617,6 +618,9 @@ async fn transaction(
         })
         .collect();
     let n = ops.len() as u64;
+    let touches_sites = ops
+        .iter()
+        .any(|o| SiteRegistry::affected_by(&o.resource_type));
     state
         .store
         .write(WriteRequest {
@@ -627,6 +631,9 @@ async fn transaction(
         .await
         .map_err(|e| conflict_error(e, true))?;
     state.metrics.resources_written.inc_by(n);
+    if touches_sites {
+        state.sites.refresh_after_write().await;
+    }
     Ok(results)
 }
 

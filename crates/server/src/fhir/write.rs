@@ -166,6 +166,7 @@ pub async fn create(
         .await
         .map_err(|e| conflict_error(e, false))?;
     state.metrics.resources_written.inc();
+    state.sites.after_fhir_write([rtype.as_str()]).await;
     let mut resp = resource_response(StatusCode::CREATED, &stored);
     if let Ok(v) = HeaderValue::from_str(&format!("/fhir/{rtype}/{id}/_history/1")) {
         resp.headers_mut().insert(header::LOCATION, v);
@@ -249,6 +250,10 @@ pub async fn update(
         {
             Ok(()) => {
                 state.metrics.resources_written.inc();
+                state
+                    .sites
+                    .after_fhir_write([stored.resource_type.as_str()])
+                    .await;
                 let status = if stored.version == 1 {
                     StatusCode::CREATED
                 } else {
@@ -324,6 +329,7 @@ pub async fn delete(
         })
         .await
         .map_err(|e| conflict_error(e, true))?;
+    state.sites.after_fhir_write([rtype.as_str()]).await;
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.headers_mut().insert(header::ETAG, etag(new_version));
     Ok(resp)

@@ -48,7 +48,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("0003_ingest.sql")),
     (4, include_str!("0004_data_queries.sql")),
     (5, include_str!("0005_batch_scope.sql")),
+    (6, include_str!("0006_site_notify.sql")),
 ];
+/// The channel of [`PgStore::site_changes`] (see migration 6).
+const SITES_CHANNEL: &str = "clinflow_sites";
 
 /// How many queued write requests one group commit takes at most.
 const MAX_GROUP: usize = 64;
@@ -104,6 +107,8 @@ enum Job {
 #[derive(Clone)]
 pub struct PgStore {
     writer: mpsc::Sender<Job>,
+    /// How to connect (the listener of [`PgStore::site_changes`] makes its own).
+    config: Arc<tokio_postgres::Config>,
     /// Read connections; each keeps its own prepared-statement cache.
     pool: Pool,
     /// Held (shared) by each writer from the moment it takes a group off the
@@ -178,6 +183,57 @@ async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<Client> {
         }
     });
     Ok(client)
+}
+
+/// One listening connection's life: LISTEN, then a signal on `tx` per
+/// notification of this schema, until the connection or `tx` closes.
+async fn listen(
+    config: &tokio_postgres::Config,
+    tx: &mpsc::Sender<()>,
+    first: bool,
+) -> anyhow::Result<()> {
+    let (client, mut conn) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls))
+        .await
+        .map_err(|_| anyhow!("connecting to PostgreSQL timed out"))??;
+    let (note_tx, mut notes) = mpsc::channel::<String>(16);
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    // Full: a signal is already pending, which covers this one.
+                    let _ = note_tx.try_send(n.payload().to_string());
+                }
+                Ok(_) => {}
+                Err(e) => return Err(anyhow::Error::from(e)),
+            }
+        }
+        Ok(())
+    });
+    let schema: String = client
+        .query_one("SELECT current_schema()::TEXT", &[])
+        .await?
+        .try_get(0)?;
+    client
+        .batch_execute(&format!("LISTEN {SITES_CHANNEL}"))
+        .await?;
+    if !first {
+        let _ = tx.try_send(());
+    }
+    loop {
+        tokio::select! {
+            n = notes.recv() => match n {
+                Some(payload) if payload == schema => { let _ = tx.try_send(()); }
+                Some(_) => {}
+                None => break,
+            },
+            () = tx.closed() => break,
+        }
+    }
+    drop(client);
+    driver
+        .await
+        .map_err(|e| anyhow!("the listener task failed: {e}"))?
 }
 
 async fn migrate(client: &mut Client, schema: Option<&str>) -> anyhow::Result<()> {
@@ -265,7 +321,33 @@ impl PgStore {
             writer: tx,
             pool,
             in_flight,
+            config: Arc::new(config),
         })
+    }
+
+    /// A signal per committed change of a site or a trial, by any process
+    /// on this database and schema (LISTEN/NOTIFY). A dedicated connection
+    /// listens; when it breaks, it is made again after a pause (a change
+    /// signalled then is seen at the next one, or at the periodic refresh),
+    /// and one signal is sent on reconnecting, since changes may have been
+    /// missed. Ends when the receiver is dropped.
+    pub fn site_changes(&self) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel(1);
+        let config = self.config.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            while !tx.is_closed() {
+                if let Err(e) = listen(&config, &tx, first).await {
+                    tracing::warn!(error = %e, "listening for site changes failed; listening again in 5 s");
+                }
+                first = false;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    () = tx.closed() => break,
+                }
+            }
+        });
+        rx
     }
 
     async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
@@ -475,6 +557,47 @@ impl PgStore {
     }
 
     /// The site a patient is enrolled at.
+    pub async fn current_resources(
+        &self,
+        rtype: &str,
+        patient: Option<&str>,
+        scope: Scope,
+    ) -> anyhow::Result<Vec<StoredResource>> {
+        let s = sql::current_all(Dialect::Postgres, rtype, patient, &scope);
+        let c = self.client().await?;
+        Ok(run_rows(&c, rtype, &s)
+            .await?
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect())
+    }
+
+    pub async fn patient_sites(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached("SELECT patient, site FROM patient_sites")
+            .await?;
+        c.query(&st, &[])
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
+    pub async fn rejected_since(
+        &self,
+        since: i64,
+        scope: Option<IngestScope>,
+    ) -> anyhow::Result<u64> {
+        let scope = scope.map(|s| s.to_column());
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached("SELECT COALESCE(SUM(rejected), 0)::BIGINT FROM ingest_batches WHERE received_at >= $1 AND ($2::TEXT IS NULL OR scope = $2)")
+            .await?;
+        let n: i64 = c.query_one(&st, &[&since, &scope]).await?.try_get(0)?;
+        Ok(n as u64)
+    }
+
     pub async fn patient_site(&self, patient: &str) -> anyhow::Result<Option<String>> {
         let c = self.client().await?;
         let st = c

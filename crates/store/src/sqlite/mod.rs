@@ -379,6 +379,47 @@ impl SqliteStore {
     }
 
     /// The site a patient is enrolled at.
+    pub async fn current_resources(
+        &self,
+        rtype: &str,
+        patient: Option<&str>,
+        scope: Scope,
+    ) -> anyhow::Result<Vec<StoredResource>> {
+        let s = sql::current_all(Dialect::Sqlite, rtype, patient, &scope);
+        let rtype = rtype.to_string();
+        self.read(move |c| {
+            Ok(run_rows(c, &rtype, &s)?
+                .into_iter()
+                .map(|(r, _)| r)
+                .collect())
+        })
+        .await
+    }
+
+    pub async fn patient_sites(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached("SELECT patient, site FROM patient_sites")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn rejected_since(
+        &self,
+        since: i64,
+        scope: Option<IngestScope>,
+    ) -> anyhow::Result<u64> {
+        let scope = scope.map(|s| s.to_column());
+        self.read(move |c| {
+            let n: i64 = c
+                .prepare_cached("SELECT COALESCE(SUM(rejected), 0) FROM ingest_batches WHERE received_at >= ? AND (? IS NULL OR scope = ?)")?
+                .query_row(params![since, scope, scope], |r| r.get(0))?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     pub async fn patient_site(&self, patient: &str) -> anyhow::Result<Option<String>> {
         let patient = patient.to_string();
         self.read(move |c| {
