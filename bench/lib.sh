@@ -70,16 +70,20 @@ count_observations() {
         "http://127.0.0.1:$1/fhir/Observation?_total=accurate&_count=0" | json_get total
 }
 
-# build_release: cargo build --release; BENCH_NO_BUILD=1 uses the binaries
+# build_release [PACKAGE...]: cargo build --release of the packages (default
+# clinflow and clinflow-bench-limit); BENCH_NO_BUILD=1 uses the binaries
 # already in target/release.
 build_release() {
+    local pkgs=("$@") args=() p
+    ((${#pkgs[@]})) || pkgs=(clinflow clinflow-bench-limit)
     if [[ -n ${BENCH_NO_BUILD:-} ]]; then
-        [[ -x $CLINFLOW && -x $LIMIT ]] || die "BENCH_NO_BUILD is set but $CLINFLOW or $LIMIT is missing"
+        [[ -x $CLINFLOW ]] || die "BENCH_NO_BUILD is set but $CLINFLOW is missing"
+        [[ " ${pkgs[*]} " != *" clinflow-bench-limit "* || -x $LIMIT ]] || die "BENCH_NO_BUILD is set but $LIMIT is missing"
         return 0
     fi
-    log "building release binaries (clinflow, clinflow-bench-limit)..."
-    (cd "$ROOT" && cargo build --release -q -p clinflow -p clinflow-bench-limit) \
-        || die "cargo build failed"
+    for p in "${pkgs[@]}"; do args+=(-p "$p"); done
+    log "building release binaries (${pkgs[*]})..."
+    (cd "$ROOT" && cargo build --release -q "${args[@]}") || die "cargo build failed"
 }
 
 # start_clinflow DATABASE_URL PORT LOGFILE: serve --demo (CARDIO-01 with

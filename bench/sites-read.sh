@@ -39,7 +39,7 @@ SITES=1000
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
 
-build_release
+build_release clinflow
 GO_BIN=${SEED_SITECACHE_BIN:-/tmp/seed-sitecache}
 if [[ ! -x $GO_BIN ]]; then
     log "building the Go peer (seed-sitecache)"
