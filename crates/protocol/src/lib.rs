@@ -31,8 +31,8 @@ pub mod types;
 
 pub use fhir::{resource_key, trial_resources};
 pub use model::{
-    AdverseEventRules, Conversion, Item, ItemType, Measurement, Period, Phase, Protocol,
-    Questionnaire, Range, Site, Visit, Window,
+    AdverseEventRules, Conversion, EnrolmentPlan, Item, ItemType, Measurement, Period, Phase,
+    Protocol, Questionnaire, Range, Site, Visit, Window,
 };
 pub use parse::{parse_json, parse_yaml, ProtocolError, ProtocolErrorKind};
 pub use subjects::{parse_subjects_csv, Sex, Subject, SubjectsError};

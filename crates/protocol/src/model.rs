@@ -11,7 +11,7 @@
 //! public for reading; code that builds or edits a `Protocol` by hand takes
 //! on those invariants itself.
 
-use crate::types::{iso_date, Country, Loinc, SiteId, TrialId, Ucum};
+use crate::types::{iso_date, iso_date_opt, Country, Loinc, SiteId, TrialId, Ucum};
 use serde::{Deserialize, Serialize};
 use time::Date;
 
@@ -44,6 +44,27 @@ pub struct Protocol {
     pub questionnaires: Vec<Questionnaire>,
     /// Adverse-event reporting rules.
     pub adverse_events: AdverseEventRules,
+    /// The recruitment plan (optional key): what the dashboard's enrolment
+    /// is measured against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolment: Option<EnrolmentPlan>,
+}
+
+/// How many subjects the trial means to enrol, and by when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolmentPlan {
+    /// Subjects to enrol in all; above 0.
+    pub target: u32,
+    /// The day enrolment should be complete, within the trial's period;
+    /// the period's end when absent. The planned curve rises linearly from
+    /// the period's start to `target` on this day.
+    #[serde(
+        default,
+        with = "iso_date_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub by: Option<Date>,
 }
 
 /// Trial phase, as the FHIR `research-study-phase` code system names it.
@@ -498,6 +519,7 @@ mod tests {
             adverse_events: AdverseEventRules {
                 serious_report_hours: 24,
             },
+            enrolment: None,
         }
     }
 

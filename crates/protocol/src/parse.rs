@@ -517,6 +517,16 @@ fn rules(p: &Protocol) -> Vec<Violation> {
     if p.adverse_events.serious_report_hours == 0 {
         r.bad("adverse_events.serious_report_hours", "must be 1 or more");
     }
+    if let Some(plan) = &p.enrolment {
+        if plan.target == 0 {
+            r.bad("enrolment.target", "must be 1 or more");
+        }
+        if let Some(by) = plan.by {
+            if !p.period.contains(by) {
+                r.bad("enrolment.by", "must fall within the trial's period");
+            }
+        }
+    }
 
     r.found
 }

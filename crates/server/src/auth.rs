@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -171,7 +172,7 @@ pub async fn create_token(
 }
 
 /// Why a bearer token was refused (kept off the wire: clients only see 401).
-async fn authenticate(state: &AppState, header: Option<&str>) -> Result<Principal, ApiError> {
+async fn authenticate(state: &AppState, header: Option<&str>) -> Result<Arc<Principal>, ApiError> {
     let token = header
         .and_then(|h| {
             h.strip_prefix("Bearer ")
@@ -182,38 +183,105 @@ async fn authenticate(state: &AppState, header: Option<&str>) -> Result<Principa
         .ok_or(ApiError::Unauthorized)?;
     if let Some(admin) = &state.config.admin_token {
         if ct_eq(admin.as_bytes(), token.as_bytes()) {
-            return Ok(Principal {
+            return Ok(Arc::new(Principal {
                 name: "admin-token".into(),
                 role: Role::Admin,
                 site: None,
                 patient: None,
-            });
+            }));
         }
+    }
+    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let now = clinflow_store::now_millis();
+    if let Some(p) = state.tokens.get(&digest, now) {
+        return Ok(p);
     }
     let rec = state
         .store
-        .token_by_hash(&hash_secret(token))
+        .token_by_hash(&hex::encode(digest))
         .await
         .map_err(ApiError::Internal)?
         .ok_or(ApiError::Unauthorized)?;
-    if rec.revoked
-        || rec
-            .expires
-            .is_some_and(|e| e <= clinflow_store::now_millis())
-    {
+    if rec.revoked || rec.expires.is_some_and(|e| e <= now) {
         return Err(ApiError::Unauthorized);
     }
     let role = Role::from_str(&rec.role).map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
-    Ok(Principal {
+    let principal = Arc::new(Principal {
         name: rec.name,
         role,
         site: rec.site,
         patient: rec.patient,
-    })
+    });
+    state.tokens.put(digest, principal.clone(), rec.expires);
+    Ok(principal)
+}
+
+/// Tokens checked against the store lately, so that a busy client costs a
+/// hash and a map lookup per request instead of a database read.
+///
+/// Keyed by the secret's SHA-256 (the secret itself is not kept). An entry
+/// is trusted for `ttl` after it was read, and never past the token's own
+/// expiry; so a token revoked in the database (`clinflow token revoke`, or
+/// on another node) stops working here within `ttl`. Unknown and refused
+/// tokens are not cached: each costs a read. Holds at most
+/// [`TokenCache::MAX`] entries; when full it starts over.
+pub struct TokenCache {
+    /// A std `RwLock`: held for a lookup or an insert only, never across an
+    /// `.await`; readers share it.
+    entries: std::sync::RwLock<std::collections::HashMap<[u8; 32], CachedToken>>,
+    ttl: std::time::Duration,
+}
+
+struct CachedToken {
+    principal: Arc<Principal>,
+    /// The token's own expiry (ms), if any.
+    expires: Option<i64>,
+    /// Until when the entry is trusted.
+    until: std::time::Instant,
+}
+
+impl TokenCache {
+    pub const MAX: usize = 10_000;
+
+    /// A cache trusting entries for `ttl`; `ttl` zero caches nothing.
+    pub fn new(ttl: std::time::Duration) -> TokenCache {
+        TokenCache {
+            entries: Default::default(),
+            ttl,
+        }
+    }
+
+    fn get(&self, digest: &[u8; 32], now_ms: i64) -> Option<Arc<Principal>> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let e = entries.get(digest)?;
+        let fresh = e.until > std::time::Instant::now() && e.expires.is_none_or(|x| x > now_ms);
+        fresh.then(|| e.principal.clone())
+    }
+
+    fn put(&self, digest: [u8; 32], principal: Arc<Principal>, expires: Option<i64>) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= Self::MAX {
+            entries.clear();
+        }
+        entries.insert(
+            digest,
+            CachedToken {
+                principal,
+                expires,
+                until: std::time::Instant::now() + self.ttl,
+            },
+        );
+    }
 }
 
 /// Middleware: rejects requests without a valid token (401), and puts the
-/// [`Principal`] into the request's extensions.
+/// [`Principal`] into the request's extensions (as an `Arc<Principal>`).
 pub async fn require_auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let header = req
         .headers()
@@ -272,8 +340,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Caller, ApiError> {
         let principal = parts
             .extensions
-            .get::<Principal>()
-            .cloned()
+            .get::<Arc<Principal>>()
+            .map(|p| Principal::clone(p))
             .ok_or(ApiError::Unauthorized)?;
         let client = parts
             .extensions

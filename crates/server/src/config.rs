@@ -57,6 +57,10 @@ pub struct Config {
     /// (besides right after a write through this server and, on
     /// PostgreSQL, on another node's change).
     pub sites_refresh: Duration,
+    /// How long a checked bearer token is trusted without reading the
+    /// store again: the longest a token revoked elsewhere (the CLI, another
+    /// node) keeps working here. Zero checks the store on every request.
+    pub token_cache_ttl: Duration,
     /// Each dashboard section's own deadline; a section past it is
     /// reported unavailable and the others are still answered.
     pub dashboard_section_timeout: Duration,
@@ -84,6 +88,7 @@ impl Config {
             mllp_idle_timeout: Duration::from_secs(300),
             mllp_ack_timeout: Duration::from_secs(60),
             sites_refresh: Duration::from_secs(600),
+            token_cache_ttl: Duration::from_secs(5),
             dashboard_section_timeout: Duration::from_secs(2),
         }
     }

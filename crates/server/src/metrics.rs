@@ -5,9 +5,7 @@
 
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::{MatchedPath, Request};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -15,18 +13,52 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::state::AppState;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub method: String,
-    pub route: String,
+    pub method: &'static str,
+    pub route: &'static str,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
+    pub route: &'static str,
+}
+
+/// A route template as a `&'static str`, so that labelling a request
+/// allocates nothing. Templates come from the router, a fixed set, so the
+/// interned strings are bounded (and "unmatched" covers every other path).
+fn intern(route: &str) -> &'static str {
+    static ROUTES: std::sync::RwLock<Vec<&'static str>> = std::sync::RwLock::new(Vec::new());
+    if let Some(r) = ROUTES
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|r| **r == route)
+    {
+        return r;
+    }
+    let mut routes = ROUTES.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = routes.iter().find(|r| **r == route) {
+        return r;
+    }
+    let r: &'static str = Box::leak(route.to_string().into_boxed_str());
+    routes.push(r);
+    r
+}
+
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// An ingest item's fate, by input format.
@@ -293,39 +325,41 @@ impl Metrics {
     }
 }
 
-/// Middleware: counts requests and observes their latency by route.
-pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let method = req.method().to_string();
+/// A request's method and route template, as metric labels (the route
+/// template, never the path: paths and queries carry ids).
+pub fn labels_of(req: &Request) -> (&'static str, &'static str) {
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
-    let resp = next.run(req).await;
-    // The route template, never the path: paths and queries carry ids.
+        .map_or("unmatched", |m| intern(m.as_str()));
+    (method_label(req.method()), route)
+}
+
+/// Counts an answered request and observes its latency by route.
+pub fn observe(
+    metrics: &Metrics,
+    (method, route): (&'static str, &'static str),
+    status: u16,
+    start: Instant,
+) {
+    let seconds = start.elapsed().as_secs_f64();
     tracing::debug!(
-        method = %method,
-        route = %route,
-        status = resp.status().as_u16(),
-        latency_ms = start.elapsed().as_secs_f64() * 1000.0,
+        method,
+        route,
+        status,
+        latency_ms = seconds * 1000.0,
         "request answered"
     );
-    state
-        .metrics
+    metrics
         .latency
-        .get_or_create(&RouteLabels {
-            route: route.clone(),
-        })
-        .observe(start.elapsed().as_secs_f64());
-    state
-        .metrics
+        .get_or_create(&RouteLabels { route })
+        .observe(seconds);
+    metrics
         .requests
         .get_or_create(&RequestLabels {
             method,
             route,
-            status: resp.status().as_u16(),
+            status,
         })
         .inc();
-    resp
 }

@@ -9,6 +9,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use clinflow_store::Store;
 use tokio::net::TcpListener;
@@ -68,13 +69,16 @@ impl Application {
         );
         let sites = Arc::new(SiteRegistry::new(store.clone(), metrics.clone()));
         sites.refresh().await.context("loading the site registry")?;
-        let state = AppState {
+        let tokens = Arc::new(crate::auth::TokenCache::new(config.token_cache_ttl));
+        let state = AppState::new(crate::state::Shared {
+            in_flight: Semaphore::new(config.max_in_flight),
+            tokens,
             store,
             config: Arc::new(config),
             metrics,
             ingest,
             sites,
-        };
+        });
         let router = router(state.clone());
         Ok(Application {
             listener,
@@ -125,8 +129,15 @@ impl Application {
         let app = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
+        // No Nagle delay: an answer is one write, and waiting for the
+        // client's ACK before sending the next one only adds latency.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let http =
-            axum::serve(self.listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+            axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
         let mllp = async {
             if let Some(mllp) = self.mllp {
                 mllp.run(self.state.clone(), stop.clone()).await;
@@ -155,14 +166,13 @@ impl Application {
 
 /// The whole router.
 pub fn router(state: AppState) -> Router {
-    let limit = Arc::new(Semaphore::new(state.config.max_in_flight));
     let protected = Router::new()
         .nest("/fhir", fhir::routes())
         .route("/trials", get(trials::list_trials).post(trials::post_trial))
         .route("/trials/{id}", get(trials::get_trial))
         .route("/trials/{id}/subjects", post(trials::post_subjects))
         .nest("/ingest", ingest::routes())
-        .nest("/sites", sites::routes())
+        .merge(sites::routes())
         .route("/queries", get(queries::list))
         .route("/queries/{id}/answer", post(queries::answer))
         .route("/queries/{id}/close", post(queries::close))
@@ -174,12 +184,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .merge(protected)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            metrics::track,
-        ))
-        .layer(middleware::from_fn_with_state(state.clone(), deadline))
-        .layer(middleware::from_fn_with_state(limit, shed_load))
+        .layer(middleware::from_fn_with_state(state.clone(), front_door))
         .layer(DefaultBodyLimit::max(state.config.body_limit))
         .with_state(state)
 }
@@ -188,13 +193,37 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint".into())
 }
 
-/// 503 with `Retry-After` past the configured number of requests in flight,
-/// instead of queueing without bound.
-async fn shed_load(State(limit): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
-    match limit.try_acquire() {
-        Ok(_permit) => next.run(req).await,
-        Err(_) => error_for(req.uri().path(), ApiError::Unavailable(1)),
-    }
+/// What every request goes through first, in one layer (each stateful
+/// layer costs a state clone and a boxed future per request):
+/// - load shedding: past `max_in_flight` requests at once, 503 with
+///   `Retry-After` instead of queueing without bound;
+/// - the whole-request deadline (`request_timeout`): 503 past it;
+/// - request metrics by route template ([`metrics::observe`]).
+async fn front_door(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let start = std::time::Instant::now();
+    let labels = metrics::labels_of(&req);
+    let fhir = req.uri().path().starts_with("/fhir");
+    let error = |e: ApiError| {
+        if fhir {
+            crate::error::FhirError::from(e).into_response()
+        } else {
+            e.into_response()
+        }
+    };
+    let resp = match state.in_flight.try_acquire() {
+        Ok(_permit) => {
+            match tokio::time::timeout(state.config.request_timeout, next.run(req)).await {
+                Ok(resp) => resp,
+                Err(_) => {
+                    tracing::warn!("request exceeded its deadline");
+                    error(ApiError::Unavailable(1))
+                }
+            }
+        }
+        Err(_) => error(ApiError::Unavailable(1)),
+    };
+    metrics::observe(&state.metrics, labels, resp.status().as_u16(), start);
+    resp
 }
 
 /// An error in the shape of the API the path belongs to: an
@@ -204,18 +233,6 @@ pub(crate) fn error_for(path: &str, e: ApiError) -> Response {
         crate::error::FhirError::from(e).into_response()
     } else {
         e.into_response()
-    }
-}
-
-/// The per-request deadline: 503 when a request takes longer.
-async fn deadline(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_string();
-    match tokio::time::timeout(state.config.request_timeout, next.run(req)).await {
-        Ok(resp) => resp,
-        Err(_) => {
-            tracing::warn!("request exceeded its deadline");
-            error_for(&path, ApiError::Unavailable(1))
-        }
     }
 }
 

@@ -16,7 +16,8 @@ engine_tests!(
     role_matrix,
     site_user_sees_counts_and_changes_only_its_own_site,
     patient_token_sees_only_its_own_records,
-    revoked_token_is_401,
+    revoked_token_is_401 with |c| c.token_cache_ttl = std::time::Duration::ZERO,
+    a_revoked_token_stops_working_within_the_cache_ttl with |c| c.token_cache_ttl = std::time::Duration::from_millis(300),
     expired_token_is_401,
     clinflow_admin_token_env_is_an_admin_token,
 );
@@ -432,6 +433,23 @@ fn token_id(app: &TestApp, name: &str) -> String {
         .and_then(|l| l.split('\t').next())
         .unwrap_or_else(|| panic!("token {name} in the list:\n{list}"))
         .to_string()
+}
+
+/// With the token cache on, a token revoked in the database (by the CLI, a
+/// process the server does not hear from) may keep working for at most the
+/// cache's TTL, then is refused.
+async fn a_revoked_token_stops_working_within_the_cache_ttl(app: TestApp) {
+    let name = crate::helpers::unique("cached");
+    let token = app.token_named(&name, "monitor", None, None).await;
+    app.get("/sites", &token).await.expect(200);
+    let id = token_id(&app, &name);
+    assert!(app.cli(&["token", "revoke", &id]).status.success());
+    let revoked_at = std::time::Instant::now();
+    // The TTL is the behaviour under test: waiting it out is the point.
+    tokio::time::sleep(app.config.token_cache_ttl).await;
+    let r = app.get("/sites", &token).await;
+    r.problem(401);
+    assert!(revoked_at.elapsed() < app.config.token_cache_ttl * 20);
 }
 
 async fn revoked_token_is_401(app: TestApp) {

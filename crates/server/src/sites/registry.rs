@@ -113,9 +113,11 @@ impl SiteRegistry {
         }
     }
 
-    /// The snapshot served now.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.current.load_full()
+    /// The snapshot served now. A guard, not an `Arc` clone: loading does
+    /// not touch the snapshot's shared reference count, which every core
+    /// would otherwise contend on. Keep it for the request only.
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
     }
 
     /// Counts swapped snapshots; changes after each successful refresh.
