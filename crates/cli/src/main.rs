@@ -61,9 +61,32 @@ enum Command {
     Serve {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
-        /// Loads the reference trial CARDIO-01 and prints an admin token.
+        /// Loads the reference trial CARDIO-01 with a synthetic data set
+        /// (several hundred subjects and their visits, results, wearable
+        /// readings, diaries and adverse events; seeded) and prints an
+        /// admin token.
         #[arg(long)]
         demo: bool,
+        /// The seed of the demo data set.
+        #[arg(long, default_value_t = 2026)]
+        demo_seed: u64,
+        /// How often the site registry is rebuilt from the database, in
+        /// seconds (it also is after every write through this server and,
+        /// on PostgreSQL, on another node's change).
+        #[arg(long, default_value_t = 600)]
+        sites_refresh: u64,
+        /// How long a checked token is trusted without reading the
+        /// database, in milliseconds: the longest a token revoked elsewhere
+        /// keeps working here (0: read on every request).
+        #[arg(long, default_value_t = 5000)]
+        token_cache_ttl: u64,
+        /// Each dashboard section's deadline, in milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        dashboard_section_timeout: u64,
+        /// Fault injection for tests and benchmarks: SECTION=MS delays a
+        /// dashboard section (`all` for every section). Repeatable.
+        #[arg(long, value_name = "SECTION=MS")]
+        dashboard_section_delay: Vec<String>,
         /// Accepted as an admin token.
         #[arg(long, env = "CLINFLOW_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
@@ -281,6 +304,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve {
             listen,
             demo,
+            demo_seed,
+            sites_refresh,
+            token_cache_ttl,
+            dashboard_section_timeout,
+            dashboard_section_delay,
             admin_token,
             request_timeout,
             body_limit,
@@ -304,13 +332,45 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.ingest_queue = ingest_queue;
             config.ingest_mapped_queue = ingest_mapped_queue;
             config.mllp_listen = mllp_listen;
+            config.sites_refresh = Duration::from_secs(sites_refresh.max(1));
+            config.token_cache_ttl = Duration::from_millis(token_cache_ttl);
+            config.dashboard_section_timeout = Duration::from_millis(dashboard_section_timeout);
+            for d in &dashboard_section_delay {
+                let (name, ms) = d
+                    .split_once('=')
+                    .and_then(|(n, ms)| Some((n, ms.parse::<u64>().ok()?)))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--dashboard-section-delay {d:?}: use SECTION=MS")
+                    })?;
+                let names: Vec<&str> = if name == "all" {
+                    clinflow_server::dashboard::SECTIONS.to_vec()
+                } else if clinflow_server::dashboard::SECTIONS.contains(&name) {
+                    vec![name]
+                } else {
+                    anyhow::bail!(
+                        "--dashboard-section-delay: no section {name:?}; the sections are {}",
+                        clinflow_server::dashboard::SECTIONS.join(", ")
+                    );
+                };
+                for n in names {
+                    config
+                        .dashboard_section_delay
+                        .insert(n.to_string(), Duration::from_millis(ms));
+                }
+            }
             let shutdown = shutdown_signal()?;
             let app = Application::build(config).await?;
             let addr = app.local_addr()?;
             if demo {
                 let store = &app.state().store;
-                let report = load_trial_text(store, DEMO_PROTOCOL, Some(DEMO_SUBJECTS)).await?;
-                app.state().sites.refresh().await?;
+                let report = clinflow_server::demo::load_demo(
+                    app.state(),
+                    DEMO_PROTOCOL,
+                    DEMO_SUBJECTS,
+                    demo_seed,
+                    Default::default(),
+                )
+                .await?;
                 let token = create_token(
                     store,
                     "demo-admin",
@@ -322,8 +382,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
                 println!(
-                    "clinflow demo: trial {} v{} loaded ({} resources created, {} unchanged)",
-                    report.trial, report.version, report.created, report.unchanged
+                    "clinflow demo: trial {} v{} loaded: {} synthetic subjects, {} resources, {} data queries",
+                    report.trial.trial,
+                    report.trial.version,
+                    report.subjects,
+                    report.resources,
+                    report.data_queries
                 );
                 println!("admin token (shown once): {token}");
             }

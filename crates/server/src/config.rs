@@ -64,6 +64,9 @@ pub struct Config {
     /// Each dashboard section's own deadline; a section past it is
     /// reported unavailable and the others are still answered.
     pub dashboard_section_timeout: Duration,
+    /// Fault injection (tests, the dashboard benchmark): each named
+    /// dashboard section waits this long before its work. Empty normally.
+    pub dashboard_section_delay: std::collections::HashMap<String, Duration>,
 }
 
 impl Config {
@@ -90,6 +93,7 @@ impl Config {
             sites_refresh: Duration::from_secs(600),
             token_cache_ttl: Duration::from_secs(5),
             dashboard_section_timeout: Duration::from_secs(2),
+            dashboard_section_delay: Default::default(),
         }
     }
 }

@@ -9,6 +9,9 @@
 //! - `/fhir/...`: the FHIR R4 REST API ([`fhir`]).
 //! - `/trials...`: trial set-up ([`trials`]).
 //! - `/sites...`: the site registry ([`sites`]).
+//! - `/trials/{id}/dashboard`, `/trials/{id}/subjects[/{subject}]`: the
+//!   monitoring dashboard and subject views ([`dashboard`]).
+//! - `/ui/`: the web page (static files; it calls the API with a token) ([`ui`]).
 //! - `/ingest/...`: HL7 v2, wearable CSV and diary intake, batch status ([`ingest`]).
 //! - `/audit/export`, `/audit/verify`: the audit trail ([`audit_api`]).
 //! - `/metrics`: Prometheus metrics; `/healthz`: liveness and database.
@@ -16,6 +19,8 @@
 pub mod audit_api;
 pub mod auth;
 pub mod config;
+pub mod dashboard;
+pub mod demo;
 pub mod error;
 pub mod fhir;
 pub mod ingest;
@@ -26,6 +31,7 @@ pub mod sites;
 pub mod startup;
 pub mod state;
 pub mod trials;
+pub mod ui;
 
 pub use config::Config;
 pub use startup::Application;

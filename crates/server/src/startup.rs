@@ -24,7 +24,7 @@ use crate::ingest::{Pipeline, Stages};
 use crate::metrics::{self, Metrics};
 use crate::sites::SiteRegistry;
 use crate::state::AppState;
-use crate::{audit_api, fhir, ingest, queries, sites, trials};
+use crate::{audit_api, dashboard, fhir, ingest, queries, sites, trials, ui};
 use anyhow::Context;
 
 /// A built server, bound to its port, not yet serving.
@@ -72,6 +72,7 @@ impl Application {
         let tokens = Arc::new(crate::auth::TokenCache::new(config.token_cache_ttl));
         let state = AppState::new(crate::state::Shared {
             in_flight: Semaphore::new(config.max_in_flight),
+            ingest_rates: Default::default(),
             tokens,
             store,
             config: Arc::new(config),
@@ -170,7 +171,15 @@ pub fn router(state: AppState) -> Router {
         .nest("/fhir", fhir::routes())
         .route("/trials", get(trials::list_trials).post(trials::post_trial))
         .route("/trials/{id}", get(trials::get_trial))
-        .route("/trials/{id}/subjects", post(trials::post_subjects))
+        .route(
+            "/trials/{id}/subjects",
+            get(dashboard::list_subjects).post(trials::post_subjects),
+        )
+        .route(
+            "/trials/{id}/subjects/{subject}",
+            get(dashboard::get_subject),
+        )
+        .route("/trials/{id}/dashboard", get(dashboard::get_dashboard))
         .nest("/ingest", ingest::routes())
         .merge(sites::routes())
         .route("/queries", get(queries::list))
@@ -182,6 +191,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
     Router::new()
         .route("/healthz", get(healthz))
+        .merge(ui::routes())
         .merge(protected)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), front_door))

@@ -43,6 +43,8 @@ pub struct Shared {
     pub sites: Arc<SiteRegistry>,
     /// Requests being served; its permits are `max_in_flight`.
     pub in_flight: tokio::sync::Semaphore,
+    /// The dashboard's ingest rates (items/s per stage).
+    pub ingest_rates: crate::dashboard::IngestRates,
     /// Recently checked bearer tokens.
     pub tokens: Arc<TokenCache>,
 }
