@@ -4,8 +4,10 @@
 # fails loudly (never skips) when something cannot be had.
 #
 # Needs: PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`; each test
-# uses its own schema), npm (for the R4 examples corpus, CC0), python3 with
-# venv (for python-hl7's mllp_send, the MLLP tests' client).
+# uses its own schema), npm (for the R4 examples corpus, CC0, and
+# playwright-core), python3 with venv (for python-hl7's mllp_send, the MLLP
+# tests' client), Debian's chromium (the web page's test; installed when
+# missing and running as root).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -78,7 +80,24 @@ if [ ! -x "$venv/bin/mllp_send" ]; then
 fi
 export CLINFLOW_MLLP_SEND="$root/$venv/bin/mllp_send"
 
-# 4. The tests: unit, property and integration tests of every crate, on both
+# 4. A real browser for the web page's test: Debian's chromium, driven by
+#    playwright-core (npm, pinned in tests/ui/package-lock.json).
+if [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing Chromium (Debian package chromium)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  echo "error: /usr/bin/chromium is missing; the web page's test needs it (Debian package chromium)" >&2
+  exit 1
+fi
+if [ ! -f tests/ui/node_modules/playwright-core/package.json ]; then
+  say "installing playwright-core for the web page's test (npm ci --prefix tests/ui)"
+  npm ci --no-audit --no-fund --silent --prefix tests/ui
+fi
+
+# 5. The tests: unit, property and integration tests of every crate, on both
 #    engines.
 say "running the test suite"
 cargo test --workspace --locked "$@"

@@ -177,6 +177,8 @@ pub struct TestApp {
     pub config: Config,
     /// The server's site registry (tests wait on its refreshes).
     pub sites: std::sync::Arc<clinflow_server::sites::SiteRegistry>,
+    /// The server's shared state (for the demo loader).
+    pub state: clinflow_server::state::AppState,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
     /// Keeps the SQLite database alive as long as the app.
@@ -200,6 +202,7 @@ pub async fn spawn_app(engine: Engine, configure: fn(&mut Config)) -> TestApp {
         .expect("the server builds");
     let addr = app.local_addr().expect("a bound address");
     let sites = app.state().sites.clone();
+    let state = app.state().clone();
     let mllp_addr = app
         .mllp_local_addr()
         .map(|a| a.expect("a bound MLLP address"));
@@ -221,6 +224,7 @@ pub async fn spawn_app(engine: Engine, configure: fn(&mut Config)) -> TestApp {
         db_url,
         config,
         sites,
+        state,
         shutdown: Some(tx),
         server: Some(server),
         _dir: dir,
@@ -239,6 +243,7 @@ pub async fn spawn_node(app: &TestApp) -> TestApp {
         .expect("the second node builds");
     let addr = node.local_addr().expect("a bound address");
     let sites = node.state().sites.clone();
+    let state = node.state().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(node.run_until_stopped(async move {
         let _ = rx.await;
@@ -254,6 +259,7 @@ pub async fn spawn_node(app: &TestApp) -> TestApp {
         db_url: app.db_url.clone(),
         config,
         sites,
+        state,
         shutdown: Some(tx),
         server: Some(server),
         _dir: None,

@@ -21,6 +21,8 @@
 //!   metrics, and the SIGKILL crash test of a real `clinflow serve` under HTTP and MLLP ingest.
 //! - [`queries`]: data queries: opened by ingest, answered, closed, site scoped, audited.
 //! - [`sites`]: the site registry: snapshot, writes, ETags, search, refreshes, LISTEN/NOTIFY.
+//! - [`dashboard`]: the dashboard's sections against the API, site scoping, a slow
+//!   section, subject views, and the web page in headless Chromium.
 //! - [`auth`]: the role matrix and site scoping, revoked and expired tokens.
 //! - [`audit`]: what is recorded, AuditEvent search, export, tampering.
 //! - [`cli`]: the `clinflow` binary against a running server's database.
@@ -34,6 +36,7 @@ mod auth;
 mod bundles;
 mod cli;
 mod conformance;
+mod dashboard;
 mod fhir_crud;
 mod fhir_search;
 mod ingest;
