@@ -145,14 +145,14 @@ run_txload() {
     ((ok > 0)) || die "no bundle succeeded against $base"
 }
 
-# bench NAME SYSTEM ARGS...: one `wrk -t2 -c64 -d$DURATION --latency` run;
+# bench NAME SYSTEM ARGS...: one `wrk -t2 -c${WRK_CONNECTIONS:-64} -d$DURATION --latency` run;
 # appends its result (requests/s, p50, p99 in ms) to $RESULTS. Every answer
 # must be 2xx or 3xx.
 bench() {
     local name=$1 system=$2 out=$WORK/wrk-$1-$2.txt
     shift 2
     log "wrk: $name on $system (load $(loadavg))"
-    wrk -t2 -c64 -d"$DURATION" --timeout 30s --latency "$@" >"$out" 2>&1 || { cat "$out" >&2; die "wrk failed"; }
+    wrk -t2 -c"${WRK_CONNECTIONS:-64}" -d"$DURATION" --timeout 30s --latency "$@" >"$out" 2>&1 || { cat "$out" >&2; die "wrk failed"; }
     python3 - "$out" "$name" "$system" "$(loadavg)" >>"$RESULTS" <<'EOF' || { cat "$out" >&2; die "wrk run $name on $system failed"; }
 import json, re, sys
 text, name, system, load = open(sys.argv[1]).read(), *sys.argv[2:5]
