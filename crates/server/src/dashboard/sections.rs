@@ -174,7 +174,7 @@ pub fn adverse_events(
             }
         }
     }
-    late.sort_by(|a, b| b.0.cmp(&a.0));
+    late.sort_by_key(|l| std::cmp::Reverse(l.0));
     let mut by_seriousness = json!({"serious": serious, "non-serious": non_serious});
     if unknown > 0 {
         by_seriousness["unknown"] = json!(unknown);
