@@ -223,12 +223,17 @@ async fn authenticate(state: &AppState, header: Option<&str>) -> Result<Arc<Prin
 /// is trusted for `ttl` after it was read, and never past the token's own
 /// expiry; so a token revoked in the database (`clinflow token revoke`, or
 /// on another node) stops working here within `ttl`. Unknown and refused
-/// tokens are not cached: each costs a read. Holds at most
-/// [`TokenCache::MAX`] entries; when full it starts over.
+/// tokens are not cached: each costs a read.
+///
+/// The entries live in each worker thread's own map (at most
+/// [`TokenCache::MAX`] per thread; full, it starts over): no lock and no
+/// shared reference count on the request path, which a map shared by every
+/// core had (measured: contended cache lines). A thread reads the store the
+/// first time it sees a token in each `ttl`.
 pub struct TokenCache {
-    /// A std `RwLock`: held for a lookup or an insert only, never across an
-    /// `.await`; readers share it.
-    entries: std::sync::RwLock<std::collections::HashMap<[u8; 32], CachedToken>>,
+    /// Unique per cache in the process: the key of its entries in the
+    /// per-thread maps.
+    id: u64,
     ttl: std::time::Duration,
 }
 
@@ -240,13 +245,19 @@ struct CachedToken {
     until: std::time::Instant,
 }
 
+thread_local! {
+    static TOKENS: std::cell::RefCell<std::collections::HashMap<(u64, [u8; 32]), CachedToken>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
 impl TokenCache {
     pub const MAX: usize = 10_000;
 
     /// A cache trusting entries for `ttl`; `ttl` zero caches nothing.
     pub fn new(ttl: std::time::Duration) -> TokenCache {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         TokenCache {
-            entries: Default::default(),
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ttl,
         }
     }
@@ -255,28 +266,34 @@ impl TokenCache {
         if self.ttl.is_zero() {
             return None;
         }
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        let e = entries.get(digest)?;
-        let fresh = e.until > std::time::Instant::now() && e.expires.is_none_or(|x| x > now_ms);
-        fresh.then(|| e.principal.clone())
+        TOKENS.with(|t| {
+            let t = t.borrow();
+            let e = t.get(&(self.id, *digest))?;
+            let fresh = e.until > std::time::Instant::now() && e.expires.is_none_or(|x| x > now_ms);
+            fresh.then(|| e.principal.clone())
+        })
     }
 
     fn put(&self, digest: [u8; 32], principal: Arc<Principal>, expires: Option<i64>) {
         if self.ttl.is_zero() {
             return;
         }
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= Self::MAX {
-            entries.clear();
-        }
-        entries.insert(
-            digest,
-            CachedToken {
-                principal,
-                expires,
-                until: std::time::Instant::now() + self.ttl,
-            },
-        );
+        // A copy per thread, so that threads do not share its count.
+        let principal = Arc::new(Principal::clone(&principal));
+        TOKENS.with(|t| {
+            let mut t = t.borrow_mut();
+            if t.len() >= Self::MAX {
+                t.clear();
+            }
+            t.insert(
+                (self.id, digest),
+                CachedToken {
+                    principal,
+                    expires,
+                    until: std::time::Instant::now() + self.ttl,
+                },
+            );
+        });
     }
 }
 

@@ -37,7 +37,10 @@ const MAX_GROUP: usize = 64;
 /// The writer's queue; senders wait when it is full (backpressure).
 const QUEUE: usize = 256;
 
-type CustomFn = Box<dyn FnOnce(&Connection) -> anyhow::Result<()> + Send>;
+/// A custom job: `Ok(true)` when it applied, `Ok(false)` when it found
+/// nothing to do (its writes, if any, are rolled back and its audit
+/// records dropped: they would record what did not happen).
+type CustomFn = Box<dyn FnOnce(&Connection) -> anyhow::Result<bool> + Send>;
 
 enum Job {
     Write(WriteRequest, oneshot::Sender<Result<(), WriteError>>),
@@ -47,7 +50,7 @@ enum Job {
     Custom(
         CustomFn,
         Vec<AuditRecord>,
-        oneshot::Sender<anyhow::Result<()>>,
+        oneshot::Sender<anyhow::Result<bool>>,
     ),
     /// Replies once everything queued before it is committed.
     Flush(oneshot::Sender<()>),
@@ -246,11 +249,13 @@ impl SqliteStore {
         rx.await.map_err(|_| anyhow!("store closed"))
     }
 
+    /// Runs `f` in the writer's next group, in a savepoint of its own, and
+    /// commits `audit` with it when it applied (see [`CustomFn`]).
     async fn custom(
         &self,
         audit: Vec<AuditRecord>,
-        f: impl FnOnce(&Connection) -> anyhow::Result<()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+        f: impl FnOnce(&Connection) -> anyhow::Result<bool> + Send + 'static,
+    ) -> anyhow::Result<bool> {
         let (tx, rx) = oneshot::channel();
         self.writer
             .send(Job::Custom(Box::new(f), audit, tx))
@@ -445,9 +450,10 @@ impl SqliteStore {
                 "INSERT INTO tokens (id, name, role, site, patient, hash, created, expires, revoked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
                 params![rec.id, rec.name, rec.role, rec.site, rec.patient, hash, rec.created, rec.expires],
             )?;
-            Ok(())
+            Ok(true)
         })
         .await
+        .map(|_| ())
     }
 
     pub async fn token_by_hash(&self, hash: &str) -> anyhow::Result<Option<TokenRecord>> {
@@ -476,33 +482,23 @@ impl SqliteStore {
     /// Revokes a token; `false` when there is none with that id.
     pub async fn revoke_token(&self, id: &str, audit: Vec<AuditRecord>) -> anyhow::Result<bool> {
         let id = id.to_string();
-        let found = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let f2 = found.clone();
         self.custom(audit, move |c| {
-            let n = c.execute("UPDATE tokens SET revoked = 1 WHERE id = ?", [id])?;
-            f2.store(n > 0, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
+            Ok(c.execute("UPDATE tokens SET revoked = 1 WHERE id = ?", [id])? > 0)
         })
-        .await?;
-        Ok(found.load(std::sync::atomic::Ordering::SeqCst))
+        .await
     }
 
     // ---- trials ----
 
     /// Records a protocol version; `false` when that version was already there.
     pub async fn put_trial(&self, rec: TrialRecord) -> anyhow::Result<bool> {
-        let inserted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let i2 = inserted.clone();
         self.custom(Vec::new(), move |c| {
-            let n = c.execute(
+            Ok(c.execute(
                 "INSERT OR IGNORE INTO trials (id, version, protocol, loaded_at) VALUES (?, ?, ?, ?)",
                 params![rec.id, rec.version, rec.protocol, rec.loaded_at],
-            )?;
-            i2.store(n > 0, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
+            )? > 0)
         })
-        .await?;
-        Ok(inserted.load(std::sync::atomic::Ordering::SeqCst))
+        .await
     }
 
     /// Every version of a trial, newest first.
@@ -541,33 +537,25 @@ impl SqliteStore {
         b: NewBatch,
         audit: Vec<AuditRecord>,
     ) -> anyhow::Result<(BatchRecord, bool)> {
-        let existed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let e2 = existed.clone();
         let (format, sha, scope) = (b.format.clone(), b.sha256.clone(), b.scope.to_column());
-        let r = self
+        // Not applied when the batch exists: its audit record (a batch
+        // accepted) is dropped, since none was.
+        let created = self
             .custom(audit, move |c| {
                 let n = c.execute(
                     "INSERT OR IGNORE INTO ingest_batches (id, format, sha256, submitter, role, scope, received_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'processing')",
                     params![b.id, b.format, b.sha256, b.submitter, b.role, b.scope.to_column(), b.received_at],
                 )?;
                 if n == 0 {
-                    // Failing the job drops its audit record: the record
-                    // says a batch was accepted, and none was.
-                    e2.store(true, std::sync::atomic::Ordering::SeqCst);
-                    return Err(anyhow!("the batch exists"));
+                    return Ok(false);
                 }
                 c.execute(
                     "INSERT INTO ingest_inputs (batch, sha256, body) VALUES (?, ?, ?)",
                     params![b.id, b.sha256, b.raw],
                 )?;
-                Ok(())
+                Ok(true)
             })
-            .await;
-        let created = match r {
-            Ok(()) => true,
-            Err(_) if existed.load(std::sync::atomic::Ordering::SeqCst) => false,
-            Err(e) => return Err(e),
-        };
+            .await?;
         let rec = self
             .read(move |c| {
                 Ok(c.prepare_cached(&format!(
@@ -633,8 +621,6 @@ impl SqliteStore {
         rejections: Vec<BatchRejection>,
     ) -> anyhow::Result<bool> {
         let id = id.to_string();
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let d2 = done.clone();
         self.custom(Vec::new(), move |c| {
             let n = c.execute(
                 "UPDATE ingest_batches SET status = 'done', received = ?, stored = ?, rejected = ?, duplicates = ?, queries_opened = ?, finished_at = ? WHERE id = ? AND status = 'processing'",
@@ -656,11 +642,9 @@ impl SqliteStore {
                     st.execute(params![id, seq as i64, r.index as i64, r.reason, r.location])?;
                 }
             }
-            d2.store(n > 0, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
+            Ok(n > 0)
         })
-        .await?;
-        Ok(done.load(std::sync::atomic::Ordering::SeqCst))
+        .await
     }
 
     /// A done batch back to processing with its rejections cleared, and its
@@ -668,28 +652,18 @@ impl SqliteStore {
     /// is not done.
     pub async fn reopen_batch(&self, id: &str, audit: Vec<AuditRecord>) -> anyhow::Result<bool> {
         let id = id.to_string();
-        let not_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = not_done.clone();
-        let r = self
-            .custom(audit, move |c| {
-                let n = c.execute(
-                    "UPDATE ingest_batches SET status = 'processing', finished_at = NULL WHERE id = ? AND status = 'done'",
-                    [&id],
-                )?;
-                if n == 0 {
-                    // Failing the job drops its audit record.
-                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                    return Err(anyhow!("the batch is not done"));
-                }
-                c.execute("DELETE FROM ingest_rejections WHERE batch = ?", [&id])?;
-                Ok(())
-            })
-            .await;
-        match r {
-            Ok(()) => Ok(true),
-            Err(_) if not_done.load(std::sync::atomic::Ordering::SeqCst) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.custom(audit, move |c| {
+            let n = c.execute(
+                "UPDATE ingest_batches SET status = 'processing', finished_at = NULL WHERE id = ? AND status = 'done'",
+                [&id],
+            )?;
+            if n == 0 {
+                return Ok(false);
+            }
+            c.execute("DELETE FROM ingest_rejections WHERE batch = ?", [&id])?;
+            Ok(true)
+        })
+        .await
     }
 
     /// The ids of batches not done, oldest first (resumed at startup).
@@ -702,18 +676,14 @@ impl SqliteStore {
         audit: Vec<AuditRecord>,
     ) -> anyhow::Result<bool> {
         let id = batch.to_string();
-        let stale = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stale.clone();
-        let r = self
-            .custom(audit, move |c| {
+        self.custom(audit, move |c| {
                 let removed = c.execute(
                     "DELETE FROM ingest_rejections WHERE batch = ?1 AND item = ?2 AND EXISTS (SELECT 1 FROM ingest_batches WHERE id = ?1 AND status = 'done')",
                     params![id, index as i64],
                 )?;
                 if removed == 0 {
-                    // Failing the job drops its audit records.
-                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                    return Err(anyhow!("no rejected item {index} in a done batch"));
+                    // No rejected item `index` in a done batch.
+                    return Ok(false);
                 }
                 let next: i64 = c.query_row(
                     "SELECT COALESCE(MAX(seq), -1) + 1 FROM ingest_rejections WHERE batch = ?",
@@ -737,14 +707,9 @@ impl SqliteStore {
                         params![stored, duplicates, queries, id],
                     )?;
                 }
-                Ok(())
+                Ok(true)
             })
-            .await;
-        match r {
-            Ok(()) => Ok(true),
-            Err(_) if stale.load(std::sync::atomic::Ordering::SeqCst) => Ok(false),
-            Err(e) => Err(e),
-        }
+            .await
     }
 
     pub async fn unfinished_batches(&self) -> anyhow::Result<Vec<String>> {
@@ -854,10 +819,7 @@ impl SqliteStore {
         audit: Vec<AuditRecord>,
     ) -> anyhow::Result<bool> {
         let (id, by) = (id.to_string(), by.to_string());
-        let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let r2 = refused.clone();
-        let r = self
-            .custom(audit, move |c| {
+        self.custom(audit, move |c| {
                 let from = change.from_statuses();
                 let ok = |s: QueryStatus| from.contains(&s);
                 let n = match &change {
@@ -876,27 +838,21 @@ impl SqliteStore {
                         ],
                     )?,
                 };
-                if n == 0 {
-                    // Failing the job drops its audit records: nothing changed.
-                    r2.store(true, std::sync::atomic::Ordering::SeqCst);
-                    return Err(anyhow!("the query is not in a status this step starts from"));
-                }
-                Ok(())
+                // Not in a status this step starts from: nothing changed.
+                Ok(n > 0)
             })
-            .await;
-        match r {
-            Ok(()) => Ok(true),
-            Err(_) if refused.load(std::sync::atomic::Ordering::SeqCst) => Ok(false),
-            Err(e) => Err(e),
-        }
+            .await
     }
 
     /// Runs raw SQL on the writer's connection. For tests that play an
     /// attacker with direct database access (audit tampering).
     pub async fn execute_raw(&self, sql: &str) -> anyhow::Result<()> {
         let sql = sql.to_string();
-        self.custom(Vec::new(), move |c| Ok(c.execute_batch(&sql)?))
-            .await
+        self.custom(Vec::new(), move |c| {
+            Ok(c.execute_batch(&sql).map(|()| true)?)
+        })
+        .await
+        .map(|_| ())
     }
 }
 
@@ -1201,7 +1157,7 @@ enum Outcome {
         oneshot::Sender<Result<(), WriteError>>,
         Result<(), WriteError>,
     ),
-    Custom(oneshot::Sender<anyhow::Result<()>>, anyhow::Result<()>),
+    Custom(oneshot::Sender<anyhow::Result<bool>>, anyhow::Result<bool>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -1306,7 +1262,7 @@ fn all_ok(jobs: Vec<Job>) -> Vec<Outcome> {
             Job::Write(_, reply) => Some(Outcome::Write(reply, Ok(()))),
             Job::Flush(reply) => Some(Outcome::Flush(reply)),
             Job::Audit(_) => None,
-            Job::Custom(_, _, reply) => Some(Outcome::Custom(reply, Ok(()))),
+            Job::Custom(_, _, reply) => Some(Outcome::Custom(reply, Ok(true))),
         })
         .collect()
 }
@@ -1348,9 +1304,8 @@ fn commit_checked(conn: &Connection, jobs: Vec<Job>) -> (anyhow::Result<()>, Vec
                     }
                 }
                 Job::Custom(f, audit, reply) => {
-                    let r = in_savepoint(conn, |c| f(c).map_err(WriteError::Db))
-                        .map_err(|e| anyhow!(e));
-                    if r.is_ok() {
+                    let r = custom_in_savepoint(conn, f);
+                    if matches!(r, Ok(true)) {
                         audit_records.extend(audit);
                     }
                     outcomes.push(Outcome::Custom(reply, r));
@@ -1368,24 +1323,17 @@ fn commit_checked(conn: &Connection, jobs: Vec<Job>) -> (anyhow::Result<()>, Vec
     (result, outcomes)
 }
 
-fn in_savepoint(
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> Result<(), WriteError>,
-) -> Result<(), WriteError> {
-    conn.execute_batch("SAVEPOINT req")
-        .map_err(|e| WriteError::Db(e.into()))?;
-    match f(conn) {
-        Ok(()) => {
-            conn.execute_batch("RELEASE req")
-                .map_err(|e| WriteError::Db(e.into()))?;
-            Ok(())
-        }
-        Err(e) => {
-            conn.execute_batch("ROLLBACK TO req; RELEASE req")
-                .map_err(|e| WriteError::Db(e.into()))?;
-            Err(e)
-        }
+/// A custom job in a savepoint: released when it applied, rolled back when
+/// it did not or failed.
+fn custom_in_savepoint(conn: &Connection, f: CustomFn) -> anyhow::Result<bool> {
+    conn.execute_batch("SAVEPOINT req")?;
+    let r = f(conn);
+    if matches!(r, Ok(true)) {
+        conn.execute_batch("RELEASE req")?;
+    } else {
+        conn.execute_batch("ROLLBACK TO req; RELEASE req")?;
     }
+    r
 }
 
 /// Checks every op's `Expect` as if the request's ops were applied one
