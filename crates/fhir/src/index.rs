@@ -326,7 +326,11 @@ params_of!(OBSERVATION: [
     ("encounter", Reference, Some("Encounter"), Paths(&["encounter"])),
 ]);
 
+// `identifier` is not an R4 search parameter of AdverseEvent; clinflow
+// indexes it (its one `identifier`) so that ingest finds an event it
+// already stored by its item key, as it does for every other type.
 params_of!(ADVERSE_EVENT: [
+    ("identifier", Token, None, Paths(IDENTIFIER)),
     ("subject", Reference, None, Paths(SUBJECT)),
     ("date", Date, None, Paths(&["date"])),
     ("seriousness", Token, None, Paths(&["seriousness"])),

@@ -1027,6 +1027,20 @@ async fn a_fhir_bundle_is_stored_with_references_by_identifier_resolved(app: Tes
     .await;
     assert_eq!(again, id);
     assert_eq!(app.count(&app.admin, "AdverseEvent").await, 1);
+    // Run again (as a resumed batch is), every entry is found by its item
+    // key, the AdverseEvent (whose `identifier` R4 does not index) too.
+    app.post(
+        &format!("/ingest/batches/{id}/retry"),
+        &app.admin,
+        "text/csv",
+        "",
+    )
+    .await
+    .expect(202);
+    let rerun = done(&app, &app.admin, &id).await;
+    assert_eq!(rerun["rejected"], 0, "{rerun}");
+    assert_eq!(app.count(&app.admin, "AdverseEvent").await, 1, "{rerun}");
+    assert_eq!(app.count(&app.admin, "Appointment").await, 1, "{rerun}");
     // Only ingest roles, only FHIR media types.
     let monitor = app.token("monitor", None, None).await;
     app.post("/ingest/fhir", &monitor, "application/fhir+json", bundle)
