@@ -12,7 +12,11 @@
 #      through POST /sites, read with a monitor token (authenticated: the
 #      token is checked on every request, as in production);
 #   3. limit-hyper: bare hyper answering one fixed JSON body (no routing,
-#      no lookup, no authentication): the physical limit of an HTTP GET here.
+#      no lookup, no authentication): the physical limit of an HTTP GET here;
+#   4. axum-floor (crates/server/examples/axum_floor.rs, for reference, not a
+#      target): the same axum answering a fixed body from a `{id}` route with
+#      no layers, which shows how much of the gap to the limit is clinflow's
+#      own per-request work (authentication, metrics, deadline, shedding).
 # Prints requests/s and p99 of each, and the ratios to the issue's targets
 # (>= 1.3x the Go service's requests/s with a lower p99; >= 0.85x the
 # limit). Exits non-zero when anything fails (not when a target is missed).
@@ -40,6 +44,11 @@ RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
 
 build_release clinflow
+FLOOR=$ROOT/target/release/examples/axum_floor
+if [[ -z ${BENCH_NO_BUILD:-} || ! -x $FLOOR ]]; then
+    (cd "$ROOT" && cargo build --release -q -p clinflow-server --example axum_floor) || die "building axum_floor failed"
+fi
+FLOOR_PORT=${BENCH_FLOOR_PORT:-18082}
 GO_BIN=${SEED_SITECACHE_BIN:-/tmp/seed-sitecache}
 if [[ ! -x $GO_BIN ]]; then
     log "building the Go peer (seed-sitecache)"
@@ -77,7 +86,9 @@ SITECACHE_ADDR=127.0.0.1:$GO_PORT "$GO_BIN" >"$WORK/go.log" 2>&1 &
 STARTED_PIDS+=($!)
 LIMIT_ADDR=127.0.0.1:$LIMIT_PORT "$LIMIT_DIR/release/limit_hyper" >"$WORK/limit.log" 2>&1 &
 STARTED_PIDS+=($!)
-for p in "$GO_PORT" "$LIMIT_PORT"; do
+"$FLOOR" "127.0.0.1:$FLOOR_PORT" >"$WORK/floor.log" 2>&1 &
+STARTED_PIDS+=($!)
+for p in "$GO_PORT" "$LIMIT_PORT" "$FLOOR_PORT"; do
     for _ in $(seq 50); do curl -fsS -o /dev/null "http://127.0.0.1:$p/sites/site-001" 2>/dev/null && break; sleep 0.1; done
     curl -fsS -o /dev/null "http://127.0.0.1:$p/sites/site-001" || die "the peer on port $p does not answer"
 done
@@ -86,6 +97,7 @@ for round in $(seq "$ROUNDS"); do
     bench sites go -s "$ROOT/bench/wrk/site-ids.lua" "http://127.0.0.1:$GO_PORT" -- "$SITES"
     bench sites clinflow -s "$ROOT/bench/wrk/site-ids.lua" "$CF" -- "$SITES" "$MONITOR"
     bench sites limit -s "$ROOT/bench/wrk/site-ids.lua" "http://127.0.0.1:$LIMIT_PORT" -- "$SITES"
+    bench sites axum-floor -s "$ROOT/bench/wrk/site-ids.lua" "http://127.0.0.1:$FLOOR_PORT" -- "$SITES"
 done
 
 python3 - "$RESULTS" "$DURATION" <<'PY'
@@ -96,11 +108,12 @@ for r in rows:
     print(f"  {r['system']:9} {r['rps']:10.0f} req/s  p50 {r['p50']:7.3f} ms  p99 {r['p99']:7.3f} ms  load {r['load']}")
     if r["system"] not in best or r["rps"] > best[r["system"]]["rps"]:
         best[r["system"]] = r
-go, cf, lim = best["go"], best["clinflow"], best["limit"]
+go, cf, lim, floor = best["go"], best["clinflow"], best["limit"], best["axum-floor"]
 print(f"\nGET /sites/{{id}}, wrk -t2 -c64 -d{sys.argv[2]}, best round of each:")
 print(f"| system | req/s | p99 ms |")
 print(f"| --- | ---: | ---: |")
-for name, r in (("seed-sitecache (Go/gin)", go), ("clinflow (authenticated)", cf), ("limit-hyper", lim)):
+for name, r in (("seed-sitecache (Go/gin)", go), ("clinflow (authenticated)", cf), ("limit-hyper", lim),
+                ("axum floor (reference: no layers, no auth)", floor)):
     print(f"| {name} | {r['rps']:.0f} | {r['p99']:.2f} |")
 a, b = cf["rps"] / go["rps"], cf["rps"] / lim["rps"]
 print(f"\nclinflow / Go: {a:.2f}x (target >= 1.3x: {'met' if a >= 1.3 else 'MISSED'}); "
