@@ -5,16 +5,18 @@
 //! there is nothing to brute-force). `CLINFLOW_ADMIN_TOKEN`, when set, is
 //! also accepted as an admin token, compared in constant time.
 //!
-//! Invariant: every route except `/healthz` and `/ui/` runs behind
-//! [`require_auth`], and every handler reads the caller from [`Caller`].
+//! Invariant: every route except those [`is_public`] names (`/healthz` and
+//! the web page's static files) is authenticated by the front door
+//! ([`authenticate_request`]) before its handler runs, unknown paths
+//! included (401 before 404), and every handler reads the caller from
+//! [`Caller`].
 
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::middleware::Next;
 use axum::response::Response;
 use clinflow_store::{AuditRecord, Scope, TokenRecord};
 use rand::RngCore;
@@ -297,23 +299,35 @@ impl TokenCache {
     }
 }
 
-/// Middleware: rejects requests without a valid token (401), and puts the
-/// [`Principal`] into the request's extensions (as an `Arc<Principal>`).
-pub async fn require_auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// Authenticates a request: puts its [`Principal`] into the request's
+/// extensions (as an `Arc<Principal>`), or gives the 401 to answer
+/// (counted in `auth_failures`). The front door calls it for every route
+/// but the public ones ([`is_public`]).
+pub async fn authenticate_request(state: &AppState, req: &mut Request) -> Result<(), Response> {
     let header = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match authenticate(&state, header).await {
+    match authenticate(state, header).await {
         Ok(p) => {
             req.extensions_mut().insert(p);
-            next.run(req).await
+            Ok(())
         }
         Err(e) => {
             state.metrics.auth_failures.inc();
-            crate::startup::error_for(req.uri().path(), e)
+            Err(crate::startup::error_for(req.uri().path(), e))
         }
     }
+}
+
+/// The routes (templates) served without a token: liveness, and the web
+/// page's static files (which hold no data). Everything else, unknown
+/// paths included, needs one.
+pub fn is_public(route: &str) -> bool {
+    matches!(
+        route,
+        "/healthz" | "/ui" | "/ui/" | "/ui/app.js" | "/ui/style.css"
+    )
 }
 
 /// The caller of a request: who, from where, and why.

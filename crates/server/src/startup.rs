@@ -16,7 +16,6 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::require_auth;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::ingest::mllp::MllpListener;
@@ -187,8 +186,7 @@ pub fn router(state: AppState) -> Router {
         .route("/queries/{id}/close", post(queries::close))
         .route("/audit/export", get(audit_api::export))
         .route("/audit/verify", get(audit_api::verify))
-        .route("/metrics", get(render_metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
+        .route("/metrics", get(render_metrics));
     Router::new()
         .route("/healthz", get(healthz))
         .merge(ui::routes())
@@ -208,6 +206,8 @@ async fn not_found() -> ApiError {
 /// - load shedding: past `max_in_flight` requests at once, 503 with
 ///   `Retry-After` instead of queueing without bound;
 /// - the whole-request deadline (`request_timeout`): 503 past it;
+/// - authentication, for every route but the public ones
+///   ([`crate::auth::is_public`]);
 /// - request metrics by route template ([`metrics::observe`]).
 async fn front_door(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = std::time::Instant::now();
@@ -220,16 +220,24 @@ async fn front_door(State(state): State<AppState>, req: Request, next: Next) -> 
             e.into_response()
         }
     };
-    let resp = match state.in_flight.try_acquire() {
-        Ok(_permit) => {
-            match tokio::time::timeout(state.config.request_timeout, next.run(req)).await {
-                Ok(resp) => resp,
-                Err(_) => {
-                    tracing::warn!("request exceeded its deadline");
-                    error(ApiError::Unavailable(1))
-                }
+    let route = labels.1;
+    let serve = async {
+        let mut req = req;
+        if !crate::auth::is_public(route) {
+            if let Err(refused) = crate::auth::authenticate_request(&state, &mut req).await {
+                return refused;
             }
         }
+        next.run(req).await
+    };
+    let resp = match state.in_flight.try_acquire() {
+        Ok(_permit) => match tokio::time::timeout(state.config.request_timeout, serve).await {
+            Ok(resp) => resp,
+            Err(_) => {
+                tracing::warn!("request exceeded its deadline");
+                error(ApiError::Unavailable(1))
+            }
+        },
         Err(_) => error(ApiError::Unavailable(1)),
     };
     metrics::observe(&state.metrics, labels, resp.status().as_u16(), start);

@@ -80,6 +80,16 @@ async fn every_other_endpoint_needs_a_valid_token(app: TestApp) {
         (Method::GET, "/queries".into()),
         (Method::POST, "/queries/q/answer".into()),
         (Method::POST, "/queries/q/close".into()),
+        (Method::POST, "/ingest/items/b.0/retry".into()),
+        (Method::GET, "/sites".into()),
+        (Method::POST, "/sites".into()),
+        (Method::GET, "/sites/site-001".into()),
+        (Method::PUT, "/sites/site-001".into()),
+        (Method::DELETE, "/sites/site-001".into()),
+        (Method::GET, "/trials/CARDIO-01/dashboard".into()),
+        (Method::GET, "/trials/CARDIO-01/subjects/CARDIO-01-0001".into()),
+        // Deny by default: a path no route serves needs a token too.
+        (Method::GET, "/no-such-endpoint".into()),
     ];
     let bad_tokens: [Option<&str>; 4] = [
         None,
