@@ -332,8 +332,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.ingest_queue = ingest_queue;
             config.ingest_mapped_queue = ingest_mapped_queue;
             config.mllp_listen = mllp_listen;
-            config.sites_refresh = Duration::from_secs(sites_refresh.max(1));
-            config.token_cache_ttl = Duration::from_millis(token_cache_ttl);
+            // Bounded, so that deadlines computed from them cannot overflow.
+            config.sites_refresh = Duration::from_secs(sites_refresh.clamp(1, 7 * 86_400));
+            config.token_cache_ttl = Duration::from_millis(token_cache_ttl.min(3_600_000));
             config.dashboard_section_timeout = Duration::from_millis(dashboard_section_timeout);
             for d in &dashboard_section_delay {
                 let (name, ms) = d

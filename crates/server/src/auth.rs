@@ -292,7 +292,9 @@ impl TokenCache {
                 CachedToken {
                     principal,
                     expires,
-                    until: std::time::Instant::now() + self.ttl,
+                    until: std::time::Instant::now()
+                        .checked_add(self.ttl)
+                        .unwrap_or_else(std::time::Instant::now),
                 },
             );
         });

@@ -297,6 +297,10 @@ async fn only_staff_see_dashboards(app: TestApp) {
     app.get("/trials/NO-SUCH/dashboard", &app.admin)
         .await
         .problem(404);
+    // Patient data is not to be kept by any cache.
+    let d = app.get(&path, &app.admin).await;
+    d.expect(200);
+    assert_eq!(d.header("cache-control"), Some("no-store"));
     // The page itself needs no token: it holds no data.
     let page = app.get("/ui/", "").await;
     page.expect(200);

@@ -87,7 +87,10 @@ async fn every_other_endpoint_needs_a_valid_token(app: TestApp) {
         (Method::PUT, "/sites/site-001".into()),
         (Method::DELETE, "/sites/site-001".into()),
         (Method::GET, "/trials/CARDIO-01/dashboard".into()),
-        (Method::GET, "/trials/CARDIO-01/subjects/CARDIO-01-0001".into()),
+        (
+            Method::GET,
+            "/trials/CARDIO-01/subjects/CARDIO-01-0001".into(),
+        ),
         // Deny by default: a path no route serves needs a token too.
         (Method::GET, "/no-such-endpoint".into()),
     ];

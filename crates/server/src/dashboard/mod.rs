@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use clinflow_protocol::Protocol;
@@ -123,6 +124,16 @@ async fn latest_protocol(state: &AppState, id: &str) -> Result<Protocol, ApiErro
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored protocol does not parse: {e}")))
 }
 
+/// Patient data: no cache (the browser's included) may keep it, so that it
+/// is gone from a shared workstation once the page signs out.
+fn no_store(body: Value) -> Response {
+    (
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(body),
+    )
+        .into_response()
+}
+
 fn today() -> i64 {
     sections::day_of_ms(clinflow_store::now_millis())
 }
@@ -158,13 +169,12 @@ pub async fn get_dashboard(
         .zip(results)
         .map(|(name, v)| (name.to_string(), v))
         .collect();
-    Ok(Json(json!({
+    Ok(no_store(json!({
         "trial": id,
         "generated_at": clinflow_fhir::datetime::format_instant(clinflow_store::now_millis()),
         "partial": partial,
         "sections": sections,
-    }))
-    .into_response())
+    })))
 }
 
 /// One section under its deadline (and its injected delay, if any).
@@ -417,11 +427,10 @@ pub async fn list_subjects(
     let protocol = latest_protocol(&state, &id).await?;
     let subjects = load_subjects(&state, &protocol, &scope).await?;
     read_audit(&state, &caller, "subject-list", None, &id).await;
-    Ok(Json(json!({
+    Ok(no_store(json!({
         "items": subjects.iter().map(subject_json).collect::<Vec<_>>(),
         "total": subjects.len(),
-    }))
-    .into_response())
+    })))
 }
 
 /// `GET /trials/{id}/subjects/{subject}`: the subject's latest value of
@@ -513,7 +522,7 @@ pub async fn get_subject(
     read_audit(&state, &caller, "subject-read", Some(&s.patient), &id).await;
     let mut body = subject_json(s);
     body["values"] = json!(values);
-    Ok(Json(body).into_response())
+    Ok(no_store(body))
 }
 
 /// Reads of patient data are audited (group-committed, as FHIR reads are).

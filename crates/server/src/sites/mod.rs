@@ -250,27 +250,21 @@ fn parse_site(body: &Bytes, path_id: Option<&str>) -> Result<Site, ApiError> {
     Site::from_json(&v, path_id).map_err(|e| ApiError::Unprocessable(e.to_string()))
 }
 
-/// The `If-Match` version of a site ETag (`"site-001.3"`), if sent.
-fn if_match(headers: &HeaderMap, id: &str) -> Result<Option<u64>, ApiError> {
+/// The version `If-Match` asks for, if sent: the tag must be the site's
+/// current ETag, compared strongly (a weak tag never matches, RFC 9110).
+/// A stale tag is 412; the version returned is then checked again in the
+/// write's transaction.
+fn if_match(state: &AppState, headers: &HeaderMap, id: &str) -> Result<Option<u64>, ApiError> {
     let Some(v) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
-    let bad = || {
-        ApiError::BadRequest(format!(
-            "If-Match must be this site's ETag, such as \"{id}.3\""
-        ))
-    };
-    let s = v.to_str().map_err(|_| bad())?.trim();
-    let s = s.strip_prefix("W/").unwrap_or(s);
-    let inner = s
-        .strip_prefix('"')
-        .and_then(|s| s.strip_suffix('"'))
-        .ok_or_else(bad)?;
-    let (sid, version) = inner.rsplit_once('.').ok_or_else(bad)?;
-    if sid != id {
-        return Err(bad());
+    let snap = state.sites.snapshot();
+    match snap.get(id) {
+        Some(e) if v.as_bytes() == e.etag.as_bytes() => Ok(Some(e.version)),
+        _ => Err(ApiError::PreconditionFailed(format!(
+            "If-Match is not the current ETag of site {id:?}; read it again"
+        ))),
     }
-    version.parse().map(Some).map_err(|_| bad())
 }
 
 /// Writes `site` as its Organization, with `expect` as the version check.
@@ -382,7 +376,7 @@ async fn update(
 ) -> Result<Response, ApiError> {
     require_writer(&caller)?;
     let site = parse_site(&body, Some(&id))?;
-    let wanted = if_match(&headers, &id)?;
+    let wanted = if_match(&state, &headers, &id)?;
     let current = state.store.read_current("Organization", &id).await?;
     let live = current.as_ref().filter(|c| !c.deleted);
     if let Some(w) = wanted {

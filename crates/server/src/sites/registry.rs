@@ -42,7 +42,7 @@ pub struct SiteEntry {
     pub version: u64,
     /// `GET /sites/{id}`'s body, rendered once per rebuild.
     pub body: Bytes,
-    /// Its strong ETag, `"{id}.{version}"`.
+    /// Its strong ETag, `"{id}.{version}.{trials digest}"`.
     pub etag: HeaderValue,
 }
 
@@ -53,8 +53,8 @@ pub struct Snapshot {
     by_id: HashMap<String, usize>,
     /// When it was built (its age is the staleness bound a reader sees).
     pub built: Instant,
-    /// Distinguishes snapshots in list ETags: a digest of every site's id
-    /// and version.
+    /// Distinguishes snapshots in list ETags: a digest of every site's
+    /// ETag (id, version, trials).
     pub digest: String,
 }
 
@@ -63,9 +63,8 @@ impl Snapshot {
         sites.sort_by(|a, b| a.site.id.cmp(&b.site.id));
         let mut h = Sha256::new();
         for s in &sites {
-            h.update(s.site.id.as_str());
+            h.update(s.etag.as_bytes());
             h.update(b"\0");
-            h.update(s.version.to_be_bytes());
         }
         let digest = hex::encode(&h.finalize()[..12]);
         let by_id = sites
@@ -220,7 +219,15 @@ async fn build(store: &Store) -> anyhow::Result<Vec<SiteEntry>> {
             .unwrap_or_default();
         let updated = clinflow_fhir::datetime::format_instant(org.last_updated);
         let body = serde_json::to_vec(&site.to_json(&trials, org.version, &updated))?;
-        let etag = HeaderValue::from_str(&format!("\"{}.{}\"", site.id, org.version))?;
+        // The trials that list a site change without its Organization
+        // changing (an amendment), so they are part of the tag.
+        let listed = Sha256::digest(trials.join("\n").as_bytes());
+        let etag = HeaderValue::from_str(&format!(
+            "\"{}.{}.{}\"",
+            site.id,
+            org.version,
+            hex::encode(&listed[..4])
+        ))?;
         out.push(SiteEntry {
             site,
             trials,

@@ -49,6 +49,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("0004_data_queries.sql")),
     (5, include_str!("0005_batch_scope.sql")),
     (6, include_str!("0006_site_notify.sql")),
+    (7, include_str!("0007_trial_notify.sql")),
 ];
 /// The channel of [`PgStore::site_changes`] (see migration 6).
 const SITES_CHANNEL: &str = "clinflow_sites";
@@ -187,11 +188,7 @@ async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<Client> {
 
 /// One listening connection's life: LISTEN, then a signal on `tx` per
 /// notification of this schema, until the connection or `tx` closes.
-async fn listen(
-    config: &tokio_postgres::Config,
-    tx: &mpsc::Sender<()>,
-    first: bool,
-) -> anyhow::Result<()> {
+async fn listen(config: &tokio_postgres::Config, tx: &mpsc::Sender<()>) -> anyhow::Result<()> {
     let (client, mut conn) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls))
         .await
         .map_err(|_| anyhow!("connecting to PostgreSQL timed out"))??;
@@ -217,9 +214,10 @@ async fn listen(
     client
         .batch_execute(&format!("LISTEN {SITES_CHANNEL}"))
         .await?;
-    if !first {
-        let _ = tx.try_send(());
-    }
+    // Listening from now on; anything committed before (since the
+    // snapshot the caller built, or while disconnected) is caught up by one
+    // signal.
+    let _ = tx.try_send(());
     loop {
         tokio::select! {
             n = notes.recv() => match n {
@@ -327,20 +325,17 @@ impl PgStore {
 
     /// A signal per committed change of a site or a trial, by any process
     /// on this database and schema (LISTEN/NOTIFY). A dedicated connection
-    /// listens; when it breaks, it is made again after a pause (a change
-    /// signalled then is seen at the next one, or at the periodic refresh),
-    /// and one signal is sent on reconnecting, since changes may have been
-    /// missed. Ends when the receiver is dropped.
+    /// listens; when it breaks, it is made again after a pause, and one
+    /// signal is sent each time listening starts, since changes committed
+    /// before may have been missed. Ends when the receiver is dropped.
     pub fn site_changes(&self) -> mpsc::Receiver<()> {
         let (tx, rx) = mpsc::channel(1);
         let config = self.config.clone();
         tokio::spawn(async move {
-            let mut first = true;
             while !tx.is_closed() {
-                if let Err(e) = listen(&config, &tx, first).await {
+                if let Err(e) = listen(&config, &tx).await {
                     tracing::warn!(error = %e, "listening for site changes failed; listening again in 5 s");
                 }
-                first = false;
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(5)) => {}
                     () = tx.closed() => break,

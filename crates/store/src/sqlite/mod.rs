@@ -196,12 +196,16 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> anyhow::Result<T> + Send + 'static,
     ) -> anyhow::Result<T> {
-        let _permit = self
-            .readers
+        // The permit goes back with the connection, from the blocking
+        // task: a caller that stops waiting (a timeout dropping this
+        // future) must not free a permit while its query still holds the
+        // connection, or the next reader would find the pool empty.
+        self.readers
             .permits
             .acquire()
             .await
-            .map_err(|_| anyhow!("store closed"))?;
+            .map_err(|_| anyhow!("store closed"))?
+            .forget();
         let pool = self.readers.clone();
         tokio::task::spawn_blocking(move || {
             // The semaphore guarantees a connection is free; the lock is held
@@ -209,13 +213,20 @@ impl SqliteStore {
             let conn = pool
                 .conns
                 .lock()
-                .map_err(|_| anyhow!("reader pool poisoned"))?
-                .pop()
-                .ok_or_else(|| anyhow!("no free reader"))?;
+                .map_err(|_| anyhow!("reader pool poisoned"))
+                .and_then(|mut c| c.pop().ok_or_else(|| anyhow!("no free reader")));
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    pool.permits.add_permits(1);
+                    return Err(e);
+                }
+            };
             let r = f(&conn);
             if let Ok(mut conns) = pool.conns.lock() {
                 conns.push(conn);
             }
+            pool.permits.add_permits(1);
             r
         })
         .await?
