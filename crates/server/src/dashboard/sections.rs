@@ -175,6 +175,8 @@ pub fn adverse_events(
         }
     }
     late.sort_by_key(|l| std::cmp::Reverse(l.0));
+    let late_total = late.len();
+    late.truncate(LIST_LIMIT);
     let mut by_seriousness = json!({"serious": serious, "non-serious": non_serious});
     if unknown > 0 {
         by_seriousness["unknown"] = json!(unknown);
@@ -184,8 +186,18 @@ pub fn adverse_events(
         "by_severity": by_severity,
         "by_seriousness": by_seriousness,
         "serious_report_hours": p.adverse_events.serious_report_hours,
+        "serious_late_total": late_total,
         "serious_late": late.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
     })
+}
+
+/// `ResearchSubject.status` codes of a subject with no visits to come (they
+/// count as enrolled, but not in the visit schedule).
+fn left_the_study(status: &str) -> bool {
+    matches!(
+        status,
+        "withdrawn" | "ineligible" | "not-registered" | "off-study"
+    )
 }
 
 /// Appointment statuses that mean the visit took place.
@@ -215,7 +227,7 @@ pub fn visits(
     }
     let mut by_visit: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
     let (mut upcoming, mut overdue, mut missed) = (Vec::new(), Vec::new(), Vec::new());
-    for s in subjects {
+    for s in subjects.iter().filter(|s| !left_the_study(&s.status)) {
         let appts = by_patient
             .get(s.patient.as_str())
             .map(Vec::as_slice)
@@ -457,6 +469,13 @@ mod tests {
         assert_eq!(total, p.visits.len() as u64);
         // Enrolled today: baseline is today, upcoming; week-4 is further off.
         let new = subject(2, "a", "placebo", today);
+        let mut gone = new.clone();
+        gone.status = "withdrawn".into();
+        let v = visits(&p, std::slice::from_ref(&gone), &[], today, 14);
+        assert_eq!(
+            v["totals"]["upcoming"], 0,
+            "a withdrawn subject has no visits to come"
+        );
         let v = visits(&p, &[new], &[], today, 14);
         assert_eq!(v["by_visit"]["baseline"]["upcoming"], 1);
         assert_eq!(v["by_visit"]["week-4"]["scheduled"], 1);

@@ -185,8 +185,15 @@ impl SiteRegistry {
 async fn build(store: &Store) -> anyhow::Result<Vec<SiteEntry>> {
     let mut trials_of: HashMap<String, BTreeSet<String>> = HashMap::new();
     for t in store.list_trials().await? {
-        let p = clinflow_protocol::parse_json(&t.protocol)
-            .with_context(|| format!("the stored protocol of trial {} does not parse", t.id))?;
+        // One unreadable protocol must not hold every site back: its
+        // trial lists no site until it is fixed (said so in the log).
+        let p = match clinflow_protocol::parse_json(&t.protocol) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(trial = %t.id, error = %e, "a stored protocol does not parse; its sites are listed without it");
+                continue;
+            }
+        };
         for s in &p.sites {
             trials_of
                 .entry(s.id.as_str().to_string())
