@@ -253,6 +253,16 @@ async fn only_an_unused_site_can_be_deleted(app: TestApp) {
     let r = app.delete(&format!("/sites/{listed}"), &app.admin).await;
     let detail = r.problem(409)["detail"].as_str().unwrap().to_string();
     assert!(detail.contains(&trial_id()), "{detail}");
+    // The FHIR API cannot go around the rules.
+    app.delete(&format!("/fhir/Organization/{listed}"), &app.admin)
+        .await
+        .outcome(409);
+    assert_eq!(
+        app.get(&format!("/sites/{listed}"), &app.admin)
+            .await
+            .status,
+        200
+    );
     post_site(&app, &new_site("site-500", "Spare", "FR"))
         .await
         .expect(201);

@@ -300,6 +300,15 @@ pub async fn delete(
             ));
         }
     }
+    // A site's Organization is deleted through the site registry, which
+    // refuses while a trial lists the site or patients are enrolled there.
+    if rtype == "Organization" && !current.deleted && state.sites.snapshot().get(&id).is_some() {
+        return Err(FhirError::of(
+            StatusCode::CONFLICT,
+            IssueCode::Conflict,
+            format!("Organization/{id} is a trial site: delete it with DELETE /sites/{id}"),
+        ));
+    }
     if current.deleted {
         let mut resp = StatusCode::NO_CONTENT.into_response();
         resp.headers_mut()
