@@ -16,7 +16,6 @@
 //! "overdue" always mean something). Ids are derived from the subject and
 //! a counter, so a second load writes nothing new.
 
-use clinflow_fhir::Json;
 use clinflow_protocol::{Protocol, Sex, Subject};
 use clinflow_store::{AuditRecord, Expect, NewDataQuery, WriteRequest};
 use rand::rngs::StdRng;
@@ -105,17 +104,8 @@ pub async fn load_demo(
         let ops = ops
             .into_iter()
             .map(|(id, j)| {
-                let text = j.to_string();
-                let json = Json::parse(&text).map_err(|e| anyhow::anyhow!("demo JSON: {e}"))?;
-                let res = clinflow_fhir::validate::validate_json(json, None, "").map_err(|o| {
-                    anyhow::anyhow!("a demo resource is invalid: {}", o.to_json_string())
-                })?;
-                Ok(crate::fhir::write::build_op(
-                    res,
-                    &id,
-                    Expect::Absent,
-                    clinflow_store::now_millis(),
-                ))
+                crate::fhir::write::built_op(&j, &id, Expect::Absent, clinflow_store::now_millis())
+                    .map_err(|e| anyhow::anyhow!("a demo resource: {e}"))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         match state

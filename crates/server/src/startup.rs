@@ -213,13 +213,7 @@ async fn front_door(State(state): State<AppState>, req: Request, next: Next) -> 
     let start = std::time::Instant::now();
     let labels = metrics::labels_of(&req);
     let fhir = req.uri().path().starts_with("/fhir");
-    let error = |e: ApiError| {
-        if fhir {
-            crate::error::FhirError::from(e).into_response()
-        } else {
-            e.into_response()
-        }
-    };
+    let error = |e: ApiError| error_in(fhir, e);
     let route = labels.1;
     let serve = async {
         let mut req = req;
@@ -247,7 +241,12 @@ async fn front_door(State(state): State<AppState>, req: Request, next: Next) -> 
 /// An error in the shape of the API the path belongs to: an
 /// OperationOutcome under `/fhir`, problem+json elsewhere.
 pub(crate) fn error_for(path: &str, e: ApiError) -> Response {
-    if path.starts_with("/fhir") {
+    error_in(path.starts_with("/fhir"), e)
+}
+
+/// As [`error_for`], knowing already whether the path is under `/fhir`.
+fn error_in(fhir: bool, e: ApiError) -> Response {
+    if fhir {
         crate::error::FhirError::from(e).into_response()
     } else {
         e.into_response()

@@ -384,14 +384,13 @@ async fn wait_for_site(
 
 /// Writes a site's Organization through the store, bypassing the server.
 async fn write_organization(store: &clinflow_store::Store, site: &clinflow_server::sites::Site) {
-    let json = clinflow_fhir::Json::parse(&site.to_organization().to_string()).unwrap();
-    let res = clinflow_fhir::validate::validate_json(json, None, "").expect("valid");
-    let op = clinflow_server::fhir::write::build_op(
-        res,
+    let op = clinflow_server::fhir::write::built_op(
+        &site.to_organization(),
         site.id.as_str(),
         clinflow_store::Expect::Absent,
         clinflow_store::now_millis(),
-    );
+    )
+    .expect("a valid Organization");
     store
         .write(clinflow_store::WriteRequest {
             ops: vec![op],

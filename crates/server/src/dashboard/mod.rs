@@ -75,16 +75,14 @@ impl Ctx {
 
     /// The sites reported: the protocol's, or the caller's one.
     fn sites(&self) -> Vec<(String, String)> {
+        let registry = self.state.sites.snapshot();
         self.protocol
             .sites
             .iter()
             .filter(|s| self.site.as_deref().is_none_or(|own| own == s.id.as_str()))
             .map(|s| {
                 // The registry's name when it has one (it may have been edited).
-                let name = self
-                    .state
-                    .sites
-                    .snapshot()
+                let name = registry
                     .get(s.id.as_str())
                     .map_or_else(|| s.name.clone(), |e| e.site.name.clone());
                 (s.id.as_str().to_string(), name)

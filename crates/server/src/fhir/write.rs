@@ -83,6 +83,45 @@ pub fn build_op(mut res: Resource, id: &str, expect: Expect, now: i64) -> WriteO
     }
 }
 
+/// The version that deletes `rtype/id`, now at `current` (deleted or not).
+pub fn delete_op(rtype: &str, id: &str, current: u64) -> WriteOp {
+    WriteOp {
+        resource_type: rtype.to_string(),
+        id: id.to_string(),
+        expect: Expect::Version(current),
+        new_version: current + 1,
+        last_updated: clinflow_store::now_millis(),
+        body: None,
+        extracted: Default::default(),
+    }
+}
+
+/// Why a resource the server built itself (a site's Organization, the
+/// demo data) cannot be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum BuiltError {
+    #[error("the resource JSON does not parse: {0}")]
+    NotJson(String),
+    /// The OperationOutcome's JSON.
+    #[error("the resource is invalid: {0}")]
+    Invalid(String),
+}
+
+/// A resource the server built, as the version to store: read and
+/// validated as a client's would be, then as [`build_op`] makes it.
+pub fn built_op(
+    resource: &serde_json::Value,
+    id: &str,
+    expect: Expect,
+    now: i64,
+) -> Result<WriteOp, BuiltError> {
+    let json = clinflow_fhir::Json::parse(&resource.to_string())
+        .map_err(|e| BuiltError::NotJson(e.to_string()))?;
+    let res = clinflow_fhir::validate::validate_json(json, None, "")
+        .map_err(|o| BuiltError::Invalid(o.to_json_string()))?;
+    Ok(build_op(res, id, expect, now))
+}
+
 /// The version a committed op created, as it will be read back.
 pub fn stored_of(op: &WriteOp) -> StoredResource {
     StoredResource {
@@ -315,15 +354,7 @@ pub async fn delete(
             .insert(header::ETAG, etag(current.version));
         return Ok(resp);
     }
-    let op = WriteOp {
-        resource_type: rtype.clone(),
-        id: id.clone(),
-        expect: Expect::Version(current.version),
-        new_version: current.version + 1,
-        last_updated: clinflow_store::now_millis(),
-        body: None,
-        extracted: Default::default(),
-    };
+    let op = delete_op(&rtype, &id, current.version);
     let mut rec = caller.audit("delete", "success");
     rec.resource_type = Some(rtype.clone());
     rec.resource_id = Some(id.clone());

@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
-use crate::fhir::write::build_op;
+use crate::fhir::write::{built_op, delete_op, BuiltError};
 use crate::state::AppState;
 pub use model::Site;
 pub use registry::SiteRegistry;
@@ -275,18 +275,20 @@ async fn write_site(
     expect: Expect,
     action: &str,
 ) -> Result<(), ApiError> {
-    let text = site.to_organization().to_string();
-    let json = clinflow_fhir::Json::parse(&text)
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("site JSON does not parse: {e}")))?;
-    let res =
-        clinflow_fhir::validate::validate_json(json, Some("Organization"), "").map_err(|o| {
-            ApiError::Unprocessable(format!(
-                "the site is not a valid Organization: {}",
-                o.to_json_string()
-            ))
-        })?;
-    let now = clinflow_store::now_millis();
-    let op = build_op(res, site.id.as_str(), expect, now);
+    let op = built_op(
+        &site.to_organization(),
+        site.id.as_str(),
+        expect,
+        clinflow_store::now_millis(),
+    )
+    .map_err(|e| match e {
+        BuiltError::NotJson(e) => {
+            ApiError::Internal(anyhow::anyhow!("site JSON does not parse: {e}"))
+        }
+        BuiltError::Invalid(o) => {
+            ApiError::Unprocessable(format!("the site is not a valid Organization: {o}"))
+        }
+    })?;
     commit(state, caller, op, action).await
 }
 
@@ -441,18 +443,7 @@ async fn remove(
             "site {id:?} has enrolled patients; set \"active\": false instead"
         )));
     }
-    let op = WriteOp {
-        resource_type: "Organization".into(),
-        id: id.clone(),
-        expect: Expect::Version(current.version),
-        new_version: current.version + 1,
-        last_updated: clinflow_store::now_millis(),
-        body: None,
-        extracted: Default::default(),
-    };
+    let op = delete_op("Organization", &id, current.version);
     commit(&state, &caller, op, "site-delete").await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
-
-/// Shared handle type.
-pub type Registry = Arc<SiteRegistry>;
