@@ -20,6 +20,7 @@
 //! Invariant: a [`Store::write`] that returned `Ok` is committed durably.
 
 pub mod audit;
+pub mod campaign;
 pub mod model;
 pub mod postgres;
 pub mod sql;
@@ -27,6 +28,7 @@ pub mod sqlite;
 
 use std::path::PathBuf;
 
+pub use campaign::*;
 pub use model::*;
 
 /// Milliseconds since the Unix epoch, now.
@@ -347,6 +349,145 @@ impl Store {
 
     pub async fn verify_audit(&self) -> anyhow::Result<Result<u64, audit::ChainBreak>> {
         dispatch!(self.verify_audit())
+    }
+
+    // ---- campaigns (see [`campaign`]) ----
+
+    /// Writes a campaign and every one of its delivery rows, suppressing
+    /// those of opted-out recipients, with its audit records, in one
+    /// transaction. When the creator already made a campaign with the same
+    /// idempotency key nothing is written and that campaign's id is
+    /// answered with `false`.
+    pub async fn create_campaign(
+        &self,
+        c: NewCampaign,
+        deliveries: Vec<NewDelivery>,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<Created> {
+        dispatch!(self.create_campaign(c, deliveries, audit))
+    }
+
+    pub async fn campaign(&self, id: &str) -> anyhow::Result<Option<CampaignRecord>> {
+        dispatch!(self.campaign(id))
+    }
+
+    /// Campaigns in id (creation) order after `after`, at most `limit`.
+    pub async fn campaigns(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<CampaignRecord>> {
+        dispatch!(self.campaigns(after, limit))
+    }
+
+    /// A campaign's rows per (channel, status).
+    pub async fn delivery_counts(&self, campaign: &str) -> anyhow::Result<DeliveryCounts> {
+        dispatch!(self.delivery_counts(campaign))
+    }
+
+    /// A campaign's rows sent (or resolved by a send) since `since`, per
+    /// channel: its current rate.
+    pub async fn sent_since(
+        &self,
+        campaign: &str,
+        since: i64,
+    ) -> anyhow::Result<Vec<(Channel, u64)>> {
+        dispatch!(self.sent_since(campaign, since))
+    }
+
+    /// A page of a campaign's deliveries, in id order.
+    pub async fn deliveries(&self, f: DeliveryFilter) -> anyhow::Result<Vec<DeliveryRecord>> {
+        dispatch!(self.deliveries(f))
+    }
+
+    pub async fn delivery(&self, id: &str) -> anyhow::Result<Option<DeliveryRecord>> {
+        dispatch!(self.delivery(id))
+    }
+
+    /// Cancels a campaign: its pending rows become `cancelled` (rows
+    /// already claimed finish their one send). The number of rows
+    /// cancelled, or `None` (nothing written, no audit) when there is no
+    /// such campaign or it was cancelled before.
+    pub async fn cancel_campaign(
+        &self,
+        id: &str,
+        by: &str,
+        at: i64,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<Option<u64>> {
+        dispatch!(self.cancel_campaign(id, by, at, audit))
+    }
+
+    /// Claims up to `limit` due pending rows of `channel` under the token
+    /// `claim`: each becomes `sending` with `lease_until = now + lease_ms`
+    /// and one more attempt, committed before this returns. Rows claimed
+    /// by one call are never returned by another (SKIP LOCKED on
+    /// PostgreSQL, the single writer on SQLite).
+    pub async fn claim_deliveries(
+        &self,
+        channel: Channel,
+        now: i64,
+        limit: usize,
+        claim: &str,
+        lease_ms: i64,
+    ) -> anyhow::Result<Vec<DeliveryRecord>> {
+        dispatch!(self.claim_deliveries(channel, now, limit, claim, lease_ms))
+    }
+
+    /// Writes claim holders' outcomes in one transaction; an update applies
+    /// only while its row is still `sending` under its claim (or was given
+    /// up as [`OUTCOME_UNKNOWN`] meanwhile). The number applied.
+    pub async fn record_deliveries(&self, updates: Vec<DeliveryUpdate>) -> anyhow::Result<u64> {
+        dispatch!(self.record_deliveries(updates))
+    }
+
+    /// Rows of `channel` left `sending` past their lease: their sender
+    /// died or lost contact. Resolving them is the caller's job.
+    pub async fn stale_deliveries(
+        &self,
+        channel: Channel,
+        now: i64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<DeliveryRecord>> {
+        dispatch!(self.stale_deliveries(channel, now, limit))
+    }
+
+    /// A provider's status report on an SMS delivery, moving it only
+    /// forwards; `false` when it did not apply (unknown row, another
+    /// message id, or a report older than what is known).
+    pub async fn provider_report(
+        &self,
+        delivery: &str,
+        provider_id: &str,
+        report: ProviderReport,
+        error: Option<String>,
+        at: i64,
+    ) -> anyhow::Result<bool> {
+        dispatch!(self.provider_report(delivery, provider_id, report, error, at))
+    }
+
+    /// Records a recipient's opt-out of a channel and suppresses their
+    /// pending rows of it, with its audit records, in one transaction;
+    /// `false` (nothing written) when they had opted out already.
+    pub async fn opt_out(
+        &self,
+        practitioner: &str,
+        channel: Channel,
+        source: &str,
+        at: i64,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<bool> {
+        dispatch!(self.opt_out(practitioner, channel, source, at, audit))
+    }
+
+    /// Every opt-out: (practitioner, channel).
+    pub async fn opt_outs(&self) -> anyhow::Result<Vec<(String, Channel)>> {
+        dispatch!(self.opt_outs())
+    }
+
+    /// A secret the database generated at migration (`unsubscribe`).
+    pub async fn secret(&self, name: &str) -> anyhow::Result<Option<String>> {
+        dispatch!(self.secret(name))
     }
 
     /// Raw SQL on a writing connection: only for tests that tamper with the

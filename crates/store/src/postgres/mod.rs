@@ -42,6 +42,8 @@ use crate::sql::{self, Dialect, SqlValue};
 use crate::sqlite::{push_audit_filters, AUDIT_SELECT, BATCH_SELECT, QUERY_SELECT};
 use clinflow_fhir::IndexValue;
 
+mod campaigns;
+
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("0001_init.sql")),
     (2, include_str!("0002_no_random_order_indexes.sql")),
@@ -50,6 +52,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("0005_batch_scope.sql")),
     (6, include_str!("0006_site_notify.sql")),
     (7, include_str!("0007_trial_notify.sql")),
+    (8, include_str!("0008_campaigns.sql")),
 ];
 /// The channel of [`PgStore::site_changes`] (see migration 6).
 const SITES_CHANNEL: &str = "clinflow_sites";
@@ -90,6 +93,8 @@ enum Op {
     /// A data query's lifecycle step (who, when); a `Conflict` (which
     /// drops the job's audit records) when its status does not allow it.
     ChangeQuery(String, QueryChange, String, i64),
+    /// A campaign action (create, cancel, opt-out).
+    Campaign(campaigns::CampaignOp),
     /// Raw SQL (tests that tamper with the database).
     Raw(String),
 }
@@ -1626,6 +1631,7 @@ async fn apply_op(c: &Client, st: &Stmts, op: &Op) -> Result<u64, WriteError> {
             }
             Ok(n)
         }
+        Op::Campaign(op) => Ok(campaigns::apply(c, op).await?),
         Op::Raw(sql) => c.batch_execute(sql).await.map(|()| 0),
     }
     .map_err(db)?;

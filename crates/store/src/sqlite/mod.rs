@@ -22,6 +22,8 @@ use crate::model::*;
 use crate::sql::{self, Dialect, SqlValue};
 use clinflow_fhir::IndexValue;
 
+mod campaigns;
+
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("0001_init.sql")),
     (2, include_str!("0002_audit_head.sql")),
@@ -30,6 +32,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("0005_data_queries.sql")),
     (6, include_str!("0006_token_search_order.sql")),
     (7, include_str!("0007_batch_scope.sql")),
+    (8, include_str!("0008_campaigns.sql")),
 ];
 
 /// How many queued write requests one group commit takes at most.

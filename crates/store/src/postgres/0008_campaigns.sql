@@ -1,0 +1,71 @@
+-- clinflow schema, version 8 (PostgreSQL): notification campaigns.
+--
+-- A campaign and all of its (recipient, channel) delivery rows are written
+-- in one transaction. Delivery rows change status (claimed, sent, retried)
+-- but are never deleted. The unique (campaign, practitioner, channel) key
+-- is what makes "one message per recipient and channel" a database fact.
+--
+-- No index in random order: ids are UUIDv7; the work queue index starts
+-- with (channel, status), low-cardinality keys.
+CREATE TABLE campaigns (
+    id TEXT PRIMARY KEY,                 -- UUIDv7
+    name TEXT NOT NULL,
+    channels TEXT NOT NULL,              -- "email,sms"
+    spec TEXT NOT NULL,                  -- the request as accepted (JSON)
+    send_at BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    created_by TEXT NOT NULL,
+    idempotency_key TEXT,
+    cancelled_at BIGINT,
+    cancelled_by TEXT
+);
+CREATE UNIQUE INDEX campaigns_idempotency ON campaigns (created_by, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
+CREATE TABLE deliveries (
+    id TEXT PRIMARY KEY,                 -- UUIDv7
+    campaign TEXT NOT NULL REFERENCES campaigns (id),
+    practitioner TEXT NOT NULL,
+    channel TEXT NOT NULL CHECK (channel IN ('email', 'sms')),
+    address TEXT NOT NULL,
+    subject TEXT,
+    body TEXT NOT NULL,
+    html TEXT,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'sending', 'sent', 'delivered', 'failed', 'suppressed', 'cancelled')),
+    attempts BIGINT NOT NULL DEFAULT 0,
+    next_at BIGINT NOT NULL,
+    claim TEXT,
+    claimed_at BIGINT,
+    lease_until BIGINT,
+    provider_id TEXT,
+    last_error TEXT,
+    sent_at BIGINT,
+    updated_at BIGINT NOT NULL,
+    UNIQUE (campaign, practitioner, channel)
+);
+CREATE INDEX deliveries_due ON deliveries (channel, status, next_at, id);
+CREATE INDEX deliveries_campaign ON deliveries (campaign, status, id);
+
+-- Per-channel opt-outs; a row is the recipient's choice, kept until they
+-- opt in again (not supported yet: no code path deletes a row).
+CREATE TABLE opt_outs (
+    practitioner TEXT NOT NULL,
+    channel TEXT NOT NULL CHECK (channel IN ('email', 'sms')),
+    at BIGINT NOT NULL,
+    source TEXT NOT NULL,                -- "unsubscribe-link", "api", ...
+    PRIMARY KEY (practitioner, channel)
+);
+
+-- Server secrets generated once per database (the unsubscribe links' key).
+CREATE TABLE secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+INSERT INTO secrets (name, value) VALUES ('unsubscribe', replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''));
+
+CREATE FUNCTION clinflow_refuse_delivery_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'deliveries are never deleted';
+END $$;
+CREATE TRIGGER deliveries_no_delete BEFORE DELETE OR TRUNCATE ON deliveries
+    FOR EACH STATEMENT EXECUTE FUNCTION clinflow_refuse_delivery_delete();
