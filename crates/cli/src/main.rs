@@ -16,7 +16,9 @@ use clinflow_server::auth::{create_token, Role};
 use clinflow_server::{Application, Config};
 use clinflow_store::{AuditRecord, DatabaseUrl, Store};
 
+mod campaign;
 mod ingest;
+mod notify_args;
 
 /// The server allocates and frees many small objects per request (JSON
 /// trees of Bundles, index rows, response entries) on several threads;
@@ -122,6 +124,18 @@ enum Command {
         /// has no authentication: bind a trusted interface or firewall it.
         #[arg(long, value_name = "ADDR")]
         mllp_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        notify: notify_args::NotifyArgs,
+    },
+    /// Practitioners (the recipients of campaigns).
+    Practitioners {
+        #[command(subcommand)]
+        command: PractitionersCommand,
+    },
+    /// Notification campaigns.
+    Campaign {
+        #[command(subcommand)]
+        command: CampaignCommand,
     },
     /// Creates or migrates the database.
     Migrate,
@@ -184,6 +198,32 @@ enum TrialCommand {
         protocol: PathBuf,
         #[arg(long)]
         subjects: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PractitionersCommand {
+    /// Loads practitioners from a CSV file with the columns
+    /// id,family,given,email,phone,site,specialty (idempotent: rows that
+    /// did not change are not written again).
+    Load { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum CampaignCommand {
+    /// Creates a campaign from a TOML file (the POST /campaigns body) and
+    /// follows it to the end. Exits 0 when nothing failed.
+    Send {
+        file: PathBuf,
+        /// The server's base URL.
+        #[arg(long, env = "CLINFLOW_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// A data-manager or admin token.
+        #[arg(long, env = "CLINFLOW_TOKEN", hide_env_values = true, default_value = "")]
+        token: String,
+        /// How long to follow it, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        wait_timeout: u64,
     },
 }
 
@@ -319,8 +359,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ingest_queue,
             ingest_mapped_queue,
             mllp_listen,
+            notify,
         } => {
             let mut config = Config::new(url.clone());
+            config.notify = notify.config();
             config.listen = listen;
             config.admin_token = admin_token.filter(|t| !t.is_empty());
             config.request_timeout = Duration::from_secs(request_timeout);
@@ -400,6 +442,41 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             tracing::info!(%addr, engine = app.state().store.engine(), "serving");
             app.run_until_stopped(shutdown).await?;
+        }
+        Command::Practitioners {
+            command: PractitionersCommand::Load { file },
+        } => {
+            let store = Store::open(&url).await?;
+            let text = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let rows = clinflow_server::campaigns::practitioners::parse_csv(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let report = clinflow_server::campaigns::practitioners::load(
+                &store,
+                &rows,
+                cli_actor("practitioners-load"),
+            )
+            .await?;
+            store.flush().await?;
+            println!(
+                "{} practitioners: {} resources created, {} updated, {} unchanged",
+                rows.len(),
+                report.created,
+                report.updated,
+                report.unchanged
+            );
+        }
+        Command::Campaign {
+            command:
+                CampaignCommand::Send {
+                    file,
+                    server,
+                    token,
+                    wait_timeout,
+                },
+        } => {
+            let ok =
+                campaign::send(&file, &server, &token, Duration::from_secs(wait_timeout)).await?;
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
         Command::Migrate => {
             let store = Store::open(&url).await?;

@@ -329,7 +329,7 @@ pub fn is_public(route: &str) -> bool {
     matches!(
         route,
         "/healthz" | "/ui" | "/ui/" | "/ui/app.js" | "/ui/style.css"
-    )
+    ) || crate::campaigns::PUBLIC_ROUTES.contains(&route)
 }
 
 /// The caller of a request: who, from where, and why.

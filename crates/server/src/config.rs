@@ -67,6 +67,8 @@ pub struct Config {
     /// Fault injection (tests, the dashboard benchmark): each named
     /// dashboard section waits this long before its work. Empty normally.
     pub dashboard_section_delay: std::collections::HashMap<String, Duration>,
+    /// Notification campaigns: the providers, limits and retries.
+    pub notify: crate::campaigns::NotifyConfig,
 }
 
 impl Config {
@@ -94,6 +96,7 @@ impl Config {
             token_cache_ttl: Duration::from_secs(5),
             dashboard_section_timeout: Duration::from_secs(2),
             dashboard_section_delay: Default::default(),
+            notify: Default::default(),
         }
     }
 }

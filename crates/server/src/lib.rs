@@ -14,10 +14,14 @@
 //! - `/ui/`: the web page (static files; it calls the API with a token) ([`ui`]).
 //! - `/ingest/...`: HL7 v2, wearable CSV and diary intake, batch status ([`ingest`]).
 //! - `/audit/export`, `/audit/verify`: the audit trail ([`audit_api`]).
+//! - `/campaigns...`, `/practitioners/{id}/opt-out`: notification campaigns;
+//!   `/unsubscribe/{token}` and `/notifications/sms/status/{delivery}` are
+//!   public, proven by a MAC and the provider's signature ([`campaigns`]).
 //! - `/metrics`: Prometheus metrics; `/healthz`: liveness and database.
 
 pub mod audit_api;
 pub mod auth;
+pub mod campaigns;
 pub mod config;
 pub mod dashboard;
 pub mod demo;

@@ -23,7 +23,7 @@ use crate::ingest::{Pipeline, Stages};
 use crate::metrics::{self, Metrics};
 use crate::sites::SiteRegistry;
 use crate::state::AppState;
-use crate::{audit_api, dashboard, fhir, ingest, queries, sites, trials, ui};
+use crate::{audit_api, campaigns, dashboard, fhir, ingest, queries, sites, trials, ui};
 use anyhow::Context;
 
 /// A built server, bound to its port, not yet serving.
@@ -69,10 +69,20 @@ impl Application {
         let sites = Arc::new(SiteRegistry::new(store.clone(), metrics.clone()));
         sites.refresh().await.context("loading the site registry")?;
         let tokens = Arc::new(crate::auth::TokenCache::new(config.token_cache_ttl));
+        let notify = Arc::new(
+            crate::campaigns::Notifier::new(
+                &store,
+                &config.notify,
+                &listener.local_addr()?.to_string(),
+            )
+            .await
+            .context("setting up notifications")?,
+        );
         let state = AppState::new(crate::state::Shared {
             in_flight: Semaphore::new(config.max_in_flight),
             ingest_rates: Default::default(),
             tokens,
+            notify,
             store,
             config: Arc::new(config),
             metrics,
@@ -138,6 +148,11 @@ impl Application {
         });
         let http =
             axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+        let notifier = {
+            let notify = self.state.notify.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move { notify.run(stop).await })
+        };
         let mllp = async {
             if let Some(mllp) = self.mllp {
                 mllp.run(self.state.clone(), stop.clone()).await;
@@ -154,6 +169,11 @@ impl Application {
         );
         signal.abort();
         refresher.abort();
+        // The delivery workers saw `stop`: their sends in flight finish
+        // (bounded by the send timeout) and are recorded.
+        if let Err(e) = notifier.await {
+            tracing::error!(error = %e, "the notification workers failed");
+        }
         served?;
         self.pipeline
             .stop(self.state.config.ingest_drain_timeout)
@@ -181,6 +201,7 @@ pub fn router(state: AppState) -> Router {
         .route("/trials/{id}/dashboard", get(dashboard::get_dashboard))
         .nest("/ingest", ingest::routes())
         .merge(sites::routes())
+        .merge(campaigns::routes())
         .route("/queries", get(queries::list))
         .route("/queries/{id}/answer", post(queries::answer))
         .route("/queries/{id}/close", post(queries::close))

@@ -47,4 +47,6 @@ pub struct Shared {
     pub ingest_rates: crate::dashboard::IngestRates,
     /// Recently checked bearer tokens.
     pub tokens: Arc<TokenCache>,
+    /// Notification campaigns: links, senders, workers.
+    pub notify: Arc<crate::campaigns::Notifier>,
 }

@@ -88,6 +88,24 @@ where
     }
 }
 
+/// As [`run_test`], with a configuration closure that may capture.
+pub async fn run_test_with<F, Fut>(engine: Engine, configure: impl FnOnce(&mut Config), test: F)
+where
+    F: FnOnce(TestApp) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use futures::FutureExt;
+    let app = spawn_app(engine, configure).await;
+    let schema = app.pg_schema.clone();
+    let outcome = std::panic::AssertUnwindSafe(test(app)).catch_unwind().await;
+    if let Some((base, schema)) = schema {
+        drop_schema(&base, &schema).await;
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 /// A unique, valid SQL identifier and token name part.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
@@ -189,7 +207,7 @@ pub struct TestApp {
 
 /// Builds and starts a server on a fresh database of `engine`; `configure`
 /// adjusts the [`Config`] first (`|_| {}` for the defaults).
-pub async fn spawn_app(engine: Engine, configure: fn(&mut Config)) -> TestApp {
+pub async fn spawn_app(engine: Engine, configure: impl FnOnce(&mut Config)) -> TestApp {
     let (db_url, dir, pg_schema) = fresh_database(engine);
     let store = open_store(&db_url).await;
     let admin = format!("admin-{}", uuid::Uuid::new_v4().simple());

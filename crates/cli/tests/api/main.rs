@@ -23,6 +23,8 @@
 //! - [`sites`]: the site registry: snapshot, writes, ETags, search, refreshes, LISTEN/NOTIFY.
 //! - [`dashboard`]: the dashboard's sections against the API, site scoping, a slow
 //!   section, subject views, and the web page in headless Chromium.
+//! - [`campaigns`]: notification campaigns against aiosmtpd and the SMS provider mock:
+//!   exactly once per recipient, retries, permanent errors, opt-outs, cancel, SIGKILL.
 //! - [`auth`]: the role matrix and site scoping, revoked and expired tokens.
 //! - [`audit`]: what is recorded, AuditEvent search, export, tampering.
 //! - [`cli`]: the `clinflow` binary against a running server's database.
@@ -34,6 +36,7 @@ mod helpers;
 mod audit;
 mod auth;
 mod bundles;
+mod campaigns;
 mod cli;
 mod conformance;
 mod dashboard;

@@ -1,0 +1,363 @@
+//! The delivery workers: per channel, claim due rows from the database,
+//! send each once under the channel's concurrency and rate limits, and
+//! write the outcome; resolve rows a stopped process left `sending`.
+//!
+//! A row's life in one process: claimed (`sending`, committed) -> one send
+//! call (bounded by the send timeout) -> its outcome queued to the
+//! recorder, which writes every queued outcome in one store call. The
+//! claim is taken only when a concurrency slot and a rate-limit cell are
+//! both free, so a claimed row is being sent, not waiting: what a crash
+//! leaves `sending` is at most the sends in flight.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clinflow_store::{
+    now_millis, Channel, DeliveryOutcome, DeliveryRecord, DeliveryUpdate, Store, OUTCOME_UNKNOWN,
+};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::senders::{EmailSender, SendError, SmsSender};
+use super::Links;
+
+/// One channel's limits.
+#[derive(Debug, Clone)]
+pub struct ChannelLimits {
+    /// Sends in flight at most.
+    pub concurrency: usize,
+    /// Sends started per second at most.
+    pub rate: u32,
+    /// One send's deadline.
+    pub send_timeout: Duration,
+}
+
+/// Retry policy, shared by the channels.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Sends of one row at most (the first included).
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+/// What a channel's worker sends with.
+pub enum Provider {
+    Email(EmailSender),
+    Sms(SmsSender),
+}
+
+impl Provider {
+    fn channel(&self) -> Channel {
+        match self {
+            Provider::Email(_) => Channel::Email,
+            Provider::Sms(_) => Channel::Sms,
+        }
+    }
+}
+
+/// A channel's worker, shared by its send tasks.
+pub struct Worker {
+    pub provider: Provider,
+    pub limits: ChannelLimits,
+    pub retry: RetryPolicy,
+    pub store: Store,
+    pub links: Links,
+    /// Woken when a campaign is created here (no wait for the next poll).
+    pub wake: Arc<Notify>,
+    /// How long an idle worker waits before looking for due rows again.
+    pub poll: Duration,
+}
+
+impl Worker {
+    /// A claim's lease: past it, the row's sender is presumed gone. Twice
+    /// the send timeout and a second, so a live sender has written its
+    /// outcome long before.
+    fn lease_ms(&self) -> i64 {
+        (self.limits.send_timeout.as_millis() as i64) * 2 + 1000
+    }
+}
+
+/// Runs a channel's worker until `stop`; then lets the sends in flight
+/// finish (each is bounded by the send timeout) and writes their outcomes.
+pub async fn run(worker: Arc<Worker>, stop: CancellationToken) {
+    let channel = worker.provider.channel();
+    let slots = Arc::new(Semaphore::new(worker.limits.concurrency.max(1)));
+    let limiter: Arc<DefaultDirectRateLimiter> = Arc::new(RateLimiter::direct(Quota::per_second(
+        NonZeroU32::new(worker.limits.rate.max(1)).unwrap_or(NonZeroU32::MIN),
+    )));
+    let (record_tx, record_rx) = mpsc::channel::<DeliveryUpdate>(4096);
+    let recorder = tokio::spawn(record(worker.store.clone(), record_rx));
+    let mut last_stale = None::<tokio::time::Instant>;
+    loop {
+        if stop.is_cancelled() {
+            break;
+        }
+        if last_stale.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            last_stale = Some(tokio::time::Instant::now());
+            resolve_stale(&worker, &record_tx).await;
+        }
+        let first = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = stop.cancelled() => break,
+        };
+        let mut permits = vec![first];
+        while permits.len() < 256 {
+            match slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        tokio::select! {
+            () = limiter.until_ready() => {}
+            () = stop.cancelled() => break,
+        }
+        let mut cells = 1;
+        while cells < permits.len() && limiter.check().is_ok() {
+            cells += 1;
+        }
+        permits.truncate(cells);
+        let claim = uuid::Uuid::new_v4().to_string();
+        let rows = match worker
+            .store
+            .claim_deliveries(
+                channel,
+                now_millis(),
+                permits.len(),
+                &claim,
+                worker.lease_ms(),
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(channel = channel.as_str(), error = %e, "claiming deliveries failed");
+                drop(permits);
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = stop.cancelled() => break,
+                }
+                continue;
+            }
+        };
+        if rows.is_empty() {
+            drop(permits);
+            tokio::select! {
+                () = tokio::time::sleep(worker.poll) => {}
+                () = worker.wake.notified() => {}
+                () = stop.cancelled() => break,
+            }
+            continue;
+        }
+        permits.truncate(rows.len());
+        for (row, permit) in rows.into_iter().zip(permits) {
+            let worker = worker.clone();
+            let record_tx = record_tx.clone();
+            tokio::spawn(async move {
+                let update = send_one(&worker, row).await;
+                // The recorder outlives every send task (it stops when the
+                // last sender of its channel is dropped).
+                let _ = record_tx.send(update).await;
+                drop(permit);
+            });
+        }
+    }
+    // Every send in flight holds a slot: all slots back means all are done
+    // and their outcomes queued.
+    let all = worker.limits.concurrency.max(1) as u32;
+    let _ = tokio::time::timeout(
+        worker.limits.send_timeout + Duration::from_secs(5),
+        slots.acquire_many(all),
+    )
+    .await;
+    drop(record_tx);
+    if tokio::time::timeout(Duration::from_secs(10), recorder)
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            channel = channel.as_str(),
+            "delivery outcomes not written at shutdown; the rows stay sending until their lease ends"
+        );
+    }
+}
+
+/// Sends a claimed row once and says what became of it.
+async fn send_one(worker: &Worker, row: DeliveryRecord) -> DeliveryUpdate {
+    let claim = row.claim.clone().unwrap_or_default();
+    let sent = tokio::time::timeout(worker.limits.send_timeout, async {
+        match &worker.provider {
+            Provider::Email(s) => s
+                .send(&row, &worker.links.unsubscribe(&row.id))
+                .await
+                .map(|()| None),
+            Provider::Sms(s) => s
+                .send(&row, worker.links.sms_callback(&row.id).as_deref())
+                .await
+                .map(Some),
+        }
+    })
+    .await
+    .unwrap_or_else(|_| match worker.provider {
+        Provider::Email(_) => Err(SendError::Transient {
+            reason: "send timeout".into(),
+            retry_after: None,
+        }),
+        Provider::Sms(_) => Err(SendError::Ambiguous {
+            reason: "send timeout".into(),
+        }),
+    });
+    let outcome = match sent {
+        Ok(provider_id) => DeliveryOutcome::Sent {
+            provider_id,
+            delivered: false,
+        },
+        Err(SendError::Permanent { reason }) => DeliveryOutcome::Failed { error: reason },
+        Err(SendError::Transient {
+            reason,
+            retry_after,
+        }) => retry(worker, &row, reason, retry_after),
+        Err(SendError::Ambiguous { reason }) => match &worker.provider {
+            Provider::Sms(s) => match s.lookup(&row).await {
+                Ok(Some(found)) => found_outcome(&found.sid, &found.status),
+                Ok(None) => retry(worker, &row, reason, None),
+                // Cannot tell: leave it `sending`; once its lease is over
+                // the stale pass looks again.
+                Err(e) => {
+                    tracing::warn!(error = %e, "looking up an SMS after a timeout failed");
+                    return DeliveryUpdate {
+                        id: row.id,
+                        claim: String::new(),
+                        at: now_millis(),
+                        outcome: DeliveryOutcome::Failed {
+                            error: String::new(),
+                        },
+                    };
+                }
+            },
+            Provider::Email(_) => retry(worker, &row, reason, None),
+        },
+    };
+    DeliveryUpdate {
+        id: row.id,
+        claim,
+        at: now_millis(),
+        outcome,
+    }
+}
+
+fn found_outcome(sid: &str, status: &str) -> DeliveryOutcome {
+    match status {
+        "failed" | "undelivered" => DeliveryOutcome::Failed {
+            error: format!("provider reports {status}"),
+        },
+        s => DeliveryOutcome::Sent {
+            provider_id: Some(sid.to_string()),
+            delivered: s == "delivered",
+        },
+    }
+}
+
+/// A transient failure: again after a backoff with jitter (at least the
+/// provider's `Retry-After`), or given up when the attempts are used.
+fn retry(
+    worker: &Worker,
+    row: &DeliveryRecord,
+    reason: String,
+    retry_after: Option<Duration>,
+) -> DeliveryOutcome {
+    if row.attempts >= worker.retry.max_attempts {
+        return DeliveryOutcome::Failed {
+            error: format!("{reason} (gave up after {} attempts)", row.attempts),
+        };
+    }
+    let wait = clinflow_notify::backoff::backoff(
+        row.attempts,
+        worker.retry.base,
+        worker.retry.cap,
+        rand::random::<f64>(),
+    )
+    .max(retry_after.unwrap_or_default());
+    DeliveryOutcome::Retry {
+        error: reason,
+        next_at: now_millis() + wait.as_millis() as i64,
+    }
+}
+
+/// Rows left `sending` past their lease (their process stopped): an SMS is
+/// looked up at the provider (found: sent; not found: sent again); an
+/// e-mail cannot be (SMTP has no lookup), so it is failed as
+/// [`OUTCOME_UNKNOWN`] rather than risk a second copy.
+async fn resolve_stale(worker: &Worker, record_tx: &mpsc::Sender<DeliveryUpdate>) {
+    let channel = worker.provider.channel();
+    let rows = match worker
+        .store
+        .stale_deliveries(channel, now_millis(), 256)
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::error!(error = %e, "reading stale deliveries failed");
+            return;
+        }
+    };
+    for row in rows {
+        let outcome = match &worker.provider {
+            Provider::Email(_) => DeliveryOutcome::Failed {
+                error: format!(
+                    "{OUTCOME_UNKNOWN}: the send was interrupted (the process stopped); not sent again, to avoid a second copy"
+                ),
+            },
+            Provider::Sms(s) => match s.lookup(&row).await {
+                Ok(Some(found)) => found_outcome(&found.sid, &found.status),
+                Ok(None) => DeliveryOutcome::Retry {
+                    error: "interrupted before the provider accepted it".into(),
+                    next_at: now_millis(),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "looking up an interrupted SMS failed; later");
+                    continue;
+                }
+            },
+        };
+        tracing::info!(
+            channel = channel.as_str(),
+            delivery = %row.id,
+            "resolved a delivery left sending"
+        );
+        let update = DeliveryUpdate {
+            id: row.id,
+            claim: row.claim.unwrap_or_default(),
+            at: now_millis(),
+            outcome,
+        };
+        if record_tx.send(update).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes outcomes, as many as are queued per store call; a failed write is
+/// retried (the rows stay `sending` meanwhile, never lost).
+async fn record(store: Store, mut rx: mpsc::Receiver<DeliveryUpdate>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 512).await > 0 {
+        // An empty claim marks an outcome that could not be known: the row
+        // stays as it is.
+        batch.retain(|u| !u.claim.is_empty());
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match store.record_deliveries(batch.clone()).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "recording delivery outcomes failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        batch.clear();
+    }
+}
