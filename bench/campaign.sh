@@ -31,7 +31,11 @@ while (($#)); do
     esac
     shift
 done
-python3 -c 'import aiosmtpd' 2>/dev/null || die "aiosmtpd is not installed (pip install aiosmtpd)"
+# aiosmtpd: from the test venv scripts/test.sh makes, or SMTP_PYTHON.
+SMTP_PYTHON=${SMTP_PYTHON:-$ROOT/target/test-venv/bin/python}
+[[ -x $SMTP_PYTHON ]] || SMTP_PYTHON=python3
+"$SMTP_PYTHON" -c 'import aiosmtpd' 2>/dev/null ||
+    die "aiosmtpd is missing from $SMTP_PYTHON (bash scripts/test.sh makes target/test-venv with it)"
 PORT=${BENCH_CLINFLOW_PORT:-18140}
 SMS_PORT=$((PORT + 1))
 if [[ -z ${BENCH_NO_BUILD:-} ]]; then
@@ -45,7 +49,7 @@ SMTP_LIMIT=$ROOT/target/release/examples/smtp_limit
 # start_smtp DIR: an SMTP server on a fresh Maildir; sets SMTP_PORT, SMTP_PID.
 start_smtp() {
     local dir=$1
-    python3 "$ROOT/tests/smtp/server.py" --maildir "$dir" >"$dir.out" 2>"$dir.err" &
+    "$SMTP_PYTHON" "$ROOT/tests/smtp/server.py" --maildir "$dir" >"$dir.out" 2>"$dir.err" &
     SMTP_PID=$!
     STARTED_PIDS+=($SMTP_PID)
     local i

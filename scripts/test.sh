@@ -6,7 +6,7 @@
 # Needs: PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`; each test
 # uses its own schema), npm (for the R4 examples corpus, CC0, and
 # playwright-core), python3 with venv (for python-hl7's mllp_send, the MLLP
-# tests' client), Debian's chromium (the web page's test; installed when
+# tests' client, and aiosmtpd, the campaign tests' SMTP server), Debian's chromium (the web page's test; installed when
 # missing and running as root).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -62,23 +62,31 @@ if [ ! -f "$corpus/package.json" ]; then
 fi
 export CLINFLOW_R4_EXAMPLES="$root/$corpus"
 
-# 3. A real MLLP client nobody here wrote, for the MLLP listener's tests:
-#    python-hl7's mllp_send (PyPI hl7, BSD), in a venv of its own.
+# 3. Python parts nobody here wrote, in a venv of their own: python-hl7's
+#    mllp_send (PyPI hl7, BSD), the MLLP listener's client, and aiosmtpd
+#    (PyPI, Apache-2.0), the real SMTP server the campaign tests send to
+#    (tests/smtp/server.py).
 venv="target/test-venv"
-if [ ! -x "$venv/bin/mllp_send" ]; then
+venv_ok() { [ -x "$venv/bin/mllp_send" ] && "$venv/bin/python" -c 'import aiosmtpd' 2>/dev/null; }
+if ! venv_ok; then
   if ! command -v python3 >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     say "installing python3 (Debian packages python3, python3-venv)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
   fi
-  say "installing python-hl7 (PyPI hl7>=0.4,<0.5) into $venv"
+  say "installing python-hl7 (PyPI hl7>=0.4,<0.5) and aiosmtpd (>=1.4,<2) into $venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'hl7>=0.4,<0.5'
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'hl7>=0.4,<0.5' 'aiosmtpd>=1.4,<2'
 fi
 if [ ! -x "$venv/bin/mllp_send" ]; then
   echo "error: $venv/bin/mllp_send is missing; the MLLP tests need it" >&2
   exit 1
 fi
+if ! "$venv/bin/python" -c 'import aiosmtpd' 2>/dev/null; then
+  echo "error: aiosmtpd is missing from $venv; the campaign tests need a real SMTP server" >&2
+  exit 1
+fi
 export CLINFLOW_MLLP_SEND="$root/$venv/bin/mllp_send"
+export CLINFLOW_TEST_PYTHON="$root/$venv/bin/python"
 
 # 4. A real browser for the web page's test: Debian's chromium, driven by
 #    playwright-core (npm, pinned in tests/ui/package-lock.json).

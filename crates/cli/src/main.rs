@@ -125,7 +125,7 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         mllp_listen: Option<SocketAddr>,
         #[command(flatten)]
-        notify: notify_args::NotifyArgs,
+        notify: Box<notify_args::NotifyArgs>,
     },
     /// Practitioners (the recipients of campaigns).
     Practitioners {
@@ -219,7 +219,12 @@ enum CampaignCommand {
         #[arg(long, env = "CLINFLOW_SERVER", default_value = "http://127.0.0.1:8080")]
         server: String,
         /// A data-manager or admin token.
-        #[arg(long, env = "CLINFLOW_TOKEN", hide_env_values = true, default_value = "")]
+        #[arg(
+            long,
+            env = "CLINFLOW_TOKEN",
+            hide_env_values = true,
+            default_value = ""
+        )]
         token: String,
         /// How long to follow it, in seconds.
         #[arg(long, default_value_t = 3600)]
@@ -447,7 +452,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: PractitionersCommand::Load { file },
         } => {
             let store = Store::open(&url).await?;
-            let text = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let text =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let rows = clinflow_server::campaigns::practitioners::parse_csv(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let report = clinflow_server::campaigns::practitioners::load(
@@ -476,7 +482,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let ok =
                 campaign::send(&file, &server, &token, Duration::from_secs(wait_timeout)).await?;
-            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
         }
         Command::Migrate => {
             let store = Store::open(&url).await?;

@@ -13,14 +13,23 @@ pub struct NotifyArgs {
     #[arg(long, env = "CLINFLOW_SMTP_URL", hide_env_values = true)]
     pub smtp_url: Option<String>,
     /// The From of every e-mail (its domain is the Message-ID's).
-    #[arg(long, env = "CLINFLOW_SMTP_FROM", default_value = "clinflow <noreply@clinflow.invalid>")]
+    #[arg(
+        long,
+        env = "CLINFLOW_SMTP_FROM",
+        default_value = "clinflow <noreply@clinflow.invalid>"
+    )]
     pub smtp_from: String,
     /// The SMS API's base URL (Twilio's REST shape). Unset: no SMS.
     #[arg(long, env = "CLINFLOW_SMS_BASE_URL")]
     pub sms_base_url: Option<String>,
     #[arg(long, env = "CLINFLOW_SMS_ACCOUNT_SID", default_value = "")]
     pub sms_account_sid: String,
-    #[arg(long, env = "CLINFLOW_SMS_AUTH_TOKEN", hide_env_values = true, default_value = "")]
+    #[arg(
+        long,
+        env = "CLINFLOW_SMS_AUTH_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
     pub sms_auth_token: String,
     /// The sending number (E.164) or messaging service sid (MG...).
     #[arg(long, env = "CLINFLOW_SMS_FROM", default_value = "")]

@@ -59,10 +59,22 @@ mod tests {
 
     #[test]
     fn classes() {
-        assert!(matches!(smtp_code(451, "try later"), Failure::Transient { .. }));
-        assert!(matches!(smtp_code(550, "no such user"), Failure::Permanent { .. }));
-        assert!(matches!(http_status(429, None, ""), Failure::Transient { .. }));
-        assert!(matches!(http_status(503, None, ""), Failure::Transient { .. }));
+        assert!(matches!(
+            smtp_code(451, "try later"),
+            Failure::Transient { .. }
+        ));
+        assert!(matches!(
+            smtp_code(550, "no such user"),
+            Failure::Permanent { .. }
+        ));
+        assert!(matches!(
+            http_status(429, None, ""),
+            Failure::Transient { .. }
+        ));
+        assert!(matches!(
+            http_status(503, None, ""),
+            Failure::Transient { .. }
+        ));
         assert_eq!(
             http_status(400, None, "21211 invalid"),
             Failure::Permanent {

@@ -137,13 +137,19 @@ mod tests {
 
     #[test]
     fn placeholders_are_substituted_and_html_escaped_in_values_only() {
-        let t = Template::parse("<b>Dear {{ practitioner.name }}</b>, {{site.name}}", ALLOWED)
-            .unwrap();
+        let t = Template::parse(
+            "<b>Dear {{ practitioner.name }}</b>, {{site.name}}",
+            ALLOWED,
+        )
+        .unwrap();
         let vars = |k: &str| match k {
             "practitioner.name" => Some("A & <B>".to_string()),
             _ => None,
         };
-        assert_eq!(t.render(&vars, Escape::Html), "<b>Dear A &amp; &lt;B&gt;</b>, ");
+        assert_eq!(
+            t.render(&vars, Escape::Html),
+            "<b>Dear A &amp; &lt;B&gt;</b>, "
+        );
         assert_eq!(t.render(&vars, Escape::None), "<b>Dear A & <B></b>, ");
         assert_eq!(
             t.placeholders().collect::<Vec<_>>(),

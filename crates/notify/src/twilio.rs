@@ -10,8 +10,8 @@ type HmacSha1 = hmac::Hmac<sha1::Sha1>;
 fn mac(auth_token: &str, url: &str, params: &[(String, String)]) -> HmacSha1 {
     let mut sorted: Vec<&(String, String)> = params.iter().collect();
     sorted.sort();
-    let mut m = HmacSha1::new_from_slice(auth_token.as_bytes())
-        .expect("HMAC takes a key of any length");
+    let mut m =
+        HmacSha1::new_from_slice(auth_token.as_bytes()).expect("HMAC takes a key of any length");
     m.update(url.as_bytes());
     for (k, v) in sorted {
         m.update(k.as_bytes());
@@ -22,7 +22,8 @@ fn mac(auth_token: &str, url: &str, params: &[(String, String)]) -> HmacSha1 {
 
 /// The signature of a request.
 pub fn signature(auth_token: &str, url: &str, params: &[(String, String)]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(mac(auth_token, url, params).finalize().into_bytes())
+    base64::engine::general_purpose::STANDARD
+        .encode(mac(auth_token, url, params).finalize().into_bytes())
 }
 
 /// Whether `header` is the request's signature (compared in constant time).

@@ -14,7 +14,10 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let url = args.get(1).cloned().unwrap_or_else(|| "smtp://127.0.0.1:2525".into());
+    let url = args
+        .get(1)
+        .cloned()
+        .unwrap_or_else(|| "smtp://127.0.0.1:2525".into());
     let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10_000);
     let c: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(32);
     let transport = Arc::new(

@@ -31,7 +31,13 @@ fn smtp() -> &'static Smtp {
     static SMTP: OnceLock<Smtp> = OnceLock::new();
     SMTP.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("clinflow-maildir-{}", uuid::Uuid::new_v4()));
-        let mut child = std::process::Command::new("python3")
+        let python = std::env::var("CLINFLOW_TEST_PYTHON").unwrap_or_else(|_| {
+            panic!(
+                "CLINFLOW_TEST_PYTHON is not set: it must name a python with aiosmtpd \
+                 (scripts/test.sh makes one in target/test-venv)"
+            )
+        });
+        let mut child = std::process::Command::new(python)
             .arg(workspace_root().join("tests/smtp/server.py"))
             .arg("--maildir")
             .arg(&dir)
@@ -39,7 +45,7 @@ fn smtp() -> &'static Smtp {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("python3 runs tests/smtp/server.py (aiosmtpd installed by scripts/test.sh)");
+            .expect("CLINFLOW_TEST_PYTHON runs tests/smtp/server.py");
         let out = child.stdout.take().expect("its stdout");
         let mut line = String::new();
         std::io::BufReader::new(out)
@@ -75,7 +81,11 @@ fn mails_to(to: &[String]) -> Vec<Mail> {
         let Ok(text) = std::fs::read_to_string(e.path()) else {
             continue;
         };
-        let head = text.split("\n\n").next().unwrap_or("").replace("\r\n", "\n");
+        let head = text
+            .split("\n\n")
+            .next()
+            .unwrap_or("")
+            .replace("\r\n", "\n");
         let mut headers = HashMap::new();
         let mut last: Option<String> = None;
         for line in head.lines() {
@@ -130,7 +140,11 @@ fn doctors(n: usize, email_prefix: impl Fn(usize) -> &'static str) -> Doctors {
         let email = format!("{}dr{i}.{}@example.org", email_prefix(i), &tag[..8]);
         let phone = format!("+4479{digits}{i:04}");
         let site = ["site-001", "site-002", "site-003"][i % 3];
-        let specialty = if i % 2 == 0 { "cardiology" } else { "nephrology" };
+        let specialty = if i % 2 == 0 {
+            "cardiology"
+        } else {
+            "nephrology"
+        };
         d.csv.push_str(&format!(
             "{id},Family{i},Given,{email},{phone},{site},{specialty}\n"
         ));
@@ -182,7 +196,12 @@ where
         .await
         .expect("the SMS provider starts");
     let base = sms.base_url();
-    run_test_with(engine, move |c| notify_config(c, &base), |app| test(app, sms)).await;
+    run_test_with(
+        engine,
+        move |c| notify_config(c, &base),
+        |app| test(app, sms),
+    )
+    .await;
 }
 
 macro_rules! campaign_tests {
@@ -231,7 +250,12 @@ fn campaign(name: &str, channels: &[&str], audience: Value) -> Value {
 
 async fn create(app: &TestApp, body: &Value) -> String {
     let r = app
-        .post("/campaigns", &app.admin, "application/json", &body.to_string())
+        .post(
+            "/campaigns",
+            &app.admin,
+            "application/json",
+            &body.to_string(),
+        )
         .await;
     r.expect(202);
     r.json()["id"].as_str().expect("an id").to_string()
@@ -288,7 +312,15 @@ async fn a_campaign_reaches_every_recipient_once_per_channel(engine: Engine) {
     with_provider(engine, mock, |app, sms| async move {
         let d = doctors(1000, |_| "");
         load(&app, &d).await;
-        let id = create(&app, &campaign("Investigator meeting", &["email", "sms"], json!({"all": true}))).await;
+        let id = create(
+            &app,
+            &campaign(
+                "Investigator meeting",
+                &["email", "sms"],
+                json!({"all": true}),
+            ),
+        )
+        .await;
         let c = finished(&app, &id).await;
         let n = d.ids.len() as u64;
         assert_eq!(c["by_channel"]["email"]["sent"], n, "{c}");
@@ -314,7 +346,10 @@ async fn a_campaign_reaches_every_recipient_once_per_channel(engine: Engine) {
                 format!("<{}@clinflow.test>", row["id"].as_str().unwrap_or(""))
             );
             assert!(m.headers["list-unsubscribe"].contains("/unsubscribe/"));
-            assert_eq!(m.headers["list-unsubscribe-post"], "List-Unsubscribe=One-Click");
+            assert_eq!(
+                m.headers["list-unsubscribe-post"],
+                "List-Unsubscribe=One-Click"
+            );
         }
 
         // Exactly one SMS per number, with the name rendered in.
@@ -326,7 +361,9 @@ async fn a_campaign_reaches_every_recipient_once_per_channel(engine: Engine) {
         let per = count_by(texts.iter().map(|m| m.to.as_str()));
         assert_eq!(texts.len(), d.phones.len());
         assert!(per.values().all(|&k| k == 1));
-        assert!(texts.iter().all(|m| m.body.starts_with("Investigator meeting: dear Given Family")));
+        assert!(texts.iter().all(|m| m
+            .body
+            .starts_with("Investigator meeting: dear Given Family")));
         assert!(sms.stats().max_in_flight_seen <= app.config.notify.sms.concurrency as u64);
     })
     .await;
@@ -349,7 +386,15 @@ async fn transient_errors_are_retried_and_permanent_ones_fail_with_their_reason(
             c.transient.insert(d.phones[7].clone(), 2);
         });
         load(&app, &d).await;
-        let id = create(&app, &campaign("Retries", &["email", "sms"], json!({"practitioners": d.ids}))).await;
+        let id = create(
+            &app,
+            &campaign(
+                "Retries",
+                &["email", "sms"],
+                json!({"practitioners": d.ids}),
+            ),
+        )
+        .await;
         let c = finished(&app, &id).await;
         let n = d.ids.len() as u64;
         assert_eq!(c["by_channel"]["email"]["sent"], n - 1, "{c}");
@@ -367,14 +412,21 @@ async fn transient_errors_are_retried_and_permanent_ones_fail_with_their_reason(
         assert!(reason.starts_with("SMTP 550"), "{reason}");
         assert_eq!(failed[0]["attempts"], 1, "a permanent error is not retried");
         for i in 0..5 {
-            let row = rows.iter().find(|r| r["address"] == d.emails[i].as_str()).expect("a row");
+            let row = rows
+                .iter()
+                .find(|r| r["address"] == d.emails[i].as_str())
+                .expect("a row");
             assert_eq!(row["status"], "sent");
             assert_eq!(row["attempts"], 2, "tried again after the 451: {row}");
         }
         // Still exactly once each, the retried ones included.
         let mails = mails_to(&d.emails);
         assert_eq!(mails.len(), d.emails.len() - 1);
-        let texts = sms.messages().into_iter().filter(|m| d.phones.contains(&m.to)).count();
+        let texts = sms
+            .messages()
+            .into_iter()
+            .filter(|m| d.phones.contains(&m.to))
+            .count();
         assert_eq!(texts, d.phones.len());
     })
     .await;
@@ -393,7 +445,11 @@ async fn opted_out_recipients_are_suppressed(engine: Engine) {
         )
         .await
         .expect(200);
-        let id = create(&app, &campaign("First", &["email", "sms"], json!({"practitioners": d.ids}))).await;
+        let id = create(
+            &app,
+            &campaign("First", &["email", "sms"], json!({"practitioners": d.ids})),
+        )
+        .await;
         let c = finished(&app, &id).await;
         assert_eq!(c["by_channel"]["sms"]["suppressed"], 1, "{c}");
         assert_eq!(c["by_channel"]["email"]["sent"], d.ids.len() as u64, "{c}");
@@ -401,18 +457,36 @@ async fn opted_out_recipients_are_suppressed(engine: Engine) {
 
         // The recipient's own link (RFC 8058 one-click POST), no token.
         let mail = mails_to(&d.emails[1..2]).pop().expect("a mail");
-        let link = mail.headers["list-unsubscribe"].trim_matches(['<', '>']).to_string();
+        let link = mail.headers["list-unsubscribe"]
+            .trim_matches(['<', '>'])
+            .to_string();
         let page = app.client.get(&link).send().await.expect("GET");
         assert_eq!(page.status(), 200, "GET shows the button, changes nothing");
         let r = app.client.post(&link).send().await.expect("POST");
         assert_eq!(r.status(), 200);
         let forged = format!("{}x", link);
-        assert_eq!(app.client.post(&forged).send().await.expect("POST").status(), 404);
+        assert_eq!(
+            app.client
+                .post(&forged)
+                .send()
+                .await
+                .expect("POST")
+                .status(),
+            404
+        );
 
-        let id = create(&app, &campaign("Second", &["email"], json!({"practitioners": d.ids}))).await;
+        let id = create(
+            &app,
+            &campaign("Second", &["email"], json!({"practitioners": d.ids})),
+        )
+        .await;
         let c = finished(&app, &id).await;
         assert_eq!(c["by_channel"]["email"]["suppressed"], 1, "{c}");
-        assert_eq!(mails_to(&d.emails[1..2]).len(), 1, "no second e-mail after the opt-out");
+        assert_eq!(
+            mails_to(&d.emails[1..2]).len(),
+            1,
+            "no second e-mail after the opt-out"
+        );
 
         // Audited.
         let audit = app
@@ -440,18 +514,31 @@ async fn cancel_stops_what_has_not_been_sent(engine: Engine) {
         let mut body = campaign("Later", &["email", "sms"], json!({"all": true}));
         body["send_at"] = json!("2099-01-01T00:00:00Z");
         let id = create(&app, &body).await;
-        let c = app.get(&format!("/campaigns/{id}"), &app.admin).await.json();
+        let c = app
+            .get(&format!("/campaigns/{id}"), &app.admin)
+            .await
+            .json();
         assert_eq!(c["status"], "scheduled");
         let r = app
-            .post(&format!("/campaigns/{id}/cancel"), &app.admin, "application/json", "")
+            .post(
+                &format!("/campaigns/{id}/cancel"),
+                &app.admin,
+                "application/json",
+                "",
+            )
             .await;
         r.expect(200);
         let c = finished(&app, &id).await;
         assert_eq!(c["status"], "cancelled");
         assert_eq!(c["counts"]["cancelled"], 2 * d.ids.len() as u64, "{c}");
-        app.post(&format!("/campaigns/{id}/cancel"), &app.admin, "application/json", "")
-            .await
-            .expect(409);
+        app.post(
+            &format!("/campaigns/{id}/cancel"),
+            &app.admin,
+            "application/json",
+            "",
+        )
+        .await
+        .expect(409);
         assert!(mails_to(&d.emails).is_empty());
     })
     .await;
@@ -464,30 +551,55 @@ async fn requests_are_checked_and_idempotent(engine: Engine) {
         let post = |body: Value| {
             let app = &app;
             async move {
-                app.post("/campaigns", &app.admin, "application/json", &body.to_string())
-                    .await
+                app.post(
+                    "/campaigns",
+                    &app.admin,
+                    "application/json",
+                    &body.to_string(),
+                )
+                .await
             }
         };
         let mut bad = campaign("x", &["email"], json!({"all": true}));
         bad["templates"]["text"] = json!("Hello {{patient.name}}");
         let p = post(bad).await.problem(422);
-        assert!(p["detail"].as_str().unwrap_or("").contains("patient.name"), "{p}");
+        assert!(
+            p["detail"].as_str().unwrap_or("").contains("patient.name"),
+            "{p}"
+        );
         let mut long = campaign("x", &["sms"], json!({"all": true}));
         long["templates"]["sms"] = json!("x".repeat(153 * 10 + 1));
         let p = post(long).await.problem(422);
-        assert!(p["detail"].as_str().unwrap_or("").contains("segments"), "{p}");
+        assert!(
+            p["detail"].as_str().unwrap_or("").contains("segments"),
+            "{p}"
+        );
         let mut no_subject = campaign("x", &["email"], json!({"all": true}));
-        no_subject["templates"].as_object_mut().map(|t| t.remove("subject"));
+        no_subject["templates"]
+            .as_object_mut()
+            .map(|t| t.remove("subject"));
         let p = post(no_subject).await.problem(422);
-        assert!(p["detail"].as_str().unwrap_or("").contains("subject"), "{p}");
-        post(campaign("x", &["email"], json!({"site": "site-999"}))).await.problem(422);
-        post(campaign("x", &["fax"], json!({"all": true}))).await.problem(422);
+        assert!(
+            p["detail"].as_str().unwrap_or("").contains("subject"),
+            "{p}"
+        );
+        post(campaign("x", &["email"], json!({"site": "site-999"})))
+            .await
+            .problem(422);
+        post(campaign("x", &["fax"], json!({"all": true})))
+            .await
+            .problem(422);
 
         // Roles: a monitor reads, does not send.
         let monitor = app.token("monitor", None, None).await;
-        app.post("/campaigns", &monitor, "application/json", &campaign("x", &["email"], json!({"all": true})).to_string())
-            .await
-            .expect(403);
+        app.post(
+            "/campaigns",
+            &monitor,
+            "application/json",
+            &campaign("x", &["email"], json!({"all": true})).to_string(),
+        )
+        .await
+        .expect(403);
 
         // The same Idempotency-Key answers the same campaign, writing nothing.
         let body = campaign("Once", &["email"], json!({"specialty": "cardiology"})).to_string();
@@ -508,7 +620,9 @@ async fn requests_are_checked_and_idempotent(engine: Engine) {
         let cardiologists = (0..d.ids.len()).filter(|i| i % 2 == 0).count() as u64;
         assert_eq!(second.json()["total"], cardiologists);
         let id = first.json()["id"].as_str().unwrap_or("").to_string();
-        app.get(&format!("/campaigns/{id}"), &monitor).await.expect(200);
+        app.get(&format!("/campaigns/{id}"), &monitor)
+            .await
+            .expect(200);
         let list = app.get("/campaigns", &monitor).await.json();
         assert_eq!(list["items"].as_array().map(Vec::len), Some(1));
         let _ = finished(&app, &id).await;
@@ -563,7 +677,10 @@ async fn killing_the_server_mid_campaign_finishes_it_without_duplicates(engine: 
         let base = format!("http://127.0.0.1:{port}");
         let up = |base: String| async move {
             let deadline = Instant::now() + DEADLINE;
-            while !reqwest::get(format!("{base}/healthz")).await.is_ok_and(|r| r.status().is_success()) {
+            while !reqwest::get(format!("{base}/healthz"))
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
                 assert!(Instant::now() < deadline, "clinflow serve did not come up");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -593,7 +710,10 @@ async fn killing_the_server_mid_campaign_finishes_it_without_duplicates(engine: 
             .await
             .expect("POST");
         assert_eq!(r.status(), 202);
-        let id = r.json::<Value>().await.expect("JSON")["id"].as_str().unwrap_or("").to_string();
+        let id = r.json::<Value>().await.expect("JSON")["id"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         // Kill it once about a fifth is out.
         let deadline = Instant::now() + DEADLINE;
         loop {
@@ -616,7 +736,10 @@ async fn killing_the_server_mid_campaign_finishes_it_without_duplicates(engine: 
             if c["status"] == "completed" && c["by_channel"]["sms"]["sent"] == 0 {
                 break c;
             }
-            assert!(Instant::now() < deadline, "not finished after the restart: {c}");
+            assert!(
+                Instant::now() < deadline,
+                "not finished after the restart: {c}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
 
@@ -624,13 +747,21 @@ async fn killing_the_server_mid_campaign_finishes_it_without_duplicates(engine: 
         let mails = mails_to(&d.emails);
         let per = count_by(mails.iter().map(|m| m.headers["to"].as_str()));
         assert!(per.values().all(|&k| k == 1), "a duplicate e-mail: {per:?}");
-        let texts: Vec<_> = sms.messages().into_iter().filter(|m| d.phones.contains(&m.to)).collect();
+        let texts: Vec<_> = sms
+            .messages()
+            .into_iter()
+            .filter(|m| d.phones.contains(&m.to))
+            .collect();
         let per_sms = count_by(texts.iter().map(|m| m.to.as_str()));
         assert!(per_sms.values().all(|&k| k == 1), "a duplicate SMS");
         // Every SMS ends delivered (an interrupted one is looked up at the
         // provider); an e-mail interrupted mid-send cannot be looked up and
         // ends failed as "outcome unknown", at most one per sending slot.
-        assert_eq!(c["by_channel"]["sms"]["delivered"], d.phones.len() as u64, "{c}");
+        assert_eq!(
+            c["by_channel"]["sms"]["delivered"],
+            d.phones.len() as u64,
+            "{c}"
+        );
         let sent = c["by_channel"]["email"]["sent"].as_u64().unwrap_or(0);
         let failed = c["by_channel"]["email"]["failed"].as_u64().unwrap_or(0);
         assert_eq!(sent + failed, d.emails.len() as u64, "{c}");
@@ -638,7 +769,9 @@ async fn killing_the_server_mid_campaign_finishes_it_without_duplicates(engine: 
         let rows = {
             let (client, base) = (client.clone(), base.clone());
             client
-                .get(format!("{base}/campaigns/{id}/deliveries?status=failed&count=1000"))
+                .get(format!(
+                    "{base}/campaigns/{id}/deliveries?status=failed&count=1000"
+                ))
                 .bearer_auth(token)
                 .send()
                 .await

@@ -153,12 +153,8 @@ impl Links {
 
     /// The URL the SMS provider reports a delivery's status to.
     pub fn sms_callback(&self, delivery: &str) -> Option<String> {
-        self.sms_callbacks.then(|| {
-            format!(
-                "{}/notifications/sms/status/{delivery}",
-                self.public_url
-            )
-        })
+        self.sms_callbacks
+            .then(|| format!("{}/notifications/sms/status/{delivery}", self.public_url))
     }
 }
 
@@ -174,7 +170,11 @@ pub struct Notifier {
 
 impl Notifier {
     /// Sets up the senders of the configured channels.
-    pub async fn new(store: &Store, config: &NotifyConfig, listen: &str) -> anyhow::Result<Notifier> {
+    pub async fn new(
+        store: &Store,
+        config: &NotifyConfig,
+        listen: &str,
+    ) -> anyhow::Result<Notifier> {
         let key = store
             .secret("unsubscribe")
             .await?
@@ -362,11 +362,10 @@ async fn create_campaign(
     if created {
         state.notify.wake.notify_waiters();
     }
-    let campaign = state
-        .store
-        .campaign(&id)
-        .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("a created campaign is not found")))?;
+    let campaign =
+        state.store.campaign(&id).await?.ok_or_else(|| {
+            ApiError::Internal(anyhow::anyhow!("a created campaign is not found"))
+        })?;
     let mut resp = (
         StatusCode::ACCEPTED,
         [(axum::http::header::LOCATION, format!("/campaigns/{id}"))],
@@ -594,8 +593,9 @@ async fn opt_out(
     let body: OptOutBody = serde_json::from_slice(&body).map_err(|_| {
         ApiError::BadRequest("the body must be {\"channel\": \"email\"|\"sms\"}".into())
     })?;
-    let channel = Channel::parse(&body.channel)
-        .ok_or_else(|| ApiError::Unprocessable(format!("channel {:?}: email or sms", body.channel)))?;
+    let channel = Channel::parse(&body.channel).ok_or_else(|| {
+        ApiError::Unprocessable(format!("channel {:?}: email or sms", body.channel))
+    })?;
     let mut rec = caller.audit("opt-out", "success");
     rec.resource_type = Some("Practitioner".into());
     rec.resource_id = Some(id.clone());
@@ -605,8 +605,10 @@ async fn opt_out(
         .store
         .opt_out(&id, channel, "api", at, vec![rec])
         .await?;
-    Ok(Json(json!({"practitioner": id, "channel": channel.as_str(), "opted_out": true, "new": new}))
-        .into_response())
+    Ok(Json(
+        json!({"practitioner": id, "channel": channel.as_str(), "opted_out": true, "new": new}),
+    )
+    .into_response())
 }
 
 /// `GET /unsubscribe/{token}`: a page with the button (a GET changes
@@ -650,12 +652,22 @@ async fn unsubscribe(
         resource_type: Some("Practitioner".into()),
         resource_id: Some(d.practitioner.clone()),
         outcome: "success".into(),
-        detail: Some(format!("{} via the link of delivery {}", d.channel.as_str(), d.id)),
+        detail: Some(format!(
+            "{} via the link of delivery {}",
+            d.channel.as_str(),
+            d.id
+        )),
         ..Default::default()
     };
     state
         .store
-        .opt_out(&d.practitioner, d.channel, "unsubscribe-link", rec.time, vec![rec])
+        .opt_out(
+            &d.practitioner,
+            d.channel,
+            "unsubscribe-link",
+            rec.time,
+            vec![rec],
+        )
         .await?;
     Ok(Html(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Unsubscribed</title></head><body><h1>You are unsubscribed.</h1></body></html>",
@@ -683,11 +695,16 @@ async fn sms_status(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if !clinflow_notify::twilio::verify(&state.notify.sms_auth_token, &url, &params, signature) {
-        return Err(ApiError::Forbidden("the status callback's signature does not verify".into()));
+        return Err(ApiError::Forbidden(
+            "the status callback's signature does not verify".into(),
+        ));
     }
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let sid = get("MessageSid").unwrap_or_default();
-    let report = match get("MessageStatus").or(get("SmsStatus")).unwrap_or_default() {
+    let report = match get("MessageStatus")
+        .or(get("SmsStatus"))
+        .unwrap_or_default()
+    {
         "sent" => Some(ProviderReport::Sent),
         "delivered" => Some(ProviderReport::Delivered),
         "failed" | "undelivered" => Some(ProviderReport::Failed),

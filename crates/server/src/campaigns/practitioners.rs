@@ -35,7 +35,15 @@ pub struct CsvError {
     pub reason: String,
 }
 
-const COLUMNS: [&str; 7] = ["id", "family", "given", "email", "phone", "site", "specialty"];
+const COLUMNS: [&str; 7] = [
+    "id",
+    "family",
+    "given",
+    "email",
+    "phone",
+    "site",
+    "specialty",
+];
 
 /// Parses the whole file; any bad row refuses it (nothing is loaded from a
 /// file with an error in it).
@@ -290,7 +298,10 @@ mod tests {
 
     #[test]
     fn duplicate_ids_and_missing_columns_are_refused() {
-        assert!(parse_csv(b"id,family\nd1,Ng\n").unwrap_err().reason.contains("no column"));
+        assert!(parse_csv(b"id,family\nd1,Ng\n")
+            .unwrap_err()
+            .reason
+            .contains("no column"));
         let e = parse_csv(b"id,family,given,email,phone,site,specialty\nd1,Ng,,,,,\nd1,Li,,,,,\n")
             .unwrap_err();
         assert_eq!((e.line, e.reason.contains("line 2")), (3, true));
@@ -319,7 +330,10 @@ pub async fn load(
     let mut ops = Vec::new();
     for row in rows {
         for resource in resources(row) {
-            let rtype = resource["resourceType"].as_str().unwrap_or_default().to_string();
+            let rtype = resource["resourceType"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             let id = resource["id"].as_str().unwrap_or_default().to_string();
             let current = store.read_current(&rtype, &id).await?;
             let expect = match &current {

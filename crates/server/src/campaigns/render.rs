@@ -165,7 +165,9 @@ pub fn select<'a>(
             if sites.get(s).is_none() {
                 return Err(unprocessable(format!("audience.site: no site {s:?}")));
             }
-            all.iter().filter(|r| r.sites.iter().any(|x| x == s)).collect()
+            all.iter()
+                .filter(|r| r.sites.iter().any(|x| x == s))
+                .collect()
         }
         Audience::Specialty(c) => all
             .iter()
@@ -173,12 +175,13 @@ pub fn select<'a>(
             .collect(),
         Audience::Practitioners(ids) => {
             let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
-            let chosen: Vec<&Recipient> =
-                all.iter().filter(|r| wanted.contains(r.id.as_str())).collect();
+            let chosen: Vec<&Recipient> = all
+                .iter()
+                .filter(|r| wanted.contains(r.id.as_str()))
+                .collect();
             if chosen.len() < wanted.len() {
                 let found: HashSet<&str> = chosen.iter().map(|r| r.id.as_str()).collect();
-                let mut missing: Vec<&str> =
-                    wanted.difference(&found).copied().collect();
+                let mut missing: Vec<&str> = wanted.difference(&found).copied().collect();
                 missing.sort_unstable();
                 missing.truncate(10);
                 return Err(unprocessable(format!(
@@ -190,7 +193,9 @@ pub fn select<'a>(
         }
     };
     if chosen.is_empty() {
-        return Err(unprocessable("the audience has no practitioner in it".into()));
+        return Err(unprocessable(
+            "the audience has no practitioner in it".into(),
+        ));
     }
     Ok(chosen)
 }

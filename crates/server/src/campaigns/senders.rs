@@ -279,7 +279,7 @@ impl SmsSender {
         for m in body["messages"].as_array().into_iter().flatten() {
             let created = m["date_created"]
                 .as_str()
-                .and_then(|s| httpdate_ms(s))
+                .and_then(httpdate_ms)
                 .unwrap_or(i64::MAX);
             if m["body"].as_str() == Some(d.body.as_str()) && created >= since {
                 if let Some(sid) = m["sid"].as_str() {

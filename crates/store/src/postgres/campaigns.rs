@@ -118,9 +118,16 @@ impl PgStore {
         deliveries: Vec<NewDelivery>,
         audit: Vec<AuditRecord>,
     ) -> anyhow::Result<Created> {
-        let (id, by, key) = (c.id.clone(), c.created_by.clone(), c.idempotency_key.clone());
+        let (id, by, key) = (
+            c.id.clone(),
+            c.created_by.clone(),
+            c.idempotency_key.clone(),
+        );
         if self
-            .op_applied(super::Op::Campaign(CampaignOp::Create(c, deliveries)), audit)
+            .op_applied(
+                super::Op::Campaign(CampaignOp::Create(c, deliveries)),
+                audit,
+            )
             .await?
         {
             return Ok((id, true));
@@ -132,7 +139,9 @@ impl PgStore {
                 &[&by, &key],
             )
             .await?
-            .ok_or_else(|| anyhow::anyhow!("campaign {id} conflicted but no campaign has its key"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("campaign {id} conflicted but no campaign has its key")
+            })?;
         Ok((row.try_get(0)?, false))
     }
 
@@ -141,7 +150,11 @@ impl PgStore {
         let st = c
             .prepare_cached(&format!("{CAMPAIGN_SELECT} WHERE id = $1"))
             .await?;
-        c.query_opt(&st, &[&id]).await?.as_ref().map(campaign_row).transpose()
+        c.query_opt(&st, &[&id])
+            .await?
+            .as_ref()
+            .map(campaign_row)
+            .transpose()
     }
 
     pub async fn campaigns(
@@ -151,7 +164,9 @@ impl PgStore {
     ) -> anyhow::Result<Vec<CampaignRecord>> {
         let c = self.client().await?;
         let st = c
-            .prepare_cached(&format!("{CAMPAIGN_SELECT} WHERE id > $1 ORDER BY id LIMIT $2"))
+            .prepare_cached(&format!(
+                "{CAMPAIGN_SELECT} WHERE id > $1 ORDER BY id LIMIT $2"
+            ))
             .await?;
         c.query(&st, &[&after.unwrap_or_default(), &(limit as i64)])
             .await?
@@ -180,7 +195,11 @@ impl PgStore {
             .collect()
     }
 
-    pub async fn sent_since(&self, campaign: &str, since: i64) -> anyhow::Result<Vec<(Channel, u64)>> {
+    pub async fn sent_since(
+        &self,
+        campaign: &str,
+        since: i64,
+    ) -> anyhow::Result<Vec<(Channel, u64)>> {
         let c = self.client().await?;
         let st = c
             .prepare_cached(
@@ -221,7 +240,11 @@ impl PgStore {
         let st = c
             .prepare_cached(&format!("{DELIVERY_SELECT} WHERE id = $1"))
             .await?;
-        c.query_opt(&st, &[&id]).await?.as_ref().map(delivery_row).transpose()
+        c.query_opt(&st, &[&id])
+            .await?
+            .as_ref()
+            .map(delivery_row)
+            .transpose()
     }
 
     pub async fn cancel_campaign(
@@ -267,7 +290,13 @@ impl PgStore {
             .await?;
         c.query(
             &st,
-            &[&claim, &now, &(now + lease_ms), &channel.as_str(), &(limit as i64)],
+            &[
+                &claim,
+                &now,
+                &(now + lease_ms),
+                &channel.as_str(),
+                &(limit as i64),
+            ],
         )
         .await?
         .iter()
@@ -319,12 +348,13 @@ impl PgStore {
                 "UPDATE deliveries d SET status = u.status, provider_id = COALESCE(u.provider, d.provider_id), sent_at = COALESCE(u.sent_at, d.sent_at), next_at = COALESCE(u.next_at, d.next_at), last_error = u.error, updated_at = u.at FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[], $7::TEXT[], $8::BIGINT[]) AS u(id, claim, status, provider, sent_at, next_at, error, at) WHERE d.id = u.id AND d.claim = u.claim AND (d.status = 'sending' OR (d.status = 'failed' AND d.last_error LIKE 'outcome unknown%'))",
             )
             .await?;
-        Ok(c
-            .execute(
-                &st,
-                &[&ids, &claims, &statuses, &providers, &sent_at, &next_at, &errors, &at],
-            )
-            .await?)
+        Ok(c.execute(
+            &st,
+            &[
+                &ids, &claims, &statuses, &providers, &sent_at, &next_at, &errors, &at,
+            ],
+        )
+        .await?)
     }
 
     pub async fn stale_deliveries(
@@ -361,8 +391,7 @@ impl PgStore {
                 "UPDATE deliveries SET status = $1, provider_id = COALESCE(provider_id, $2), last_error = COALESCE($3, last_error), sent_at = COALESCE(sent_at, $4), updated_at = $4 WHERE id = $5 AND channel = 'sms' AND (provider_id IS NULL OR provider_id = $2) AND status IN ({from})"
             ))
             .await?;
-        Ok(c
-            .execute(&st, &[&to, &provider_id, &error, &at, &delivery])
+        Ok(c.execute(&st, &[&to, &provider_id, &error, &at, &delivery])
             .await?
             > 0)
     }

@@ -81,7 +81,8 @@ impl SqliteStore {
             Ok(true)
         })
         .await?;
-        slot.take().ok_or_else(|| anyhow!("campaign creation gave no answer"))
+        slot.take()
+            .ok_or_else(|| anyhow!("campaign creation gave no answer"))
     }
 
     pub async fn campaign(&self, id: &str) -> anyhow::Result<Option<CampaignRecord>> {
@@ -104,7 +105,10 @@ impl SqliteStore {
             let mut st = c.prepare_cached(&format!(
                 "{CAMPAIGN_SELECT} WHERE id > ? ORDER BY id LIMIT ?"
             ))?;
-            let rows = st.query_map(params![after.unwrap_or_default(), limit as i64], campaign_row)?;
+            let rows = st.query_map(
+                params![after.unwrap_or_default(), limit as i64],
+                campaign_row,
+            )?;
             rows.map(|r| r.map_err(anyhow::Error::from).and_then(|x| x))
                 .collect()
         })
@@ -130,7 +134,11 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn sent_since(&self, campaign: &str, since: i64) -> anyhow::Result<Vec<(Channel, u64)>> {
+    pub async fn sent_since(
+        &self,
+        campaign: &str,
+        since: i64,
+    ) -> anyhow::Result<Vec<(Channel, u64)>> {
         let campaign = campaign.to_string();
         self.read(move |c| {
             let mut st = c.prepare_cached(
@@ -173,7 +181,9 @@ impl SqliteStore {
         let id = id.to_string();
         self.read(move |c| {
             let mut st = c.prepare_cached(&format!("{DELIVERY_SELECT} WHERE id = ?"))?;
-            st.query_row(params![id], delivery_row).optional()?.transpose()
+            st.query_row(params![id], delivery_row)
+                .optional()?
+                .transpose()
         })
         .await
     }
@@ -323,7 +333,8 @@ impl SqliteStore {
     pub async fn opt_outs(&self) -> anyhow::Result<Vec<(String, Channel)>> {
         self.read(|c| {
             let mut st = c.prepare_cached("SELECT practitioner, channel FROM opt_outs")?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let rows =
+                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
             let mut out = Vec::new();
             for r in rows {
                 let (p, ch) = r?;
@@ -337,8 +348,12 @@ impl SqliteStore {
     pub async fn secret(&self, name: &str) -> anyhow::Result<Option<String>> {
         let name = name.to_string();
         self.read(move |c| {
-            Ok(c.query_row("SELECT value FROM secrets WHERE name = ?", params![name], |r| r.get(0))
-                .optional()?)
+            Ok(c.query_row(
+                "SELECT value FROM secrets WHERE name = ?",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?)
         })
         .await
     }
