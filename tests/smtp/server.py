@@ -9,7 +9,13 @@ handling is exercised against real SMTP replies:
 - a recipient whose local part starts with "tempfail" gets 451 (try again
   later) on its first RCPT TO, and is accepted after that;
 - a recipient whose local part starts with "reject" gets 550 (no such
-  user), always.
+  user), always;
+- a recipient whose local part starts with "hangup-before" has the
+  connection dropped, with no reply, at its first RCPT TO (nothing taken),
+  and is accepted after that;
+- a message to a recipient whose local part starts with "hangup-after" is
+  stored, and then the connection is dropped before the reply to the
+  message's final dot: the server took it and the client never hears so.
 
 Every accepted message is one file in DIR/new (Python's mailbox.Maildir).
 """
@@ -27,6 +33,7 @@ class Handler:
     def __init__(self, maildir):
         self.maildir = mailbox.Maildir(maildir, create=True)
         self.tempfailed = set()
+        self.hung_up = set()
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         local = address.split("@", 1)[0].lower()
@@ -35,11 +42,17 @@ class Handler:
         if local.startswith("tempfail") and address not in self.tempfailed:
             self.tempfailed.add(address)
             return "451 4.3.2 try again later"
+        if local.startswith("hangup-before") and address not in self.hung_up:
+            self.hung_up.add(address)
+            server.transport.abort()
+            return "250 OK (never sent: the connection is gone)"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         self.maildir.add(envelope.original_content)
+        if any(a.split("@", 1)[0].lower().startswith("hangup-after") for a in envelope.rcpt_tos):
+            server.transport.abort()
         return "250 OK queued"
 
 

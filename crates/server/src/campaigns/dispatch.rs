@@ -43,6 +43,85 @@ pub struct RetryPolicy {
     pub cap: Duration,
 }
 
+/// The channel's sends in flight, adapted to the provider (AIMD): a 429
+/// halves the number allowed (at most once a second), and each run of as
+/// many successes as are allowed adds one back, up to the configured
+/// concurrency. The semaphore's permits follow the allowance: cuts are
+/// permits taken and forgotten, growth is permits added.
+pub struct Pacer {
+    slots: Arc<Semaphore>,
+    ceiling: usize,
+    state: std::sync::Mutex<PacerState>,
+}
+
+struct PacerState {
+    allowed: usize,
+    successes: usize,
+    last_cut: Option<tokio::time::Instant>,
+}
+
+impl Pacer {
+    fn new(ceiling: usize) -> Pacer {
+        let ceiling = ceiling.max(1);
+        Pacer {
+            slots: Arc::new(Semaphore::new(ceiling)),
+            ceiling,
+            state: std::sync::Mutex::new(PacerState {
+                allowed: ceiling,
+                successes: 0,
+                last_cut: None,
+            }),
+        }
+    }
+
+    /// Sends allowed in flight now.
+    pub fn allowed(&self) -> usize {
+        self.lock().allowed
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PacerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn throttled(&self) {
+        let mut s = self.lock();
+        if s.last_cut
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        let target = (s.allowed / 2).max(1);
+        let cut = s.allowed - target;
+        s.allowed = target;
+        s.successes = 0;
+        s.last_cut = Some(tokio::time::Instant::now());
+        drop(s);
+        if cut > 0 {
+            // The permits come back from the sends in flight; these are
+            // kept (the semaphore is fair: queued before later claims).
+            let slots = self.slots.clone();
+            tokio::spawn(async move {
+                if let Ok(p) = slots.acquire_many_owned(cut as u32).await {
+                    p.forget();
+                }
+            });
+        }
+    }
+
+    fn succeeded(&self) {
+        let mut s = self.lock();
+        if s.allowed >= self.ceiling {
+            return;
+        }
+        s.successes += 1;
+        if s.successes >= s.allowed {
+            s.successes = 0;
+            s.allowed += 1;
+            self.slots.add_permits(1);
+        }
+    }
+}
+
 /// What a channel's worker sends with.
 pub enum Provider {
     Email(EmailSender),
@@ -84,7 +163,8 @@ impl Worker {
 /// finish (each is bounded by the send timeout) and writes their outcomes.
 pub async fn run(worker: Arc<Worker>, stop: CancellationToken) {
     let channel = worker.provider.channel();
-    let slots = Arc::new(Semaphore::new(worker.limits.concurrency.max(1)));
+    let pacer = Arc::new(Pacer::new(worker.limits.concurrency));
+    let slots = pacer.slots.clone();
     let limiter: Arc<DefaultDirectRateLimiter> = Arc::new(RateLimiter::direct(Quota::per_second(
         NonZeroU32::new(worker.limits.rate.max(1)).unwrap_or(NonZeroU32::MIN),
     )));
@@ -155,8 +235,9 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken) {
         for (row, permit) in rows.into_iter().zip(permits) {
             let worker = worker.clone();
             let record_tx = record_tx.clone();
+            let pacer = pacer.clone();
             tokio::spawn(async move {
-                let update = send_one(&worker, row).await;
+                let update = send_one(&worker, &pacer, row).await;
                 // The recorder outlives every send task (it stops when the
                 // last sender of its channel is dropped).
                 let _ = record_tx.send(update).await;
@@ -165,8 +246,8 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken) {
         }
     }
     // Every send in flight holds a slot: all slots back means all are done
-    // and their outcomes queued.
-    let all = worker.limits.concurrency.max(1) as u32;
+    // and their outcomes queued (the pacer's cuts queued before this).
+    let all = pacer.allowed() as u32;
     let _ = tokio::time::timeout(
         worker.limits.send_timeout + Duration::from_secs(5),
         slots.acquire_many(all),
@@ -185,9 +266,12 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken) {
 }
 
 /// Sends a claimed row once and says what became of it.
-async fn send_one(worker: &Worker, row: DeliveryRecord) -> DeliveryUpdate {
+async fn send_one(worker: &Worker, pacer: &Pacer, row: DeliveryRecord) -> DeliveryUpdate {
     let claim = row.claim.clone().unwrap_or_default();
-    let sent = tokio::time::timeout(worker.limits.send_timeout, async {
+    // Each sender bounds its own call by the send timeout and knows its
+    // phase; this outer bound (a second later) is a backstop, and hitting it
+    // leaves the outcome unknown.
+    let sent = tokio::time::timeout(worker.limits.send_timeout + Duration::from_secs(1), async {
         match &worker.provider {
             Provider::Email(s) => s
                 .send(&row, &worker.links.unsubscribe(&row.id))
@@ -200,20 +284,25 @@ async fn send_one(worker: &Worker, row: DeliveryRecord) -> DeliveryUpdate {
         }
     })
     .await
-    .unwrap_or_else(|_| match worker.provider {
-        Provider::Email(_) => Err(SendError::Transient {
+    .unwrap_or_else(|_| {
+        Err(SendError::Ambiguous {
             reason: "send timeout".into(),
-            retry_after: None,
-        }),
-        Provider::Sms(_) => Err(SendError::Ambiguous {
-            reason: "send timeout".into(),
-        }),
+        })
     });
+    match &sent {
+        Ok(_) => pacer.succeeded(),
+        Err(SendError::Throttled { .. }) => pacer.throttled(),
+        Err(_) => {}
+    }
     let outcome = match sent {
         Ok(provider_id) => DeliveryOutcome::Sent {
             provider_id,
             delivered: false,
         },
+        Err(SendError::Throttled {
+            reason,
+            retry_after,
+        }) => retry(worker, &row, reason, retry_after),
         Err(SendError::Permanent { reason }) => DeliveryOutcome::Failed { error: reason },
         Err(SendError::Transient {
             reason,
@@ -237,7 +326,12 @@ async fn send_one(worker: &Worker, row: DeliveryRecord) -> DeliveryUpdate {
                     };
                 }
             },
-            Provider::Email(_) => retry(worker, &row, reason, None),
+            // SMTP has no lookup: sending again could deliver it twice.
+            Provider::Email(_) => DeliveryOutcome::Failed {
+                error: format!(
+                    "{OUTCOME_UNKNOWN}: {reason}; not sent again, to avoid a second copy"
+                ),
+            },
         },
     };
     DeliveryUpdate {
@@ -359,5 +453,71 @@ async fn record(store: Store, mut rx: mpsc::Receiver<DeliveryUpdate>) {
             }
         }
         batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lets the pacer's spawned permit-forgetting tasks run.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_halves_the_sends_allowed_and_successes_win_them_back() {
+        let p = Pacer::new(16);
+        p.throttled();
+        settle().await;
+        assert_eq!(p.allowed(), 8);
+        assert_eq!(p.slots.available_permits(), 8);
+        // A burst of 429s from the same moment is one cut.
+        p.throttled();
+        p.throttled();
+        settle().await;
+        assert_eq!(p.allowed(), 8);
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        p.throttled();
+        settle().await;
+        assert_eq!((p.allowed(), p.slots.available_permits()), (4, 4));
+        // As many successes as are allowed add one back.
+        for _ in 0..3 {
+            p.succeeded();
+        }
+        assert_eq!(p.allowed(), 4);
+        p.succeeded();
+        assert_eq!((p.allowed(), p.slots.available_permits()), (5, 5));
+        // Never above the configured concurrency, never below one.
+        for _ in 0..1000 {
+            p.succeeded();
+        }
+        assert_eq!((p.allowed(), p.slots.available_permits()), (16, 16));
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_millis(1001)).await;
+            p.throttled();
+        }
+        settle().await;
+        assert_eq!((p.allowed(), p.slots.available_permits()), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_waits_for_the_sends_in_flight() {
+        let p = Pacer::new(4);
+        let held = p
+            .slots
+            .clone()
+            .acquire_many_owned(4)
+            .await
+            .expect("permits");
+        p.throttled();
+        settle().await;
+        assert_eq!(p.allowed(), 2);
+        assert_eq!(p.slots.available_permits(), 0);
+        drop(held);
+        settle().await;
+        assert_eq!(p.slots.available_permits(), 2);
     }
 }

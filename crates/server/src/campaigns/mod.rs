@@ -23,6 +23,7 @@ pub mod dispatch;
 pub mod practitioners;
 pub mod render;
 pub mod senders;
+pub mod smtp;
 
 use std::sync::Arc;
 use std::time::Duration;

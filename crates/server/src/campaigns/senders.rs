@@ -1,4 +1,5 @@
-//! The two providers: e-mail over SMTP (lettre, pooled connections) and
+//! The two providers: e-mail over SMTP (lettre's message builder and
+//! connection, our pool: `smtp.rs`) and
 //! SMS through an HTTP API with Twilio's shape. Each send is one call,
 //! bounded by the channel's send timeout, and its failure is classified
 //! (transient: retry; permanent: give up; ambiguous: the provider may have
@@ -9,14 +10,21 @@ use std::time::{Duration, SystemTime};
 use clinflow_store::DeliveryRecord;
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
-use lettre::transport::smtp::PoolConfig;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::Message;
+
+use super::smtp::{SmtpFailure, SmtpPool, SmtpTarget};
 
 /// Why a send did not succeed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SendError {
     /// Not sent; sending again later may work.
     Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// Not sent: the provider asks for fewer requests (HTTP 429). Retried
+    /// like a transient failure, and the channel sends fewer at once.
+    Throttled {
         reason: String,
         retry_after: Option<Duration>,
     },
@@ -58,10 +66,11 @@ pub struct EmailSettings {
 
 /// E-mail over SMTP.
 pub struct EmailSender {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    pool: SmtpPool,
     from: Mailbox,
     /// The right-hand side of every `Message-ID`.
     domain: String,
+    timeout: Duration,
 }
 
 impl EmailSender {
@@ -71,23 +80,14 @@ impl EmailSender {
             .parse()
             .map_err(|e| anyhow::anyhow!("--smtp-from {:?}: {e}", s.from))?;
         let domain = from.email.domain().to_string();
-        // lettre sends each message's commands on one connection with
-        // Nagle's algorithm on (about 40 ms a message against a peer that
-        // delays its ACKs): throughput comes from the pool, one connection
-        // per concurrent send.
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(&s.url)
-            .map_err(|e| anyhow::anyhow!("--smtp-url: {e}"))?
-            .timeout(Some(s.timeout))
-            .pool_config(
-                PoolConfig::new()
-                    .max_size(s.connections.max(1))
-                    .idle_timeout(Duration::from_secs(60)),
-            )
-            .build();
+        let target = SmtpTarget::parse(&s.url).map_err(|e| anyhow::anyhow!("--smtp-url: {e}"))?;
+        let pool = SmtpPool::new(target, s.connections.max(1) as usize)
+            .map_err(|e| anyhow::anyhow!("--smtp-url: {e}"))?;
         Ok(EmailSender {
-            transport,
+            pool,
             from,
             domain,
+            timeout: s.timeout,
         })
     }
 
@@ -98,6 +98,9 @@ impl EmailSender {
     }
 
     /// Sends the delivery's message; `unsubscribe` is its opt-out link.
+    /// A failure before the server could take the message is transient or
+    /// permanent by its reply code; one after the whole message was
+    /// written without an answer is [`SendError::Ambiguous`].
     pub async fn send(&self, d: &DeliveryRecord, unsubscribe: &str) -> Result<(), SendError> {
         let to: Mailbox = d.address.parse().map_err(|e| SendError::Permanent {
             reason: format!("invalid e-mail address: {e}"),
@@ -132,29 +135,23 @@ impl EmailSender {
             HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
             "List-Unsubscribe=One-Click".into(),
         ));
-        match self.transport.send(message).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(classify_smtp(&e)),
+        let bytes = message.formatted();
+        match self
+            .pool
+            .send(message.envelope(), &bytes, self.timeout)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(SmtpFailure::NotSent {
+                code: Some(code),
+                reason,
+            }) => Err(clinflow_notify::classify::smtp_code(code, &reason).into()),
+            Err(SmtpFailure::NotSent { code: None, reason }) => Err(SendError::Transient {
+                reason,
+                retry_after: None,
+            }),
+            Err(SmtpFailure::Unknown { reason }) => Err(SendError::Ambiguous { reason }),
         }
-    }
-}
-
-fn classify_smtp(e: &lettre::transport::smtp::Error) -> SendError {
-    if let Some(code) = e.status() {
-        let n: u16 = code.to_string().parse().unwrap_or(0);
-        return clinflow_notify::classify::smtp_code(n, &e.to_string()).into();
-    }
-    if e.is_timeout() {
-        // lettre does not say in which phase: after DATA's final dot the
-        // server may have taken it. The documented window (ARCHITECTURE).
-        return SendError::Transient {
-            reason: "SMTP timeout".into(),
-            retry_after: None,
-        };
-    }
-    SendError::Transient {
-        reason: format!("SMTP connection: {e}"),
-        retry_after: None,
     }
 }
 
@@ -249,7 +246,18 @@ impl SmsSender {
             (_, Some(m)) => m.to_string(),
             _ => "no error body".into(),
         };
-        Err(clinflow_notify::classify::http_status(status, retry_after, &reason).into())
+        let failure: SendError =
+            clinflow_notify::classify::http_status(status, retry_after, &reason).into();
+        match failure {
+            SendError::Transient {
+                reason,
+                retry_after,
+            } if status == 429 => Err(SendError::Throttled {
+                reason,
+                retry_after,
+            }),
+            f => Err(f),
+        }
     }
 
     /// Looks for the delivery's message at the provider (same recipient,
