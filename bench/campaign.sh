@@ -5,9 +5,10 @@
 #
 # In one run on this machine (release build, SQLite):
 #   - the SMTP server is aiosmtpd writing a Maildir (tests/smtp/server.py);
-#     its own throughput is measured first with lettre's pool and nothing
-#     else (crates/server/examples/smtp_limit.rs): the e-mail minimum is
-#     N / that rate;
+#     its own throughput is measured first, best of three, with clinflow's
+#     SMTP client (lettre's connection, TCP_NODELAY, 32 connections) and
+#     nothing else (crates/server/examples/smtp_limit.rs): the e-mail
+#     minimum is N / that rate;
 #   - the SMS provider is clinflow-sms-mock at 20 ms latency accepting 50
 #     concurrent requests (429 beyond), reporting `delivered` to clinflow's
 #     status callback: the SMS minimum is N / (50 / 20 ms) = 4 s for 10,000;
@@ -17,12 +18,15 @@
 #     delivered.
 # Reported: both minima, the bound (the larger), clinflow's wall time, the
 # ratio (target <= 1.25), that every recipient got exactly one message per
-# channel (Maildir and the provider's log), and clinflow's peak RSS.
+# channel (Maildir and the provider's log), clinflow's peak RSS, and the CPU
+# seconds of clinflow, the SMTP server and the SMS provider.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 trap cleanup EXIT
 
 N=10000
+# SMTP connections, for the limit and for clinflow alike.
+CONNS=${SMTP_CONNECTIONS:-32}
 while (($#)); do
     case $1 in
     --practitioners) N=${2:?}; shift ;;
@@ -63,12 +67,19 @@ start_smtp() {
     die "the SMTP server did not start: $(cat "$dir.err")"
 }
 
-# 1. The SMTP server's own throughput.
-start_smtp "$WORK/limit-maildir"
-log "SMTP server alone (lettre, 32 connections, $N messages)..."
-LIMIT_JSON=$("$SMTP_LIMIT" "smtp://127.0.0.1:$SMTP_PORT" "$N" 32)
-SMTP_RATE=$(json_get per_second <<<"$LIMIT_JSON")
-stop_pid "$SMTP_PID"
+# 1. The SMTP server's own throughput: the best of three runs (it varies by
+#    half from run to run on a shared 2-core machine; the best is the
+#    strictest bound for clinflow).
+SMTP_RATES=()
+for round in 1 2 3; do
+    start_smtp "$WORK/limit-maildir-$round"
+    log "SMTP server alone (clinflow's SMTP client, $CONNS connections, $N messages), run $round..."
+    LIMIT_JSON=$("$SMTP_LIMIT" "smtp://127.0.0.1:$SMTP_PORT" "$N" "$CONNS")
+    SMTP_RATES+=("$(json_get per_second <<<"$LIMIT_JSON")")
+    stop_pid "$SMTP_PID"
+done
+SMTP_RATE=$(printf '%s\n' "${SMTP_RATES[@]}" | sort -g | tail -1)
+log "SMTP server alone: ${SMTP_RATES[*]} messages/s; best $SMTP_RATE"
 
 # 2. clinflow.
 MAILDIR=$WORK/maildir
@@ -96,7 +107,7 @@ CLINFLOW_ADMIN_TOKEN=$TOKEN RUST_LOG=warn "$CLINFLOW" --database "$DB" --data-di
     --smtp-url "smtp://127.0.0.1:$SMTP_PORT" --smtp-from "CARDIO-01 <trials@clinflow.test>" \
     --sms-base-url "http://127.0.0.1:$SMS_PORT" --sms-account-sid "$SID" \
     --sms-auth-token "$AUTH" --sms-from +15005550006 \
-    --sms-concurrency 50 --sms-rate 100000 --email-concurrency 32 --email-rate 100000 \
+    --sms-concurrency 50 --sms-rate 100000 --email-concurrency "$CONNS" --email-rate 100000 \
     --notify-poll 50 >"$WORK/clinflow.out" 2>"$WORK/clinflow.err" &
 STARTED_PIDS+=($!)
 CLINFLOW_PID=$!
@@ -113,23 +124,32 @@ ID=$(curl -fsS -X POST -H "Authorization: Bearer $TOKEN" -H 'Content-Type: appli
     -d "$BODY" "http://127.0.0.1:$PORT/campaigns" | json_get id)
 T_CREATED=$(date +%s.%N)
 T_SENT=""
+# Polled with curl and bash only: a python3 start per poll (20 a second)
+# took CPU from the SMTP server on a 2-core machine and slowed what it
+# measures.
+START=$SECONDS
 while :; do
     C=$(curl -fsS -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/campaigns/$ID")
     NOW=$(date +%s.%N)
-    STATUS=$(json_get status <<<"$C")
+    STATUS="" SMS_SENT=""
+    [[ $C =~ \"status\":\"([a-z]+)\" ]] && STATUS=${BASH_REMATCH[1]}
+    [[ $C =~ \"sms\":\{[^}]*\"sent\":([0-9]+) ]] && SMS_SENT=${BASH_REMATCH[1]}
+    [[ -n $STATUS && -n $SMS_SENT ]] || die "unexpected campaign answer: $C"
     if [[ -z $T_SENT && $STATUS == completed ]]; then T_SENT=$NOW; fi
-    SMS_SENT=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["by_channel"]["sms"]["sent"])' <<<"$C")
     if [[ -n $T_SENT && $SMS_SENT == 0 ]]; then T_DELIVERED=$NOW; break; fi
-    python3 -c "import sys; sys.exit(0 if float('$NOW') - float('$T0') < 600 else 1)" || die "not finished in 600 s: $C"
+    ((SECONDS - START < 600)) || die "not finished in 600 s: $C"
     sleep 0.05
 done
 printf '%s' "$C" >"$WORK/campaign.json"
 RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$CLINFLOW_PID/status")
+# CPU seconds (user + system) each process used since it started.
+cpu_s() { awk -v t="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / t}' "/proc/$1/stat"; }
+CPU="$(cpu_s "$CLINFLOW_PID") $(cpu_s "$SMTP_PID") $(cpu_s "$SMS_PID")"
 curl -fsS "http://127.0.0.1:$SMS_PORT/mock/messages" >"$WORK/sms-messages.json"
 curl -fsS "http://127.0.0.1:$SMS_PORT/mock/stats" >"$WORK/sms-stats.json"
 
-python3 - "$N" "$SMTP_RATE" "$T0" "$T_CREATED" "$T_SENT" "$T_DELIVERED" "$RSS_KB" "$MAILDIR" \
-    "$WORK/sms-messages.json" "$WORK/sms-stats.json" "$WORK/campaign.json" <<'PY'
+SMTP_RATES="${SMTP_RATES[*]}" python3 - "$N" "$SMTP_RATE" "$T0" "$T_CREATED" "$T_SENT" "$T_DELIVERED" "$RSS_KB" "$MAILDIR" \
+    "$WORK/sms-messages.json" "$WORK/sms-stats.json" "$WORK/campaign.json" $CPU <<'PY'
 import collections, email, json, os, sys
 n, smtp_rate = int(sys.argv[1]), float(sys.argv[2])
 t0, created, sent, delivered = map(float, sys.argv[3:7])
@@ -137,6 +157,7 @@ rss_kb, maildir = int(sys.argv[7]), sys.argv[8]
 msgs = json.load(open(sys.argv[9]))
 stats = json.load(open(sys.argv[10]))
 campaign = json.load(open(sys.argv[11]))
+cpu = dict(zip(["clinflow", "smtp_server", "sms_provider"], map(float, sys.argv[12:15])))
 to = collections.Counter()
 for f in os.listdir(os.path.join(maildir, "new")):
     with open(os.path.join(maildir, "new", f), "rb") as fh:
@@ -151,6 +172,7 @@ wall = delivered - t0
 print(json.dumps({
     "practitioners": n,
     "smtp_server_per_second": round(smtp_rate, 1),
+    "smtp_server_runs_per_second": [float(r) for r in os.environ["SMTP_RATES"].split()],
     "email_minimum_s": round(email_min, 2),
     "sms_minimum_s": round(sms_min, 2),
     "bound_s": round(bound, 2),
@@ -164,5 +186,6 @@ print(json.dumps({
     "counts": campaign["by_channel"],
     "provider": stats,
     "clinflow_peak_rss_mib": round(rss_kb / 1024, 1),
+    "cpu_seconds": cpu,
 }, indent=2))
 PY

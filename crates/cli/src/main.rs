@@ -17,6 +17,7 @@ use clinflow_server::{Application, Config};
 use clinflow_store::{AuditRecord, DatabaseUrl, Store};
 
 mod campaign;
+mod config_file;
 mod ingest;
 mod notify_args;
 
@@ -47,6 +48,11 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// A TOML file of settings named like the flags (`smtp-url = "..."`),
+    /// for every flag that has an environment variable; a flag wins over
+    /// the environment, which wins over the file.
+    #[arg(long, global = true, env = "CLINFLOW_CONFIG", value_name = "FILE.toml")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -615,7 +621,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Read before clap (and before any thread: it sets environment
+    // variables), so the file's settings reach every flag's `env`.
+    if let Some(path) = config_file::named(&args) {
+        let mut known = config_file::env_flags(&<Cli as clap::CommandFactory>::command());
+        known.remove("config");
+        match config_file::read(&path, &known) {
+            Ok(pairs) => {
+                for (k, v) in pairs {
+                    if std::env::var_os(&k).is_none() {
+                        std::env::set_var(k, v);
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let cli = Cli::parse_from(args);
     init_tracing(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

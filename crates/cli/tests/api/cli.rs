@@ -139,3 +139,72 @@ async fn migrate_and_token_create_create_a_fresh_database(app: TestApp) {
         }
     }
 }
+
+/// `--config FILE.toml`: settings under the flags' names; the environment
+/// wins over the file, a flag over both; a misspelt key is an error.
+#[test]
+fn a_config_file_fills_in_what_flags_and_environment_leave_unset() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let run = |args: &[&str], env: Option<(&str, String)>| {
+        let mut c = std::process::Command::new(crate::helpers::clinflow_bin());
+        c.args(args)
+            .current_dir(dir.path())
+            .env_remove("CLINFLOW_DATABASE")
+            .env_remove("CLINFLOW_CONFIG");
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        c.output().expect("clinflow runs")
+    };
+    let db = |name: &str| dir.path().join(name).join("clinflow.db");
+    let config = dir.path().join("clinflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# settings\ndatabase = \"sqlite://{}\"\n",
+            db("from-file").display()
+        ),
+    )
+    .expect("written");
+    let config = config.to_str().expect("UTF-8");
+
+    let out = run(&["--config", config, "migrate"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(db("from-file").is_file());
+
+    let env = format!("sqlite://{}", db("from-env").display());
+    let out = run(
+        &["migrate", "--config", config],
+        Some(("CLINFLOW_DATABASE", env)),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        db("from-env").is_file(),
+        "the environment wins over the file"
+    );
+
+    let flag = format!("sqlite://{}", db("from-flag").display());
+    let out = run(&["--config", config, "migrate", "--database", &flag], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(db("from-flag").is_file(), "a flag wins over the file");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "email-rate = 10\nsmtp-ulr = \"smtp://x\"\n").expect("written");
+    let out = run(&["--config", bad.to_str().expect("UTF-8"), "migrate"], None);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") && err.contains("smtp-ulr"), "{err}");
+    assert!(!dir.path().join("data").exists(), "nothing done");
+}
