@@ -60,6 +60,11 @@ pub struct MockConfig {
     /// `To` numbers accepted whose last status is `undelivered` (error 30003)
     /// instead of the last of `callback_statuses`.
     pub undeliverable: HashSet<String>,
+    /// `To` numbers whose message is accepted (stored, its statuses to
+    /// come) at once but answered only after this long: with a client
+    /// timeout shorter than that, the answer is lost and only a lookup can
+    /// tell that the message was taken.
+    pub slow_answer: HashMap<String, Duration>,
 }
 
 impl Default for MockConfig {
@@ -74,6 +79,7 @@ impl Default for MockConfig {
             callback_statuses: vec!["sent".to_owned(), "delivered".to_owned()],
             transient: HashMap::new(),
             undeliverable: HashSet::new(),
+            slow_answer: HashMap::new(),
         }
     }
 }

@@ -547,6 +547,9 @@ async fn create_message(
         let undeliverable = cfg.undeliverable.contains(&message.to);
         tokio::spawn(lifecycle(s.clone(), cfg.clone(), index, undeliverable));
     }
+    if let Some(&wait) = cfg.slow_answer.get(&message.to) {
+        tokio::time::sleep(wait).await;
+    }
     json(StatusCode::CREATED, &message.resource())
 }
 

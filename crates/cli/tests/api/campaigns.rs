@@ -192,13 +192,29 @@ where
     F: FnOnce(TestApp, MockSms) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    with_provider_tuned(engine, mock, |_| {}, test).await
+}
+
+/// [`with_provider`], with the server's configuration changed by `tune`.
+async fn with_provider_tuned<F, Fut>(
+    engine: Engine,
+    mock: MockConfig,
+    tune: impl FnOnce(&mut clinflow_server::Config),
+    test: F,
+) where
+    F: FnOnce(TestApp, MockSms) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let sms = MockSms::start("127.0.0.1:0".parse().expect("an address"), mock)
         .await
         .expect("the SMS provider starts");
     let base = sms.base_url();
     run_test_with(
         engine,
-        move |c| notify_config(c, &base),
+        move |c| {
+            notify_config(c, &base);
+            tune(c);
+        },
         |app| test(app, sms),
     )
     .await;
@@ -229,6 +245,7 @@ campaign_tests!(
     a_campaign_reaches_every_recipient_once_per_channel,
     transient_errors_are_retried_and_permanent_ones_fail_with_their_reason,
     opted_out_recipients_are_suppressed,
+    an_sms_whose_answer_is_lost_is_looked_up_not_sent_again,
     cancel_stops_what_has_not_been_sent,
     requests_are_checked_and_idempotent,
     killing_the_server_mid_campaign_finishes_it_without_duplicates,
@@ -453,6 +470,46 @@ async fn transient_errors_are_retried_and_permanent_ones_fail_with_their_reason(
             .filter(|m| d.phones.contains(&m.to))
             .count();
         assert_eq!(texts, d.phones.len());
+    })
+    .await;
+}
+
+/// The provider takes an SMS but its answer comes after the send timeout:
+/// clinflow looks it up instead of sending it again.
+async fn an_sms_whose_answer_is_lost_is_looked_up_not_sent_again(engine: Engine) {
+    let d = doctors(4, |_| "");
+    let slow = d.phones[1].clone();
+    let mut mock = MockConfig::default();
+    mock.slow_answer
+        .insert(slow.clone(), Duration::from_secs(3));
+    let tune = |c: &mut clinflow_server::Config| {
+        c.notify.sms.send_timeout = Duration::from_millis(300);
+    };
+    with_provider_tuned(engine, mock, tune, |app, sms| async move {
+        load(&app, &d).await;
+        let id = create(
+            &app,
+            &campaign("Lost answer", &["sms"], json!({"practitioners": d.ids})),
+        )
+        .await;
+        let _ = finished(&app, &id).await;
+        let rows = deliveries(&app, &id).await;
+        let row = rows
+            .iter()
+            .find(|r| r["address"] == slow.as_str())
+            .expect("its row");
+        assert!(
+            row["status"] == "sent" || row["status"] == "delivered",
+            "{row}"
+        );
+        assert_eq!(row["attempts"], 1, "found, not sent again: {row}");
+        let taken: Vec<_> = sms
+            .messages()
+            .into_iter()
+            .filter(|m| m.to == slow)
+            .collect();
+        assert_eq!(taken.len(), 1, "one message at the provider");
+        assert_eq!(row["provider_id"].as_str(), Some(taken[0].sid.as_str()));
     })
     .await;
 }

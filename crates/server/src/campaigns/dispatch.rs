@@ -10,6 +10,7 @@
 //! leaves `sending` is at most the sends in flight.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use clinflow_store::{
     now_millis, Channel, DeliveryOutcome, DeliveryRecord, DeliveryUpdate, Store, OUTCOME_UNKNOWN,
 };
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::senders::{EmailSender, SendError, SmsSender};
@@ -151,13 +152,39 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A claim's lease: past it, the row's sender is presumed gone. Twice
-    /// the send timeout and a second, so a live sender has written its
-    /// outcome long before.
+    /// A claim's lease: past it, the row's sender is presumed gone. Three
+    /// send timeouts and a second: a live sender's send (its timeout and the
+    /// one-second backstop) and an SMS lookup after it (bounded by the
+    /// timeout too) are over, and their outcome written, well before.
     fn lease_ms(&self) -> i64 {
-        (self.limits.send_timeout.as_millis() as i64) * 2 + 1000
+        (self.limits.send_timeout.as_millis() as i64) * 3 + 1000
     }
 }
+
+/// One claim or send in flight, counted in `busy` until dropped (so a
+/// panicking task is not waited for forever).
+struct Busy(Arc<watch::Sender<usize>>);
+
+impl Busy {
+    fn start(busy: &Arc<watch::Sender<usize>>) -> Busy {
+        busy.send_modify(|n| *n += 1);
+        Busy(busy.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Claims of one channel's worker in flight at once.
+const CLAIMS_AT_ONCE: usize = 2;
+/// What the last claim found: rows, none (wait for the poll or a wake-up),
+/// or an error (wait a second).
+const CLAIM_OK: u8 = 0;
+const CLAIM_EMPTY: u8 = 1;
+const CLAIM_FAILED: u8 = 2;
 
 /// Runs a channel's worker until `stop`; then lets the sends in flight
 /// finish (each is bounded by the send timeout) and writes their outcomes.
@@ -171,6 +198,11 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken) {
     let (record_tx, record_rx) = mpsc::channel::<DeliveryUpdate>(4096);
     let recorder = tokio::spawn(record(worker.store.clone(), record_rx));
     let mut last_stale = None::<tokio::time::Instant>;
+    let claims = Arc::new(Semaphore::new(CLAIMS_AT_ONCE));
+    let last_claim = Arc::new(AtomicU8::new(CLAIM_OK));
+    // Claims and sends in flight, counted so that a stop waits for them.
+    let (busy, mut idle) = watch::channel(0usize);
+    let busy = Arc::new(busy);
     loop {
         if stop.is_cancelled() {
             break;
@@ -199,21 +231,18 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken) {
             cells += 1;
         }
         permits.truncate(cells);
-        let claim = uuid::Uuid::new_v4().to_string();
-        let rows = match worker
-            .store
-            .claim_deliveries(
-                channel,
-                now_millis(),
-                permits.len(),
-                &claim,
-                worker.lease_ms(),
-            )
-            .await
-        {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::error!(channel = channel.as_str(), error = %e, "claiming deliveries failed");
+        // What the last claim found decides whether to wait before this one.
+        match last_claim.swap(CLAIM_OK, Ordering::AcqRel) {
+            CLAIM_EMPTY => {
+                drop(permits);
+                tokio::select! {
+                    () = tokio::time::sleep(worker.poll) => {}
+                    () = worker.wake.notified() => {}
+                    () = stop.cancelled() => break,
+                }
+                continue;
+            }
+            CLAIM_FAILED => {
                 drop(permits);
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -221,36 +250,73 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken) {
                 }
                 continue;
             }
+            _ => {}
+        }
+        // Claims are pipelined: while one waits for its commit, sends that
+        // finish meanwhile free slots for the next, so a connection does not
+        // idle for a whole commit between messages. At most two at once.
+        let in_flight = tokio::select! {
+            p = claims.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = stop.cancelled() => break,
         };
-        if rows.is_empty() {
-            drop(permits);
-            tokio::select! {
-                () = tokio::time::sleep(worker.poll) => {}
-                () = worker.wake.notified() => {}
-                () = stop.cancelled() => break,
+        let (worker, record_tx, pacer, last_claim) = (
+            worker.clone(),
+            record_tx.clone(),
+            pacer.clone(),
+            last_claim.clone(),
+        );
+        let claiming = Busy::start(&busy);
+        let busy = busy.clone();
+        tokio::spawn(async move {
+            let _claiming = claiming;
+            let claim = uuid::Uuid::new_v4().to_string();
+            let rows = match worker
+                .store
+                .claim_deliveries(
+                    channel,
+                    now_millis(),
+                    permits.len(),
+                    &claim,
+                    worker.lease_ms(),
+                )
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::error!(channel = channel.as_str(), error = %e, "claiming deliveries failed");
+                    last_claim.store(CLAIM_FAILED, Ordering::Release);
+                    return;
+                }
+            };
+            if rows.is_empty() {
+                last_claim.store(CLAIM_EMPTY, Ordering::Release);
+                return;
             }
-            continue;
-        }
-        permits.truncate(rows.len());
-        for (row, permit) in rows.into_iter().zip(permits) {
-            let worker = worker.clone();
-            let record_tx = record_tx.clone();
-            let pacer = pacer.clone();
-            tokio::spawn(async move {
-                let update = send_one(&worker, &pacer, row).await;
-                // The recorder outlives every send task (it stops when the
-                // last sender of its channel is dropped).
-                let _ = record_tx.send(update).await;
-                drop(permit);
-            });
-        }
+            last_claim.store(CLAIM_OK, Ordering::Release);
+            permits.truncate(rows.len());
+            for (row, permit) in rows.into_iter().zip(permits) {
+                let worker = worker.clone();
+                let record_tx = record_tx.clone();
+                let pacer = pacer.clone();
+                let sending = Busy::start(&busy);
+                tokio::spawn(async move {
+                    let _sending = sending;
+                    let update = send_one(&worker, &pacer, row).await;
+                    // The recorder outlives every send task (it stops when
+                    // the last sender of its channel is dropped).
+                    let _ = record_tx.send(update).await;
+                    drop(permit);
+                });
+            }
+            drop(in_flight);
+        });
     }
-    // Every send in flight holds a slot: all slots back means all are done
-    // and their outcomes queued (the pacer's cuts queued before this).
-    let all = pacer.allowed() as u32;
+    // Every claim and send in flight finishes (each send is bounded by its
+    // timeout and the backstop, a lookup by the timeout) and queues its
+    // outcome.
     let _ = tokio::time::timeout(
-        worker.limits.send_timeout + Duration::from_secs(5),
-        slots.acquire_many(all),
+        worker.limits.send_timeout * 3 + Duration::from_secs(5),
+        idle.wait_for(|n| *n == 0),
     )
     .await;
     drop(record_tx);
@@ -309,21 +375,16 @@ async fn send_one(worker: &Worker, pacer: &Pacer, row: DeliveryRecord) -> Delive
             retry_after,
         }) => retry(worker, &row, reason, retry_after),
         Err(SendError::Ambiguous { reason }) => match &worker.provider {
+            // Not found yet may be a request still on its way to the
+            // provider, so neither found nor an error sends it again now: it
+            // stays `sending`, and once its lease is over the stale pass
+            // looks again (not found then: sent again).
             Provider::Sms(s) => match s.lookup(&row).await {
                 Ok(Some(found)) => found_outcome(&found.sid, &found.status),
-                Ok(None) => retry(worker, &row, reason, None),
-                // Cannot tell: leave it `sending`; once its lease is over
-                // the stale pass looks again.
+                Ok(None) => return unchanged(row.id),
                 Err(e) => {
                     tracing::warn!(error = %e, "looking up an SMS after a timeout failed");
-                    return DeliveryUpdate {
-                        id: row.id,
-                        claim: String::new(),
-                        at: now_millis(),
-                        outcome: DeliveryOutcome::Failed {
-                            error: String::new(),
-                        },
-                    };
+                    return unchanged(row.id);
                 }
             },
             // SMTP has no lookup: sending again could deliver it twice.
@@ -339,6 +400,19 @@ async fn send_one(worker: &Worker, pacer: &Pacer, row: DeliveryRecord) -> Delive
         claim,
         at: now_millis(),
         outcome,
+    }
+}
+
+/// An outcome that leaves the row as it is (`sending`, for the stale pass):
+/// an empty claim, which the recorder drops.
+fn unchanged(id: String) -> DeliveryUpdate {
+    DeliveryUpdate {
+        id,
+        claim: String::new(),
+        at: now_millis(),
+        outcome: DeliveryOutcome::Failed {
+            error: String::new(),
+        },
     }
 }
 

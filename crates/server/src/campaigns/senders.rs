@@ -265,31 +265,29 @@ impl SmsSender {
     /// by a stopped process is resolved without sending it twice.
     pub async fn lookup(&self, d: &DeliveryRecord) -> anyhow::Result<Option<Found>> {
         let claimed = d.claimed_at.unwrap_or(d.updated_at);
-        let day = time::OffsetDateTime::from_unix_timestamp(claimed / 1000 - 86_400)
-            .map(|t| t.date())
-            .unwrap_or(time::Date::MIN);
-        let (y, m, dd) = (day.year(), day.month() as u8, day.day());
+        // By recipient only: `DateSent` leaves out messages still queued
+        // (no date_sent yet, the very state after a lost answer), and a
+        // messaging service's messages carry the number it picked as From.
         let resp = self
             .http
             .get(self.messages_url())
             .basic_auth(&self.settings.account_sid, Some(&self.settings.auth_token))
-            .query(&[
-                ("To", d.address.as_str()),
-                ("From", self.settings.from.as_str()),
-                ("DateSent>", &format!("{y:04}-{m:02}-{dd:02}")),
-                ("PageSize", "1000"),
-            ])
+            .query(&[("To", d.address.as_str()), ("PageSize", "1000")])
             .send()
             .await?
             .error_for_status()?;
         let body: serde_json::Value = resp.json().await?;
         let since = claimed - 5 * 60 * 1000;
+        let ours = |m: &serde_json::Value| {
+            let from = self.settings.from.as_str();
+            m["from"].as_str() == Some(from) || m["messaging_service_sid"].as_str() == Some(from)
+        };
         for m in body["messages"].as_array().into_iter().flatten() {
             let created = m["date_created"]
                 .as_str()
                 .and_then(httpdate_ms)
                 .unwrap_or(i64::MAX);
-            if m["body"].as_str() == Some(d.body.as_str()) && created >= since {
+            if m["body"].as_str() == Some(d.body.as_str()) && created >= since && ours(m) {
                 if let Some(sid) = m["sid"].as_str() {
                     return Ok(Some(Found {
                         sid: sid.to_string(),

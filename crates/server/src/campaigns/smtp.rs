@@ -53,10 +53,23 @@ impl SmtpTarget {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let tls = u
-            .query_pairs()
-            .find(|(k, _)| k == "tls")
-            .map(|(_, v)| v.into_owned());
+        let mut tls = None;
+        for (k, v) in u.query_pairs() {
+            if k != "tls" {
+                return Err(format!(
+                    "unknown parameter {k:?} (only tls=required|opportunistic)"
+                ));
+            }
+            if tls.replace(v.into_owned()).is_some() {
+                return Err("tls= given twice".into());
+            }
+        }
+        if !matches!(u.path(), "" | "/") {
+            return Err(format!("a path ({:?}) means nothing here", u.path()));
+        }
+        if u.port() == Some(0) {
+            return Err("port 0".into());
+        }
         let security = match (u.scheme(), tls.as_deref()) {
             ("smtp", None) => Security::Plain,
             ("smtp", Some("required")) => Security::StartTlsRequired,
@@ -71,6 +84,9 @@ impl SmtpTarget {
             _ => 25,
         });
         let credentials = if u.username().is_empty() {
+            if u.password().is_some() {
+                return Err("a password without a user".into());
+            }
             None
         } else {
             let dec = |p: &str| {
@@ -78,9 +94,14 @@ impl SmtpTarget {
             };
             Some((dec(u.username())?, dec(u.password().unwrap_or_default())?))
         };
-        if credentials.is_some() && security == Security::Plain {
+        // Opportunistic STARTTLS is left out too: whoever strips the
+        // server's STARTTLS offer would get the password in clear.
+        if credentials.is_some()
+            && matches!(security, Security::Plain | Security::StartTlsOpportunistic)
+        {
             return Err(
-                "credentials over an unencrypted connection: use smtps:// or ?tls=required".into(),
+                "credentials over a connection that may be unencrypted: use smtps:// or ?tls=required"
+                    .into(),
             );
         }
         Ok(SmtpTarget {
@@ -98,8 +119,11 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = b.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -171,11 +195,14 @@ impl SmtpPool {
             Some(mut c) => match timeout_at(deadline, transaction(&mut c, envelope, message)).await
             {
                 Ok(Ok(())) => c,
-                Ok(Err(Phase::Refused(f))) => {
-                    c.abort().await;
-                    return Err(f);
-                }
-                Ok(Err(Phase::Broken(_))) => self.fresh(deadline, envelope, message).await?,
+                // A pooled connection the server is closing answers its
+                // 421 to our MAIL: nothing was taken, try a fresh one.
+                Ok(Err(Phase::Refused(SmtpFailure::NotSent {
+                    code: Some(421), ..
+                })))
+                | Ok(Err(Phase::Broken(_))) => self.fresh(deadline, envelope, message).await?,
+                // Dropped, not QUIT: a refusing server gets no more waits.
+                Ok(Err(Phase::Refused(f))) => return Err(f),
                 Err(_) => return Err(late("envelope")),
             },
             None => self.fresh(deadline, envelope, message).await?,
@@ -187,7 +214,7 @@ impl SmtpPool {
             }
             Ok(Err(e)) => match e.status() {
                 Some(code) => {
-                    conn.abort().await;
+                    drop(conn);
                     Err(SmtpFailure::NotSent {
                         code: code.to_string().parse().ok(),
                         reason: e.to_string(),
@@ -214,10 +241,7 @@ impl SmtpPool {
             let mut c = self.connect().await?;
             match transaction(&mut c, envelope, message).await {
                 Ok(()) => Ok(c),
-                Err(Phase::Refused(f) | Phase::Broken(f)) => {
-                    c.abort().await;
-                    Err(f)
-                }
+                Err(Phase::Refused(f) | Phase::Broken(f)) => Err(f),
             }
         };
         timeout_at(deadline, work).await.unwrap_or_else(|_| {
@@ -274,6 +298,9 @@ impl SmtpPool {
             c
         };
         if let Some((user, pass)) = &t.credentials {
+            if !conn.is_encrypted() {
+                return Err(failed("AUTH", &"refused: the connection is not encrypted"));
+            }
             let creds = Credentials::new(user.clone(), pass.clone());
             conn.auth(&[Mechanism::Plain, Mechanism::Login], &creds)
                 .await
@@ -356,15 +383,33 @@ async fn transaction(
             reason: format!("SMTP connection ({what}): {e}"),
         }),
     };
-    c.command(Mail::new(envelope.from().cloned(), params))
+    // lettre takes any positive reply as success; MAIL and RCPT need a 2xx
+    // and DATA a 354, or the message's lines would be read as commands.
+    let expect = |r: lettre::transport::smtp::response::Response, want: &str, what: &str| {
+        let code = r.code().to_string();
+        if code.starts_with(want) {
+            Ok(())
+        } else {
+            Err(Phase::Refused(SmtpFailure::NotSent {
+                code: code.parse().ok(),
+                reason: format!("SMTP {what}: unexpected reply {code}"),
+            }))
+        }
+    };
+    let r = c
+        .command(Mail::new(envelope.from().cloned(), params))
         .await
         .map_err(|e| phase(e, "MAIL"))?;
+    expect(r, "2", "MAIL")?;
     for to in envelope.to() {
-        c.command(Rcpt::new(to.clone(), vec![]))
+        let r = c
+            .command(Rcpt::new(to.clone(), vec![]))
             .await
             .map_err(|e| phase(e, "RCPT"))?;
+        expect(r, "2", "RCPT")?;
     }
-    c.command(Data).await.map_err(|e| phase(e, "DATA"))?;
+    let r = c.command(Data).await.map_err(|e| phase(e, "DATA"))?;
+    expect(r, "354", "DATA")?;
     Ok(())
 }
 
@@ -396,6 +441,12 @@ mod tests {
     fn unsafe_or_unknown_urls_are_refused() {
         for (url, why) in [
             ("smtp://u:p@relay", "unencrypted"),
+            ("smtp://u:p@relay?tls=opportunistic", "unencrypted"),
+            ("smtp://relay?tsl=required", "unknown parameter"),
+            ("smtp://relay?tls=required&tls=required", "twice"),
+            ("smtp://relay/x", "path"),
+            ("smtp://relay:0", "port 0"),
+            ("smtps://u:%+F@relay", "percent"),
             ("smtp://relay?tls=maybe", "tls=maybe"),
             ("smtps://relay?tls=required", "TLS already"),
             ("http://relay", "scheme http"),
