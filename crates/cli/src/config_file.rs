@@ -159,4 +159,18 @@ mod tests {
             Some(PathBuf::from("b.toml"))
         );
     }
+
+    proptest::proptest! {
+        /// Total: any text is settings or an error, never a panic.
+        #[test]
+        fn any_text_reads_or_is_refused(text in "\\PC{0,200}", lines in proptest::collection::vec("[a-z-]{1,12} ?= ?(\"[^\"\\\\]{0,10}\"|[0-9]{1,4}|true|\\[1\\]|\\{\\})", 0..6)) {
+            let _ = parse(&text, &known());
+            let doc = lines.join("\n");
+            if let Ok(pairs) = parse(&doc, &known()) {
+                for (env, _) in pairs {
+                    proptest::prop_assert!(known().values().any(|v| *v == env));
+                }
+            }
+        }
+    }
 }

@@ -457,4 +457,24 @@ mod tests {
             assert!(e.contains(why), "{url}: {e}");
         }
     }
+
+    proptest::proptest! {
+        /// Total: any text is a target or a reason, never a panic; and
+        /// what is accepted never carries credentials over plain text.
+        #[test]
+        fn any_text_parses_or_is_refused(s in "\\PC{0,80}", tail in "[a-z0-9%:@/?=&.\\[\\]+-]{0,40}") {
+            for url in [s.clone(), format!("smtp://{tail}"), format!("smtps://{tail}")] {
+                if let Ok(t) = SmtpTarget::parse(&url) {
+                    proptest::prop_assert!(!t.host.is_empty());
+                    proptest::prop_assert!(t.port != 0);
+                    if t.credentials.is_some() {
+                        proptest::prop_assert!(matches!(
+                            t.security,
+                            Security::StartTlsRequired | Security::Implicit
+                        ));
+                    }
+                }
+            }
+        }
+    }
 }
