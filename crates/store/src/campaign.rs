@@ -175,8 +175,15 @@ pub enum DeliveryOutcome {
         provider_id: Option<String>,
         delivered: bool,
     },
-    /// Not sent: claim again from `next_at`.
-    Retry { error: String, next_at: i64 },
+    /// Not sent: claim again from `next_at`. With `refund` the claim's
+    /// attempt is given back: the provider turned the request away unread
+    /// (HTTP 429, slow down), so it says nothing about the message and must
+    /// not use up its attempts.
+    Retry {
+        error: String,
+        next_at: i64,
+        refund: bool,
+    },
     /// Given up: a permanent error, attempts used up, or an outcome that
     /// cannot be known without risking a second send.
     Failed { error: String },

@@ -424,6 +424,16 @@ async fn transient_errors_are_retried_and_permanent_ones_fail_with_their_reason(
             .filter(|r| r["channel"] == "sms" && r["status"] != "delivered")
             .collect();
         assert!(sms_failed.is_empty(), "{sms_failed:?}");
+        // A 429 is given back (the provider did not read the message); the
+        // two 503s are attempts.
+        for r in rows.iter().filter(|r| r["channel"] == "sms") {
+            let want = if r["address"] == d.phones[7].as_str() {
+                3
+            } else {
+                1
+            };
+            assert_eq!(r["attempts"], want, "{r}");
+        }
         let stats = sms.stats();
         assert!(stats.rejected_429 > 0, "{stats:?}");
         assert_eq!(stats.transient_503, 2, "{stats:?}");

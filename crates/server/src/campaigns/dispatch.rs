@@ -365,10 +365,12 @@ async fn send_one(worker: &Worker, pacer: &Pacer, row: DeliveryRecord) -> Delive
             provider_id,
             delivered: false,
         },
+        // Turned away unread: the attempt is given back (a 429 says nothing
+        // of the message); the pacer sends fewer at once meanwhile.
         Err(SendError::Throttled {
             reason,
             retry_after,
-        }) => retry(worker, &row, reason, retry_after),
+        }) => throttled(worker, &row, reason, retry_after),
         Err(SendError::Permanent { reason }) => DeliveryOutcome::Failed { error: reason },
         Err(SendError::Transient {
             reason,
@@ -451,6 +453,30 @@ fn retry(
     DeliveryOutcome::Retry {
         error: reason,
         next_at: now_millis() + wait.as_millis() as i64,
+        refund: false,
+    }
+}
+
+/// A provider's 429: again after a backoff (at least its `Retry-After`),
+/// with the attempt given back, so a throttling provider delays a row but
+/// never fails it (a campaign can be cancelled meanwhile).
+fn throttled(
+    worker: &Worker,
+    row: &DeliveryRecord,
+    reason: String,
+    retry_after: Option<Duration>,
+) -> DeliveryOutcome {
+    let wait = clinflow_notify::backoff::backoff(
+        row.attempts,
+        worker.retry.base,
+        worker.retry.cap,
+        rand::random::<f64>(),
+    )
+    .max(retry_after.unwrap_or_default());
+    DeliveryOutcome::Retry {
+        error: reason,
+        next_at: now_millis() + wait.as_millis() as i64,
+        refund: true,
     }
 }
 
@@ -483,6 +509,7 @@ async fn resolve_stale(worker: &Worker, record_tx: &mpsc::Sender<DeliveryUpdate>
                 Ok(None) => DeliveryOutcome::Retry {
                     error: "interrupted before the provider accepted it".into(),
                     next_at: now_millis(),
+                    refund: false,
                 },
                 Err(e) => {
                     tracing::warn!(error = %e, "looking up an interrupted SMS failed; later");

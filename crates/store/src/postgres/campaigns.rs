@@ -316,7 +316,9 @@ impl PgStore {
         let mut next_at: Vec<Option<i64>> = Vec::with_capacity(updates.len());
         let mut errors: Vec<Option<String>> = Vec::with_capacity(updates.len());
         let mut at = Vec::with_capacity(updates.len());
+        let mut refunds: Vec<i64> = Vec::with_capacity(updates.len());
         for u in updates {
+            let mut refund = 0;
             let (status, provider, sent, next, error) = match u.outcome {
                 DeliveryOutcome::Sent {
                     provider_id,
@@ -328,7 +330,12 @@ impl PgStore {
                     None,
                     None,
                 ),
-                DeliveryOutcome::Retry { error, next_at } => {
+                DeliveryOutcome::Retry {
+                    error,
+                    next_at,
+                    refund: r,
+                } => {
+                    refund = r as i64;
                     ("pending", None, None, Some(next_at), Some(error))
                 }
                 DeliveryOutcome::Failed { error } => ("failed", None, None, None, Some(error)),
@@ -341,17 +348,18 @@ impl PgStore {
             next_at.push(next);
             errors.push(error);
             at.push(u.at);
+            refunds.push(refund);
         }
         let c = self.client().await?;
         let st = c
             .prepare_cached(
-                "UPDATE deliveries d SET status = u.status, provider_id = COALESCE(u.provider, d.provider_id), sent_at = COALESCE(u.sent_at, d.sent_at), next_at = COALESCE(u.next_at, d.next_at), last_error = u.error, updated_at = u.at FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[], $7::TEXT[], $8::BIGINT[]) AS u(id, claim, status, provider, sent_at, next_at, error, at) WHERE d.id = u.id AND d.claim = u.claim AND (d.status = 'sending' OR (d.status = 'failed' AND d.last_error LIKE 'outcome unknown%'))",
+                "UPDATE deliveries d SET status = u.status, provider_id = COALESCE(u.provider, d.provider_id), sent_at = COALESCE(u.sent_at, d.sent_at), next_at = COALESCE(u.next_at, d.next_at), last_error = u.error, updated_at = u.at, attempts = GREATEST(d.attempts - u.refund, 0) FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[], $7::TEXT[], $8::BIGINT[], $9::BIGINT[]) AS u(id, claim, status, provider, sent_at, next_at, error, at, refund) WHERE d.id = u.id AND d.claim = u.claim AND (d.status = 'sending' OR (d.status = 'failed' AND d.last_error LIKE 'outcome unknown%'))",
             )
             .await?;
         Ok(c.execute(
             &st,
             &[
-                &ids, &claims, &statuses, &providers, &sent_at, &next_at, &errors, &at,
+                &ids, &claims, &statuses, &providers, &sent_at, &next_at, &errors, &at, &refunds,
             ],
         )
         .await?)

@@ -387,11 +387,15 @@ fn record_one(c: &Connection, u: &DeliveryUpdate) -> rusqlite::Result<usize> {
                 u.id,
                 u.claim
             ]),
-        DeliveryOutcome::Retry { error, next_at } => c
+        DeliveryOutcome::Retry {
+            error,
+            next_at,
+            refund,
+        } => c
             .prepare_cached(&format!(
-                "UPDATE deliveries SET status = 'pending', next_at = ?, last_error = ?, updated_at = ? WHERE {GUARD}"
+                "UPDATE deliveries SET status = 'pending', next_at = ?, last_error = ?, updated_at = ?, attempts = MAX(attempts - ?, 0) WHERE {GUARD}"
             ))?
-            .execute(params![next_at, error, u.at, u.id, u.claim]),
+            .execute(params![next_at, error, u.at, *refund as i64, u.id, u.claim]),
         DeliveryOutcome::Failed { error } => c
             .prepare_cached(&format!(
                 "UPDATE deliveries SET status = 'failed', last_error = ?, updated_at = ? WHERE {GUARD}"
