@@ -443,6 +443,16 @@ fn retry(
             error: format!("{reason} (gave up after {} attempts)", row.attempts),
         };
     }
+    DeliveryOutcome::Retry {
+        error: reason,
+        next_at: next_try(worker, row, retry_after),
+        refund: false,
+    }
+}
+
+/// When a row goes again: a backoff with jitter by its attempts, at least
+/// the provider's `Retry-After`.
+fn next_try(worker: &Worker, row: &DeliveryRecord, retry_after: Option<Duration>) -> i64 {
     let wait = clinflow_notify::backoff::backoff(
         row.attempts,
         worker.retry.base,
@@ -450,11 +460,7 @@ fn retry(
         rand::random::<f64>(),
     )
     .max(retry_after.unwrap_or_default());
-    DeliveryOutcome::Retry {
-        error: reason,
-        next_at: now_millis() + wait.as_millis() as i64,
-        refund: false,
-    }
+    now_millis() + wait.as_millis() as i64
 }
 
 /// A provider's 429: again after a backoff (at least its `Retry-After`),
@@ -466,16 +472,9 @@ fn throttled(
     reason: String,
     retry_after: Option<Duration>,
 ) -> DeliveryOutcome {
-    let wait = clinflow_notify::backoff::backoff(
-        row.attempts,
-        worker.retry.base,
-        worker.retry.cap,
-        rand::random::<f64>(),
-    )
-    .max(retry_after.unwrap_or_default());
     DeliveryOutcome::Retry {
         error: reason,
-        next_at: now_millis() + wait.as_millis() as i64,
+        next_at: next_try(worker, row, retry_after),
         refund: true,
     }
 }
