@@ -191,6 +191,19 @@ impl Store {
         dispatch!(self.current_resources(rtype, patient, scope))
     }
 
+    /// One page of a patient's current resources of one type (the history
+    /// services read a history this way). The query is stopped in the
+    /// database when `deadline` passes (`ReadError::Deadline`) or when this
+    /// future is dropped (the caller went away): SQLite is interrupted,
+    /// PostgreSQL is sent a cancel request.
+    pub async fn compartment_page(
+        &self,
+        q: CompartmentQuery,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<DatedResource>, ReadError> {
+        dispatch!(self.compartment_page(q, deadline))
+    }
+
     /// Every patient's site: `(patient, site)`.
     pub async fn patient_sites(&self) -> anyhow::Result<Vec<(String, String)>> {
         dispatch!(self.patient_sites())

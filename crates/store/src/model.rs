@@ -403,3 +403,33 @@ pub struct QueryFilter {
     pub after: Option<String>,
     pub limit: usize,
 }
+
+/// One page of a patient's current resources of one type, for the history
+/// services: `rtype` resources in `patient`'s compartment, in id order after
+/// `after`, at most `limit`, dated at or after `since` (ms) when given.
+#[derive(Debug, Clone)]
+pub struct CompartmentQuery {
+    pub patient: String,
+    pub rtype: String,
+    pub since: Option<i64>,
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+/// A resource with its clinical date (the low end of its `date`-kind
+/// search parameter, ms), `None` when it has none.
+#[derive(Debug, Clone)]
+pub struct DatedResource {
+    pub resource: StoredResource,
+    pub date: Option<i64>,
+}
+
+/// Why a read with a deadline gave nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The deadline passed first; the database was told to stop the query.
+    #[error("the read ran past its deadline")]
+    Deadline,
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}

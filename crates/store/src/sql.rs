@@ -599,6 +599,34 @@ pub fn current_all(dialect: Dialect, rtype: &str, patient: Option<&str>, scope: 
     sql
 }
 
+/// A page of one patient's current resources of one type, in id order; the
+/// fifth column is `sort_date`.
+pub fn compartment_page(dialect: Dialect, q: &crate::CompartmentQuery) -> Sql {
+    let mut sql = Sql::new(dialect);
+    sql.push("SELECT r.id, r.vid, r.last_updated, r.patient, r.sort_date, v.body FROM resources r JOIN resource_versions v ON v.rtype = r.rtype AND v.id = r.id AND v.vid = r.vid WHERE r.rtype = ")
+        .text(&q.rtype)
+        .push(" AND r.patient = ")
+        .text(&q.patient)
+        .push(" AND r.deleted = 0");
+    if let Some(since) = q.since {
+        // NO_SORT_DATE is i64::MIN, so undated resources fall out here.
+        sql.push(" AND r.sort_date >= ").int(since);
+    }
+    if let Some(after) = &q.after {
+        sql.push(" AND r.id > ").text(after);
+    }
+    sql.push(" ORDER BY r.id LIMIT ").int(q.limit as i64);
+    sql
+}
+
+/// The date column of [`compartment_page`] as a date.
+pub fn dated(resource: crate::StoredResource, sort_date: i64) -> crate::DatedResource {
+    crate::DatedResource {
+        resource,
+        date: (sort_date != NO_SORT_DATE).then_some(sort_date),
+    }
+}
+
 /// Current non-deleted versions of the given keys, scoped.
 pub fn read_many(dialect: Dialect, rtype: &str, ids: &[String], scope: &Scope) -> Sql {
     let mut sql = Sql::new(dialect);

@@ -572,6 +572,25 @@ impl PgStore {
             .collect())
     }
 
+    pub async fn compartment_page(
+        &self,
+        q: CompartmentQuery,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<DatedResource>, ReadError> {
+        let s = sql::compartment_page(Dialect::Postgres, &q);
+        let read = async {
+            let c = self.client().await?;
+            let mut guard = CancelOnDrop(Some(c.cancel_token()));
+            let rows = run_rows(&c, &q.rtype, &s).await;
+            guard.0 = None;
+            rows
+        };
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(rows) => Ok(rows?.into_iter().map(|(r, d)| sql::dated(r, d)).collect()),
+            Err(_) => Err(ReadError::Deadline),
+        }
+    }
+
     pub async fn patient_sites(&self) -> anyhow::Result<Vec<(String, String)>> {
         let c = self.client().await?;
         let st = c
@@ -2168,6 +2187,25 @@ mod tests {
                 parse_url(&format!("postgres://u@h/db?schema={bad}")).is_err(),
                 "{bad}"
             );
+        }
+    }
+}
+
+/// Sends PostgreSQL a cancel request for the connection's running query when
+/// dropped while armed: a query whose caller stopped waiting (deadline, or
+/// the caller gone) stops in the server too, instead of running to the end.
+struct CancelOnDrop(Option<tokio_postgres::CancelToken>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(token) = self.0.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = token.cancel_query(tokio_postgres::NoTls).await {
+                        tracing::debug!(error = %e, "cancelling a PostgreSQL query failed");
+                    }
+                });
+            }
         }
     }
 }

@@ -11,6 +11,7 @@
 //! disk).
 
 use std::path::{Path, PathBuf};
+use std::ops::DerefMut;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Context};
@@ -413,6 +414,37 @@ impl SqliteStore {
                 .collect())
         })
         .await
+    }
+
+    pub async fn compartment_page(
+        &self,
+        q: CompartmentQuery,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<DatedResource>, ReadError> {
+        let s = sql::compartment_page(Dialect::Sqlite, &q);
+        let slot = Arc::new(Mutex::new(Interrupt::Waiting));
+        let guard = InterruptOnDrop(slot.clone());
+        let read = self.read(move |c| {
+            match slot.lock().map_err(|_| anyhow!("interrupt slot poisoned"))?.deref_mut() {
+                st @ Interrupt::Waiting => *st = Interrupt::Running(c.get_interrupt_handle()),
+                _ => return Err(anyhow!("the read was cancelled before it started")),
+            }
+            let rows = run_rows(c, &q.rtype, &s);
+            // Under the lock: once `Done`, nothing interrupts this
+            // connection, which the next reader gets from the pool.
+            if let Ok(mut st) = slot.lock() {
+                *st = Interrupt::Done;
+            }
+            rows
+        });
+        let rows = match tokio::time::timeout_at(deadline, read).await {
+            Ok(rows) => rows?,
+            // Dropping the read future does not stop the blocking task:
+            // the guard below interrupts its statement.
+            Err(_) => return Err(ReadError::Deadline),
+        };
+        drop(guard);
+        Ok(rows.into_iter().map(|(r, d)| sql::dated(r, d)).collect())
     }
 
     pub async fn patient_sites(&self) -> anyhow::Result<Vec<(String, String)>> {
@@ -1754,5 +1786,31 @@ mod tests {
                 .unwrap()
                 .to_compact()
         );
+    }
+}
+
+/// Where a read that can be stopped is: the blocking task and the waiting
+/// future share it under a lock, so an interrupt reaches only the statement
+/// it was meant for (never one a later reader runs on the same connection).
+enum Interrupt {
+    Waiting,
+    Running(rusqlite::InterruptHandle),
+    Done,
+    Cancelled,
+}
+
+/// Interrupts the read when the waiting future goes away first (deadline or
+/// caller gone); a no-op once the read is done.
+struct InterruptOnDrop(Arc<Mutex<Interrupt>>);
+
+impl Drop for InterruptOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.lock() {
+            match std::mem::replace(&mut *st, Interrupt::Cancelled) {
+                Interrupt::Running(h) => h.interrupt(),
+                Interrupt::Done => *st = Interrupt::Done,
+                Interrupt::Waiting | Interrupt::Cancelled => {}
+            }
+        }
     }
 }
