@@ -18,6 +18,7 @@ use clinflow_store::{AuditRecord, DatabaseUrl, Store};
 
 mod campaign;
 mod config_file;
+mod history_args;
 mod ingest;
 mod notify_args;
 
@@ -132,6 +133,18 @@ enum Command {
         mllp_listen: Option<SocketAddr>,
         #[command(flatten)]
         notify: Box<notify_args::NotifyArgs>,
+        #[command(flatten)]
+        history: Box<history_args::HistoryArgs>,
+    },
+    /// The records service of patient histories (gRPC), as its own process.
+    Records {
+        #[command(subcommand)]
+        command: history_args::ServiceCommand,
+    },
+    /// The billing service of patient histories (gRPC), as its own process.
+    Billing {
+        #[command(subcommand)]
+        command: history_args::ServiceCommand,
     },
     /// Practitioners (the recipients of campaigns).
     Practitioners {
@@ -349,6 +362,44 @@ async fn load_trial_text(
     Ok(clinflow_server::trials::load(store, &protocol, &subjects, cli_actor("trial-load")).await?)
 }
 
+/// `clinflow records serve` / `clinflow billing serve`.
+async fn serve_history_service(
+    url: &clinflow_store::DatabaseUrl,
+    command: history_args::ServiceCommand,
+    which: clinflow_history::service::Which,
+) -> anyhow::Result<()> {
+    let history_args::ServiceCommand::Serve {
+        listen,
+        service_token,
+        fault_latency,
+    } = command;
+    if service_token.is_empty() {
+        anyhow::bail!("--service-token (CLINFLOW_SERVICE_TOKEN) must not be empty");
+    }
+    let shutdown = shutdown_signal()?;
+    let store = Store::open(url).await?;
+    let ctx = clinflow_history::service::ServiceContext::new(
+        store.clone(),
+        &service_token,
+        clinflow_history::service::Faults {
+            latency: Duration::from_millis(fault_latency),
+        },
+        Default::default(),
+    );
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let name = match which {
+        clinflow_history::service::Which::Records => "records",
+        clinflow_history::service::Which::Billing => "billing",
+    };
+    // The first line is the address (port 0 picks one: tests read it).
+    println!("clinflow {name} service listening on http://{addr}");
+    tracing::info!(%addr, service = name, "serving");
+    clinflow_history::service::serve(listener, ctx, vec![which], true, shutdown).await?;
+    store.flush().await?;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let url = database_url(&cli)?;
     match cli.command {
@@ -371,9 +422,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ingest_mapped_queue,
             mllp_listen,
             notify,
+            history,
         } => {
             let mut config = Config::new(url.clone());
             config.notify = notify.config();
+            config.history = history.config()?;
             config.listen = listen;
             config.admin_token = admin_token.filter(|t| !t.is_empty());
             config.request_timeout = Duration::from_secs(request_timeout);
@@ -453,6 +506,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             tracing::info!(%addr, engine = app.state().store.engine(), "serving");
             app.run_until_stopped(shutdown).await?;
+        }
+        Command::Records { command } => {
+            serve_history_service(&url, command, clinflow_history::service::Which::Records).await?;
+        }
+        Command::Billing { command } => {
+            serve_history_service(&url, command, clinflow_history::service::Which::Billing).await?;
         }
         Command::Practitioners {
             command: PractitionersCommand::Load { file },

@@ -86,22 +86,22 @@ pub struct ServiceMetrics {
 impl ServiceMetrics {
     pub fn register(&self, r: &mut Registry) {
         r.register(
-            "clinflow_history_service_requests",
+            "history_service_requests",
             "History service calls by outcome (ok, invalid, unauthenticated, overloaded, error, deadline, cancelled)",
             self.requests.clone(),
         );
         r.register(
-            "clinflow_history_cancelled",
+            "history_cancelled",
             "History service calls stopped before their end: the deadline passed or the caller went away",
             self.cancelled.clone(),
         );
         r.register(
-            "clinflow_history_last_cancel_timestamp_seconds",
+            "history_last_cancel_timestamp_seconds",
             "When a history service last stopped a call (Unix time)",
             self.last_cancel.clone(),
         );
         r.register(
-            "clinflow_history_service_in_flight",
+            "history_service_in_flight",
             "History service calls running",
             self.in_flight.clone(),
         );
@@ -567,4 +567,75 @@ mod tests {
             assert!(!valid_id(bad), "{bad:?}");
         }
     }
+}
+
+/// Serves the `which` services on `listener` until `shutdown` resolves:
+/// gRPC (HTTP/2 without TLS, prior knowledge) and, on the same port over
+/// HTTP/1.1, `GET /healthz` (public) and `GET /metrics` (the service token).
+/// This is `clinflow records serve` / `clinflow billing serve`, and the
+/// in-process services of `clinflow serve` (without the two HTTP routes:
+/// their metrics are the server's).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ctx: ServiceContext,
+    which: Vec<Which>,
+    standalone: bool,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut app = grpc_router(&ctx, &which);
+    if standalone {
+        let mut registry = Registry::with_prefix("clinflow");
+        ctx.metrics.register(&mut registry);
+        let registry = Arc::new(registry);
+        let token = ctx.token.clone();
+        app = app
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/metrics",
+                axum::routing::get(move |headers: axum::http::HeaderMap| {
+                    let registry = registry.clone();
+                    let token = token.clone();
+                    async move { render_metrics(&registry, &token, &headers) }
+                }),
+            );
+    }
+    // No Nagle delay: a page is one write, the last one must not wait.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn render_metrics(
+    registry: &Registry,
+    token: &str,
+    headers: &axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !given.is_some_and(|t| crate::wire::same_secret(t.as_bytes(), token.as_bytes())) {
+        return (
+            axum::http::StatusCode::UNAUTHORIZED,
+            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+            "the service token is required\n",
+        )
+            .into_response();
+    }
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
+        return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }

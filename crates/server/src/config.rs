@@ -69,6 +69,8 @@ pub struct Config {
     pub dashboard_section_delay: std::collections::HashMap<String, Duration>,
     /// Notification campaigns: the providers, limits and retries.
     pub notify: crate::campaigns::NotifyConfig,
+    /// The patient history gateway: services, deadline, resilience.
+    pub history: crate::history::HistoryConfig,
 }
 
 impl Config {
@@ -97,6 +99,7 @@ impl Config {
             dashboard_section_timeout: Duration::from_secs(2),
             dashboard_section_delay: Default::default(),
             notify: Default::default(),
+            history: Default::default(),
         }
     }
 }

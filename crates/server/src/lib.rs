@@ -27,6 +27,7 @@ pub mod dashboard;
 pub mod demo;
 pub mod error;
 pub mod fhir;
+pub mod history;
 pub mod ingest;
 mod media;
 pub mod metrics;

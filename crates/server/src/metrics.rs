@@ -321,6 +321,12 @@ impl Metrics {
         }
     }
 
+    /// Registers metrics owned elsewhere (the history services and
+    /// gateway), before the server starts.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

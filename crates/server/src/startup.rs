@@ -51,7 +51,13 @@ impl Application {
             Some(addr) => Some(MllpListener::bind(addr).await?),
             None => None,
         };
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        let history = Arc::new(
+            crate::history::Gateway::start(&config.history, &store, metrics.registry_mut())
+                .await
+                .context("starting the patient history gateway")?,
+        );
+        let metrics = Arc::new(metrics);
         // Read before any request is taken, so a batch accepted from now on
         // is queued once, by its request.
         let unfinished = store.unfinished_batches().await?;
@@ -83,6 +89,7 @@ impl Application {
             ingest_rates: Default::default(),
             tokens,
             notify,
+            history,
             store,
             config: Arc::new(config),
             metrics,
@@ -169,6 +176,7 @@ impl Application {
         );
         signal.abort();
         refresher.abort();
+        self.state.history.stop();
         // The delivery workers saw `stop`: their sends in flight finish
         // (bounded by the send timeout) and are recorded.
         if let Err(e) = notifier.await {
@@ -205,6 +213,7 @@ pub fn router(state: AppState) -> Router {
         .route("/queries", get(queries::list))
         .route("/queries/{id}/answer", post(queries::answer))
         .route("/queries/{id}/close", post(queries::close))
+        .route("/patients/{id}/history", get(crate::history::get_history))
         .route("/audit/export", get(audit_api::export))
         .route("/audit/verify", get(audit_api::verify))
         .route("/metrics", get(render_metrics));

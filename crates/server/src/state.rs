@@ -49,4 +49,6 @@ pub struct Shared {
     pub tokens: Arc<TokenCache>,
     /// Notification campaigns: links, senders, workers.
     pub notify: Arc<crate::campaigns::Notifier>,
+    /// The patient history gateway and its downstream clients.
+    pub history: Arc<crate::history::Gateway>,
 }
