@@ -153,6 +153,30 @@ const IMAGING_STUDY_STATUS: &[&str] = &[
     "unknown",
 ];
 const QUANTITY_COMPARATOR: &[&str] = &["<", "<=", ">=", ">"];
+const CHARGE_ITEM_STATUS: &[&str] = &[
+    "planned",
+    "billable",
+    "not-billable",
+    "aborted",
+    "billed",
+    "entered-in-error",
+    "unknown",
+];
+const INVOICE_STATUS: &[&str] = &[
+    "draft",
+    "issued",
+    "balanced",
+    "cancelled",
+    "entered-in-error",
+];
+const INVOICE_PRICE_COMPONENT_TYPE: &[&str] = &[
+    "base",
+    "surcharge",
+    "deduction",
+    "discount",
+    "tax",
+    "informational",
+];
 
 /// Every checked element. R4 binding strength `required` for all codes.
 ///
@@ -291,6 +315,23 @@ pub(crate) static BINDINGS: &[Binding] = &[
     // ImagingStudy
     b("ImagingStudy.status", Rule::Code(IMAGING_STUDY_STATUS)),
     b("ImagingStudy.started", Rule::Date),
+    // ChargeItem, Invoice
+    b("ChargeItem.status", Rule::Code(CHARGE_ITEM_STATUS)),
+    b("ChargeItem.occurrenceDateTime", Rule::Date),
+    b("ChargeItem.occurrencePeriod.start", Rule::Date),
+    b("ChargeItem.occurrencePeriod.end", Rule::Date),
+    b("ChargeItem.occurrencePeriod", Rule::Period),
+    b("ChargeItem.enteredDate", Rule::Date),
+    b("Invoice.status", Rule::Code(INVOICE_STATUS)),
+    b("Invoice.date", Rule::Date),
+    b(
+        "Invoice.lineItem.priceComponent.type",
+        Rule::Code(INVOICE_PRICE_COMPONENT_TYPE),
+    ),
+    b(
+        "Invoice.totalPriceComponent.type",
+        Rule::Code(INVOICE_PRICE_COMPONENT_TYPE),
+    ),
     // Research
     b(
         "ResearchSubject.status",

@@ -90,6 +90,9 @@ pub struct Extracted {
 pub const SITE_EXTENSION: &str =
     "https://clinflow.dev/fhir/StructureDefinition/research-subject-site";
 
+/// The system of a Money's currency when it is searched as a quantity.
+const ISO_4217: &str = "urn:iso:std:iso:4217";
+
 /// The search parameters of `resource_type` (besides `_id` and `_lastUpdated`,
 /// which every type has).
 pub fn params(resource_type: &str) -> &'static [ParamDef] {
@@ -389,13 +392,39 @@ params_of!(IMAGING_STUDY: [
     ("modality", Token, None, Paths(&["series.modality"])),
 ]);
 
+// `occurrence` is `occurrence[x]`; of its Timing variant clinflow indexes
+// nothing (a schedule has no one range to search or sort by).
+params_of!(CHARGE_ITEM: [
+    ("identifier", Token, None, Paths(IDENTIFIER)),
+    ("subject", Reference, None, Paths(SUBJECT)),
+    ("patient", Reference, Some("Patient"), RefTo(SUBJECT, "Patient")),
+    ("code", Token, None, Paths(&["code"])),
+    ("occurrence", Date, None, Paths(&["occurrenceDateTime", "occurrencePeriod"])),
+    ("entered-date", Date, None, Paths(&["enteredDate"])),
+    ("context", Reference, Some("Encounter"), Paths(&["context"])),
+]);
+
+// `totalgross` is a Money, searched as a quantity in ISO 4217 (see
+// `read_node`): `totalgross=80.00|urn:iso:std:iso:4217|EUR`.
+params_of!(INVOICE: [
+    ("identifier", Token, None, Paths(IDENTIFIER)),
+    ("subject", Reference, None, Paths(SUBJECT)),
+    ("patient", Reference, Some("Patient"), RefTo(SUBJECT, "Patient")),
+    ("date", Date, None, Paths(&["date"])),
+    ("status", Token, None, Paths(&["status"])),
+    ("type", Token, None, Paths(&["type"])),
+    ("totalgross", Quantity, None, Paths(&["totalGross"])),
+]);
+
 static INDEXED_TYPES: &[&str] = &[
     "AdverseEvent",
     "Appointment",
+    "ChargeItem",
     "Condition",
     "DiagnosticReport",
     "Encounter",
     "ImagingStudy",
+    "Invoice",
     "Location",
     "Observation",
     "Organization",
@@ -411,10 +440,12 @@ fn table(resource_type: &str) -> Option<&'static TypeTable> {
     Some(match resource_type {
         "AdverseEvent" => &ADVERSE_EVENT,
         "Appointment" => &APPOINTMENT,
+        "ChargeItem" => &CHARGE_ITEM,
         "Condition" => &CONDITION,
         "DiagnosticReport" => &DIAGNOSTIC_REPORT,
         "Encounter" => &ENCOUNTER,
         "ImagingStudy" => &IMAGING_STUDY,
+        "Invoice" => &INVOICE,
         "Location" => &LOCATION,
         "Observation" => &OBSERVATION,
         "Organization" => &ORGANIZATION,
@@ -562,10 +593,18 @@ fn read_node(kind: ParamKind, node: &Json, push: &mut dyn FnMut(IndexValue)) {
             };
             if let Some(value) = value {
                 let text = |k: &str| node.get(k).and_then(Json::as_str).map(str::to_string);
+                // A Money (`value`, `currency`) is the quantity of its
+                // currency in ISO 4217, as R4's MoneyQuantity has it.
+                let (system, code) = match text("currency") {
+                    Some(currency) if node.get("code").is_none() => {
+                        (Some(ISO_4217.to_string()), Some(currency))
+                    }
+                    _ => (text("system"), text("code")),
+                };
                 push(IndexValue::Quantity {
                     value,
-                    system: text("system"),
-                    code: text("code"),
+                    system,
+                    code,
                 });
             }
         }
@@ -1007,6 +1046,115 @@ mod tests {
         );
         assert_eq!(entries(&x, "modality").len(), 2);
         assert_eq!(entries(&x, "started").len(), 1);
+    }
+
+    #[test]
+    fn charge_items_sort_by_occurrence_in_the_patients_compartment() {
+        let x = extract_text(
+            r#"{"resourceType":"ChargeItem","status":"billable",
+            "identifier":[{"system":"https://billing.example.org/charge","value":"c-1"}],
+            "code":{"coding":[{"system":"https://clinflow.dev/fhir/CodeSystem/charge","code":"lab-glucose"},{"system":"http://loinc.org","code":"2345-7"}]},
+            "subject":{"reference":"Patient/p1"},"context":{"reference":"Encounter/e1"},
+            "occurrenceDateTime":"2026-03-02T10:00:00+01:00","enteredDate":"2026-03-02T18:00:00Z",
+            "priceOverride":{"value":12.50,"currency":"EUR"}}"#,
+        );
+        assert_eq!(x.patient.as_deref(), Some("p1"));
+        assert_eq!(entries(&x, "subject"), [rf("Patient", "p1")]);
+        assert!(entries(&x, "patient").is_empty());
+        assert_eq!(
+            reference_alias("ChargeItem", "patient"),
+            Some(("subject", "Patient"))
+        );
+        assert_eq!(reference_target("ChargeItem", "context"), Some("Encounter"));
+        assert_eq!(entries(&x, "context"), [rf("Encounter", "e1")]);
+        assert_eq!(
+            entries(&x, "code"),
+            [
+                tok(
+                    Some("https://clinflow.dev/fhir/CodeSystem/charge"),
+                    "lab-glucose"
+                ),
+                tok(Some("http://loinc.org"), "2345-7")
+            ]
+        );
+        assert_eq!(
+            entries(&x, "identifier"),
+            [tok(Some("https://billing.example.org/charge"), "c-1")]
+        );
+        let occurred = date("2026-03-02T09:00:00Z", "2026-03-02T09:00:00Z");
+        assert_eq!(entries(&x, "occurrence"), std::slice::from_ref(&occurred));
+        assert_eq!(
+            entries(&x, "entered-date"),
+            [date("2026-03-02T18:00:00Z", "2026-03-02T18:00:00Z")]
+        );
+        // The first date parameter, occurrence, not entered-date.
+        let IndexValue::Date { low, .. } = occurred else {
+            unreachable!()
+        };
+        assert_eq!(x.sort_date, Some(low));
+
+        // A Period occurrence; without one, entered-date does not sort.
+        let x = extract_text(
+            r#"{"resourceType":"ChargeItem","status":"billed","code":{"text":"x"},"subject":{"reference":"Patient/p2"},
+            "occurrencePeriod":{"start":"2026-03-01","end":"2026-03-05"}}"#,
+        );
+        assert_eq!(
+            entries(&x, "occurrence"),
+            [date("2026-03-01", "2026-03-05")]
+        );
+        assert_eq!(
+            x.sort_date,
+            Some(datetime::parse_range("2026-03-01").unwrap().low)
+        );
+        let x = extract_text(
+            r#"{"resourceType":"ChargeItem","status":"billed","code":{"text":"x"},"subject":{"reference":"Group/g1"},
+            "enteredDate":"2026-03-01"}"#,
+        );
+        assert_eq!(x.sort_date, None);
+        assert_eq!(
+            x.patient, None,
+            "a Group's charge is in no patient's compartment"
+        );
+    }
+
+    #[test]
+    fn invoices_sort_by_date_and_total_as_iso_4217_quantities() {
+        let x = extract_text(
+            r#"{"resourceType":"Invoice","status":"issued",
+            "type":{"coding":[{"system":"https://billing.example.org/invoice-type","code":"visit"}]},
+            "subject":{"reference":"Patient/p1"},"date":"2026-03-04",
+            "lineItem":[{"sequence":1,"chargeItemReference":{"reference":"ChargeItem/c1"},
+                "priceComponent":[{"type":"base","amount":{"value":80.00,"currency":"EUR"}}]},
+                {"sequence":2,"chargeItemReference":{"reference":"ChargeItem/c2"},
+                "priceComponent":[{"type":"base","amount":{"value":12.50,"currency":"EUR"}}]}],
+            "totalNet":{"value":92.50,"currency":"EUR"},"totalGross":{"value":92.50,"currency":"EUR"}}"#,
+        );
+        assert_eq!(x.patient.as_deref(), Some("p1"));
+        assert_eq!(
+            reference_alias("Invoice", "patient"),
+            Some(("subject", "Patient"))
+        );
+        assert_eq!(entries(&x, "status"), [tok(None, "issued")]);
+        assert_eq!(
+            entries(&x, "type"),
+            [tok(
+                Some("https://billing.example.org/invoice-type"),
+                "visit"
+            )]
+        );
+        assert_eq!(entries(&x, "date"), [date("2026-03-04", "2026-03-04")]);
+        assert_eq!(
+            x.sort_date,
+            Some(datetime::parse_range("2026-03-04").unwrap().low)
+        );
+        assert_eq!(
+            entries(&x, "totalgross"),
+            [IndexValue::Quantity {
+                value: 92.5,
+                system: Some(ISO_4217.into()),
+                code: Some("EUR".into())
+            }]
+        );
     }
 
     #[test]

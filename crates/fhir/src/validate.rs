@@ -476,6 +476,15 @@ mod tests {
             ("Questionnaire", r#""status":"published""#),
             ("QuestionnaireResponse", r#""status":"done""#),
             ("DiagnosticReport", r#""status":"done","code":{"text":"x"}"#),
+            (
+                "ChargeItem",
+                r#""status":"paid","code":{"text":"x"},"subject":{"reference":"Patient/p"}"#,
+            ),
+            ("Invoice", r#""status":"paid""#),
+            (
+                "Invoice",
+                r#""status":"issued","lineItem":[{"chargeItemReference":{"reference":"ChargeItem/c"},"priceComponent":[{"type":"fee"}]}]"#,
+            ),
         ] {
             let text = format!(r#"{{"resourceType":"{rt}",{body}}}"#);
             let got = codes_and_paths(&text);

@@ -115,8 +115,21 @@ pub fn built_op(
     expect: Expect,
     now: i64,
 ) -> Result<WriteOp, BuiltError> {
-    let json = clinflow_fhir::Json::parse(&resource.to_string())
-        .map_err(|e| BuiltError::NotJson(e.to_string()))?;
+    built_op_text(&resource.to_string(), id, expect, now)
+}
+
+/// [`built_op`] for a resource the server wrote as JSON text. Decimals keep
+/// the text they are written with (`80.00` is stored and served as
+/// `80.00`); a `serde_json::Value` holds them as f64 and writes `80.0`, so
+/// a resource whose decimals must keep their precision (money) is built
+/// as text.
+pub fn built_op_text(
+    text: &str,
+    id: &str,
+    expect: Expect,
+    now: i64,
+) -> Result<WriteOp, BuiltError> {
+    let json = clinflow_fhir::Json::parse(text).map_err(|e| BuiltError::NotJson(e.to_string()))?;
     let res = clinflow_fhir::validate::validate_json(json, None, "")
         .map_err(|o| BuiltError::Invalid(o.to_json_string()))?;
     Ok(build_op(res, id, expect, now))
