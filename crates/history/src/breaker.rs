@@ -114,7 +114,8 @@ impl<S> Layer<S> for BreakerLayer {
             inner,
             service: self.service,
             // A std mutex: held for a few additions, never across an await.
-            window: (!self.window.is_zero()).then(|| Arc::new(Mutex::new(Window::new(self.window)))),
+            window: (!self.window.is_zero())
+                .then(|| Arc::new(Mutex::new(Window::new(self.window)))),
         }
     }
 }
@@ -161,7 +162,10 @@ where
         let fut = self.inner.call(call);
         Box::pin(async move {
             let r = fut.await;
-            if r.as_ref().err().is_none_or(DownstreamError::service_accepted) {
+            if r.as_ref()
+                .err()
+                .is_none_or(DownstreamError::service_accepted)
+            {
                 window
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

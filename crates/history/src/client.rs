@@ -336,7 +336,11 @@ fn stack<C>(service: &'static str, client: C, cfg: &DownstreamConfig) -> anyhow:
         auth,
     };
     let breaker = BreakerLayer::new(service, cfg.breaker_window).layer(call);
-    Ok(RetryLayer::new(DeadlineRetry::new(cfg.max_retries, Duration::from_millis(20))).layer(breaker))
+    Ok(RetryLayer::new(DeadlineRetry::new(
+        cfg.max_retries,
+        Duration::from_millis(20),
+    ))
+    .layer(breaker))
 }
 
 /// The records service's client stack.

@@ -96,7 +96,10 @@ mod tests {
         t.add("3", "USD").unwrap();
         assert_eq!(
             t.render(),
-            vec![("92.80".into(), "EUR".into()), ("3.00".into(), "USD".into())]
+            vec![
+                ("92.80".into(), "EUR".into()),
+                ("3.00".into(), "USD".into())
+            ]
         );
     }
 
@@ -112,7 +115,11 @@ mod tests {
     fn bad_amounts_and_currencies_are_refused() {
         let mut t = Totals::default();
         for v in ["", "1.", ".5", "1.23456", "1e3", "+1", "--1", "1,00", "NaN"] {
-            assert_eq!(t.add(v, "EUR"), Err(MoneyError::BadValue(v.into())), "{v:?}");
+            assert_eq!(
+                t.add(v, "EUR"),
+                Err(MoneyError::BadValue(v.into())),
+                "{v:?}"
+            );
         }
         assert!(matches!(t.add("1", "eur"), Err(MoneyError::BadCurrency(_))));
         assert!(t.render().is_empty(), "nothing was added");

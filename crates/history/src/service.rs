@@ -125,7 +125,12 @@ pub struct ServiceContext {
 }
 
 impl ServiceContext {
-    pub fn new(store: Store, token: &str, faults: Faults, metrics: ServiceMetrics) -> ServiceContext {
+    pub fn new(
+        store: Store,
+        token: &str,
+        faults: Faults,
+        metrics: ServiceMetrics,
+    ) -> ServiceContext {
         ServiceContext {
             store,
             token: token.into(),
@@ -463,7 +468,15 @@ impl pb::records_server::Records for RecordsService {
         let deadline = tracker.deadline;
         let sink = RecordsSink(tx.clone());
         spawn_call(tracker, tx, async move {
-            read_pages(&ctx, &req.patient_id, req.since_ms, RECORD_TYPES, deadline, sink).await
+            read_pages(
+                &ctx,
+                &req.patient_id,
+                req.since_ms,
+                RECORD_TYPES,
+                deadline,
+                sink,
+            )
+            .await
         });
         Ok(Response::new(stream_of(rx)))
     }
@@ -492,8 +505,15 @@ impl pb::billing_server::Billing for BillingService {
                 tx: out.clone(),
                 totals: Totals::default(),
             };
-            read_pages(&ctx, &req.patient_id, req.since_ms, BILLING_TYPES, deadline, &mut sink)
-                .await?;
+            read_pages(
+                &ctx,
+                &req.patient_id,
+                req.since_ms,
+                BILLING_TYPES,
+                deadline,
+                &mut sink,
+            )
+            .await?;
             let totals = sink
                 .totals
                 .render()
@@ -541,32 +561,6 @@ pub fn grpc_router(ctx: &ServiceContext, which: &[Which]) -> axum::Router {
         };
     }
     routes.into_axum_router()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn invoice_totals_read_the_decimal_text() {
-        let mut t = Totals::default();
-        add_invoice(&mut t, r#"{"resourceType":"Invoice","status":"issued","totalGross":{"value":80.10,"currency":"EUR"}}"#).unwrap();
-        add_invoice(&mut t, r#"{"resourceType":"Invoice","status":"balanced","totalNet":{"value":0.20,"currency":"EUR"}}"#).unwrap();
-        add_invoice(&mut t, r#"{"resourceType":"Invoice","status":"cancelled","totalGross":{"value":1000,"currency":"EUR"}}"#).unwrap();
-        add_invoice(&mut t, r#"{"resourceType":"Invoice","status":"issued"}"#).unwrap();
-        assert_eq!(t.render(), vec![("80.30".into(), "EUR".into())]);
-        assert!(add_invoice(&mut t, r#"{"status":"issued","totalGross":{"value":1.5e3,"currency":"EUR"}}"#).is_err());
-        assert!(add_invoice(&mut t, r#"{"status":"issued","totalGross":{"value":1}}"#).is_err());
-    }
-
-    #[test]
-    fn patient_ids_are_fhir_ids() {
-        assert!(valid_id("demo-S-001"));
-        assert!(valid_id("0193f1c2-7b3a-7cc1-9d0e-3f5a1b2c4d5e"));
-        for bad in ["", "a/b", "a b", "x".repeat(65).as_str(), "é"] {
-            assert!(!valid_id(bad), "{bad:?}");
-        }
-    }
 }
 
 /// Serves the `which` services on `listener` until `shutdown` resolves:
@@ -638,4 +632,34 @@ fn render_metrics(
         out,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invoice_totals_read_the_decimal_text() {
+        let mut t = Totals::default();
+        add_invoice(&mut t, r#"{"resourceType":"Invoice","status":"issued","totalGross":{"value":80.10,"currency":"EUR"}}"#).unwrap();
+        add_invoice(&mut t, r#"{"resourceType":"Invoice","status":"balanced","totalNet":{"value":0.20,"currency":"EUR"}}"#).unwrap();
+        add_invoice(&mut t, r#"{"resourceType":"Invoice","status":"cancelled","totalGross":{"value":1000,"currency":"EUR"}}"#).unwrap();
+        add_invoice(&mut t, r#"{"resourceType":"Invoice","status":"issued"}"#).unwrap();
+        assert_eq!(t.render(), vec![("80.30".into(), "EUR".into())]);
+        assert!(add_invoice(
+            &mut t,
+            r#"{"status":"issued","totalGross":{"value":1.5e3,"currency":"EUR"}}"#
+        )
+        .is_err());
+        assert!(add_invoice(&mut t, r#"{"status":"issued","totalGross":{"value":1}}"#).is_err());
+    }
+
+    #[test]
+    fn patient_ids_are_fhir_ids() {
+        assert!(valid_id("demo-S-001"));
+        assert!(valid_id("0193f1c2-7b3a-7cc1-9d0e-3f5a1b2c4d5e"));
+        for bad in ["", "a/b", "a b", "x".repeat(65).as_str(), "é"] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
 }

@@ -30,7 +30,10 @@ pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
     use sha2::{Digest, Sha256};
     // Hashing first makes the lengths equal, so length leaks nothing either.
     let (a, b) = (Sha256::digest(a), Sha256::digest(b));
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// The metadata value a caller sends: `Bearer TOKEN`.
@@ -49,9 +52,22 @@ mod tests {
         assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
         assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(
+            parse_grpc_timeout("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
         assert_eq!(parse_grpc_timeout("7n"), Some(Duration::from_nanos(7)));
-        for bad in ["", "m", "123456789m", "12", "1.5S", "-1S", "5s", "5 S", "٣S"] {
+        for bad in [
+            "",
+            "m",
+            "123456789m",
+            "12",
+            "1.5S",
+            "-1S",
+            "5s",
+            "5 S",
+            "٣S",
+        ] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
     }

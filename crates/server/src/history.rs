@@ -145,7 +145,10 @@ impl Gateway {
             anyhow::anyhow!("--service-token (CLINFLOW_SERVICE_TOKEN) is required with --records-url and --billing-url")
         })?;
         let downstream = |url: &Option<String>| DownstreamConfig {
-            url: url.clone().or_else(|| local_url.clone()).unwrap_or_default(),
+            url: url
+                .clone()
+                .or_else(|| local_url.clone())
+                .unwrap_or_default(),
             token: token.clone(),
             breaker_window: cfg.breaker_window,
             max_retries: cfg.max_retries,
@@ -197,7 +200,9 @@ pub async fn get_history(
         Role::Admin | Role::DataManager | Role::SiteUser => {}
         Role::Patient if p.patient.as_deref() == Some(id.as_str()) => {}
         Role::Patient => {
-            return Err(FhirError::forbidden("a patient may read its own history only"))
+            return Err(FhirError::forbidden(
+                "a patient may read its own history only",
+            ))
         }
         r => {
             return Err(FhirError::forbidden(format!(
@@ -285,7 +290,9 @@ pub async fn get_history(
         match tokio::try_join!(records, billing) {
             Ok((r, b)) => (Ok(r), Ok(b)),
             Err(e) => {
-                rec.outcome = failure_status(std::slice::from_ref(&e)).as_u16().to_string();
+                rec.outcome = failure_status(std::slice::from_ref(&e))
+                    .as_u16()
+                    .to_string();
                 state.store.audit(vec![rec]).await?;
                 return Err(failure(&[e]));
             }
@@ -314,7 +321,10 @@ pub async fn get_history(
     .map_err(FhirError::internal)?;
     Ok((
         StatusCode::OK,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         body,
     )
         .into_response())
@@ -406,7 +416,11 @@ fn document(
             list.sort_by(|a, b| {
                 a.resource_type
                     .cmp(&b.resource_type)
-                    .then(b.date_ms.unwrap_or(i64::MIN).cmp(&a.date_ms.unwrap_or(i64::MIN)))
+                    .then(
+                        b.date_ms
+                            .unwrap_or(i64::MIN)
+                            .cmp(&a.date_ms.unwrap_or(i64::MIN)),
+                    )
                     .then(a.id.cmp(&b.id))
             });
             let mut by_type: BTreeMap<&str, Vec<DayGroup<'_>>> = BTreeMap::new();
@@ -496,7 +510,9 @@ mod tests {
             id: id.into(),
             version: 1,
             date_ms: date,
-            json: format!(r#"{{"resourceType":"{t}","id":"{id}","valueQuantity":{{"value":7.40}}}}"#),
+            json: format!(
+                r#"{{"resourceType":"{t}","id":"{id}","valueQuantity":{{"value":7.40}}}}"#
+            ),
         }
     }
 
@@ -520,8 +536,20 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
         let obs = v["records"]["Observation"].as_array().unwrap();
         let dates: Vec<_> = obs.iter().map(|g| g["date"].clone()).collect();
-        assert_eq!(dates, [serde_json::json!("1970-01-13"), "1970-01-11".into(), serde_json::Value::Null]);
-        let ids: Vec<_> = obs[0]["resources"].as_array().unwrap().iter().map(|r| r["id"].clone()).collect();
+        assert_eq!(
+            dates,
+            [
+                serde_json::json!("1970-01-13"),
+                "1970-01-11".into(),
+                serde_json::Value::Null
+            ]
+        );
+        let ids: Vec<_> = obs[0]["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].clone())
+            .collect();
         assert_eq!(ids, ["b", "c"]);
         assert_eq!(v["records"]["Encounter"][0]["resources"][0]["id"], "e");
         assert_eq!(v["complete"], true);
@@ -541,7 +569,10 @@ mod tests {
         assert_eq!(v["complete"], false);
         assert_eq!(v["billing"], serde_json::Value::Null);
         assert_eq!(v["missing"][0]["service"], "billing");
-        assert!(v["missing"][0]["reason"].as_str().unwrap().contains("deadline"));
+        assert!(v["missing"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("deadline"));
     }
 
     #[test]
@@ -554,7 +585,10 @@ mod tests {
             }],
         };
         let doc = document(r#"{"id":"p"}"#, Some(vec![]), Some(b), &[]).unwrap();
-        assert!(doc.contains(r#""total":{"value":92.80,"currency":"EUR"}"#), "{doc}");
+        assert!(
+            doc.contains(r#""total":{"value":92.80,"currency":"EUR"}"#),
+            "{doc}"
+        );
     }
 
     #[test]
@@ -564,7 +598,10 @@ mod tests {
             service: "billing",
             reason: "refused".into(),
         };
-        assert_eq!(failure_status(&[down.clone()]), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            failure_status(std::slice::from_ref(&down)),
+            StatusCode::BAD_GATEWAY
+        );
         assert_eq!(failure_status(&[down, late]), StatusCode::GATEWAY_TIMEOUT);
     }
 }

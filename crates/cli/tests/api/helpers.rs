@@ -253,9 +253,15 @@ pub async fn spawn_app(engine: Engine, configure: impl FnOnce(&mut Config)) -> T
 /// A second server on `app`'s database (another node of the same
 /// deployment), with the same admin token; stopped when dropped.
 pub async fn spawn_node(app: &TestApp) -> TestApp {
+    spawn_node_with(app, |_| {}).await
+}
+
+/// As [`spawn_node`], with `configure` changing its [`Config`] first.
+pub async fn spawn_node_with(app: &TestApp, configure: impl FnOnce(&mut Config)) -> TestApp {
     let store = open_store(&app.db_url).await;
     let mut config = app.config.clone();
     config.listen = "127.0.0.1:0".parse().expect("an address");
+    configure(&mut config);
     let node = Application::with_store(config.clone(), store.clone())
         .await
         .expect("the second node builds");

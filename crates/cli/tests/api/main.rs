@@ -27,6 +27,9 @@
 //!   exactly once per recipient, retries, permanent errors, opt-outs, cancel, SIGKILL.
 //! - [`auth`]: the role matrix and site scoping, revoked and expired tokens.
 //! - [`audit`]: what is recorded, AuditEvent search, export, tampering.
+//! - [`history`]: the patient history gateway over real gRPC to `clinflow records|billing
+//!   serve` processes: merged history, deadline (504), cancellation on disconnect, a service
+//!   down (502, breaker, recovery), `partial`, load shedding.
 //! - [`cli`]: the `clinflow` binary against a running server's database.
 //! - [`conformance`]: the official R4 examples stored and read back.
 
@@ -42,6 +45,7 @@ mod conformance;
 mod dashboard;
 mod fhir_crud;
 mod fhir_search;
+mod history;
 mod ingest;
 mod mllp;
 mod ops;

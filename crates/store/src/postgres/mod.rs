@@ -2157,6 +2157,25 @@ async fn append_audit(c: &Client, st: &Stmts, records: Vec<AuditRecord>) -> anyh
     Ok(())
 }
 
+/// Sends PostgreSQL a cancel request for the connection's running query when
+/// dropped while armed: a query whose caller stopped waiting (deadline, or
+/// the caller gone) stops in the server too, instead of running to the end.
+struct CancelOnDrop(Option<tokio_postgres::CancelToken>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(token) = self.0.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = token.cancel_query(tokio_postgres::NoTls).await {
+                        tracing::debug!(error = %e, "cancelling a PostgreSQL query failed");
+                    }
+                });
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2187,25 +2206,6 @@ mod tests {
                 parse_url(&format!("postgres://u@h/db?schema={bad}")).is_err(),
                 "{bad}"
             );
-        }
-    }
-}
-
-/// Sends PostgreSQL a cancel request for the connection's running query when
-/// dropped while armed: a query whose caller stopped waiting (deadline, or
-/// the caller gone) stops in the server too, instead of running to the end.
-struct CancelOnDrop(Option<tokio_postgres::CancelToken>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(token) = self.0.take() {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    if let Err(e) = token.cancel_query(tokio_postgres::NoTls).await {
-                        tracing::debug!(error = %e, "cancelling a PostgreSQL query failed");
-                    }
-                });
-            }
         }
     }
 }

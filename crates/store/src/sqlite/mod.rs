@@ -10,8 +10,8 @@
 //! holding it has committed (with `synchronous=FULL`, after the WAL is on
 //! disk).
 
-use std::path::{Path, PathBuf};
 use std::ops::DerefMut;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Context};
@@ -425,7 +425,11 @@ impl SqliteStore {
         let slot = Arc::new(Mutex::new(Interrupt::Waiting));
         let guard = InterruptOnDrop(slot.clone());
         let read = self.read(move |c| {
-            match slot.lock().map_err(|_| anyhow!("interrupt slot poisoned"))?.deref_mut() {
+            match slot
+                .lock()
+                .map_err(|_| anyhow!("interrupt slot poisoned"))?
+                .deref_mut()
+            {
                 st @ Interrupt::Waiting => *st = Interrupt::Running(c.get_interrupt_handle()),
                 _ => return Err(anyhow!("the read was cancelled before it started")),
             }
@@ -1711,6 +1715,32 @@ fn append_audit(c: &Connection, records: Vec<&AuditRecord>) -> anyhow::Result<()
     Ok(())
 }
 
+/// Where a read that can be stopped is: the blocking task and the waiting
+/// future share it under a lock, so an interrupt reaches only the statement
+/// it was meant for (never one a later reader runs on the same connection).
+enum Interrupt {
+    Waiting,
+    Running(rusqlite::InterruptHandle),
+    Done,
+    Cancelled,
+}
+
+/// Interrupts the read when the waiting future goes away first (deadline or
+/// caller gone); a no-op once the read is done.
+struct InterruptOnDrop(Arc<Mutex<Interrupt>>);
+
+impl Drop for InterruptOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.lock() {
+            match std::mem::replace(&mut *st, Interrupt::Cancelled) {
+                Interrupt::Running(h) => h.interrupt(),
+                Interrupt::Done => *st = Interrupt::Done,
+                Interrupt::Waiting | Interrupt::Cancelled => {}
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1786,31 +1816,5 @@ mod tests {
                 .unwrap()
                 .to_compact()
         );
-    }
-}
-
-/// Where a read that can be stopped is: the blocking task and the waiting
-/// future share it under a lock, so an interrupt reaches only the statement
-/// it was meant for (never one a later reader runs on the same connection).
-enum Interrupt {
-    Waiting,
-    Running(rusqlite::InterruptHandle),
-    Done,
-    Cancelled,
-}
-
-/// Interrupts the read when the waiting future goes away first (deadline or
-/// caller gone); a no-op once the read is done.
-struct InterruptOnDrop(Arc<Mutex<Interrupt>>);
-
-impl Drop for InterruptOnDrop {
-    fn drop(&mut self) {
-        if let Ok(mut st) = self.0.lock() {
-            match std::mem::replace(&mut *st, Interrupt::Cancelled) {
-                Interrupt::Running(h) => h.interrupt(),
-                Interrupt::Done => *st = Interrupt::Done,
-                Interrupt::Waiting | Interrupt::Cancelled => {}
-            }
-        }
     }
 }
