@@ -201,6 +201,11 @@ impl Store {
         q: CompartmentQuery,
         deadline: tokio::time::Instant,
     ) -> Result<Vec<DatedResource>, ReadError> {
+        // A timer armed at a deadline already gone may fire only after a
+        // fast query has answered: check first.
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ReadError::Deadline);
+        }
         dispatch!(self.compartment_page(q, deadline))
     }
 

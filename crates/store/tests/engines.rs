@@ -176,6 +176,7 @@ suite!(
     data_queries_commit_with_their_values_and_follow_their_lifecycle,
     a_replaced_version_leaves_no_index_rows_behind,
     an_ingest_batch_is_its_format_content_and_scope,
+    compartment_pages_walk_a_patients_resources_and_stop_at_the_deadline,
 );
 
 // ---- data ----
@@ -2119,4 +2120,86 @@ async fn an_ingest_batch_is_its_format_content_and_scope(engine: Engine) {
         .unwrap();
     assert!(created);
     assert_eq!(all.scope, IngestScope::All);
+}
+
+async fn compartment_pages_walk_a_patients_resources_and_stop_at_the_deadline(engine: Engine) {
+    let db = TestDb::open(engine).await;
+    let s = &db.store;
+    seed(s).await;
+    let far = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let expected: Vec<String> = (0..OBSERVATIONS)
+        .filter(|i| PATIENTS[i % 3] == "pa")
+        .map(obs_id)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // Pages of 3 in id order, each after the last one's id, cover every
+    // Observation of pa exactly once, with its date.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s
+            .compartment_page(
+                CompartmentQuery {
+                    patient: "pa".into(),
+                    rtype: "Observation".into(),
+                    since: None,
+                    after: after.clone(),
+                    limit: 3,
+                },
+                far,
+            )
+            .await
+            .expect("a page");
+        assert!(page.len() <= 3);
+        for r in &page {
+            assert_eq!(r.resource.patient.as_deref(), Some("pa"));
+            assert!(r.date.is_some(), "dated");
+            assert!(r.resource.body.as_deref().is_some_and(|b| b.contains(&r.resource.id)));
+        }
+        after = page.last().map(|r| r.resource.id.clone());
+        seen.extend(page.into_iter().map(|r| r.resource.id));
+        if after.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, expected);
+    // `since` keeps what is dated at or after it.
+    let since = T0 + 5 * DAY;
+    let recent = s
+        .compartment_page(
+            CompartmentQuery {
+                patient: "pa".into(),
+                rtype: "Observation".into(),
+                since: Some(since),
+                after: None,
+                limit: 100,
+            },
+            far,
+        )
+        .await
+        .expect("a page");
+    let want: Vec<String> = (0..OBSERVATIONS)
+        .filter(|i| PATIENTS[i % 3] == "pa" && T0 + (*i as i64 / 2) * DAY >= since)
+        .map(obs_id)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(recent.into_iter().map(|r| r.resource.id).collect::<Vec<_>>(), want);
+    // A deadline already past: the read says so instead of answering.
+    let r = s
+        .compartment_page(
+            CompartmentQuery {
+                patient: "pa".into(),
+                rtype: "Observation".into(),
+                since: None,
+                after: None,
+                limit: 100,
+            },
+            tokio::time::Instant::now(),
+        )
+        .await;
+    assert!(matches!(r, Err(ReadError::Deadline)), "{r:?}");
+    // And the store still answers afterwards (the connection went back).
+    s.ping().await.expect("ping after a stopped read");
 }
