@@ -36,7 +36,8 @@ while (($#)); do
 done
 LOAD=$ROOT/target/release/clinflow-bench-history
 BASE_PORT=${BENCH_CLINFLOW_PORT:-18140}
-SVC_TOKEN=bench-service-$RANDOM$RANDOM
+export CLINFLOW_SERVICE_TOKEN=bench-service-$RANDOM$RANDOM
+SVC_TOKEN=$CLINFLOW_SERVICE_TOKEN
 DB=sqlite://$WORK/history.db
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"

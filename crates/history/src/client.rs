@@ -212,8 +212,11 @@ fn prepare<R>(call: Call<R>, auth: &MetadataValue<Ascii>) -> Option<(tonic::Requ
     }
     let mut req = tonic::Request::new(call.request);
     // tonic sends this as `grpc-timeout` but does not enforce it; the
-    // `timeout_at` around the call does.
-    req.set_timeout(remaining);
+    // `timeout_at` around the call does. The service is given a little
+    // less, so that a late service ends its own stream (DEADLINE_EXCEEDED)
+    // just before the gateway would have to reset it: the normal case of a
+    // deadline costs no RST_STREAM on the shared connection.
+    req.set_timeout(remaining - (remaining / 20).min(SERVICE_GRACE));
     req.metadata_mut().insert("authorization", auth.clone());
     Some((req, call.deadline))
 }
@@ -312,6 +315,9 @@ pub struct DownstreamConfig {
     pub max_retries: u32,
 }
 
+/// At most this much of the remaining time is kept back from the service.
+const SERVICE_GRACE: Duration = Duration::from_millis(5);
+
 /// Time allowed to open a connection (the deadline bounds it too).
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -321,6 +327,15 @@ fn channel(cfg: &DownstreamConfig) -> anyhow::Result<Channel> {
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10))
+        // Every call past its deadline resets its stream; frames the service
+        // already sent for it arrive after. HTTP/2 ignores those only for
+        // the reset streams it remembers (10 by default, in hyper), and
+        // counts the others as the peer's protocol errors: at 1024 it closes
+        // the connection, failing every call on it. Measured: 80 of 10,000
+        // calls to a hanging service failed so, in two bursts. Remember
+        // enough for thousands of deadlines a second.
+        .http2_max_concurrent_reset_streams(4096)
+        .http2_reset_stream_duration(Duration::from_secs(2))
         // Connects on first use and again after a failure, so the gateway
         // starts before its services and finds them when they come back.
         .connect_lazy())

@@ -2155,7 +2155,11 @@ async fn compartment_pages_walk_a_patients_resources_and_stop_at_the_deadline(en
         for r in &page {
             assert_eq!(r.resource.patient.as_deref(), Some("pa"));
             assert!(r.date.is_some(), "dated");
-            assert!(r.resource.body.as_deref().is_some_and(|b| b.contains(&r.resource.id)));
+            assert!(r
+                .resource
+                .body
+                .as_deref()
+                .is_some_and(|b| b.contains(&r.resource.id)));
         }
         after = page.last().map(|r| r.resource.id.clone());
         seen.extend(page.into_iter().map(|r| r.resource.id));
@@ -2185,7 +2189,13 @@ async fn compartment_pages_walk_a_patients_resources_and_stop_at_the_deadline(en
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    assert_eq!(recent.into_iter().map(|r| r.resource.id).collect::<Vec<_>>(), want);
+    assert_eq!(
+        recent
+            .into_iter()
+            .map(|r| r.resource.id)
+            .collect::<Vec<_>>(),
+        want
+    );
     // A deadline already past: the read says so instead of answering.
     let r = s
         .compartment_page(
