@@ -51,8 +51,10 @@ impl HistoryArgs {
                 }
             }
         }
-        if self.history_timeout == 0 || self.history_timeout > 600_000 {
-            anyhow::bail!("--history-timeout: 1 to 600000 ms");
+        if self.history_timeout == 0 || self.history_timeout > 30_000 {
+            // The services stop every call at 30 s (`MAX_DEADLINE`), and the
+            // front door at --request-timeout (30 s).
+            anyhow::bail!("--history-timeout: 1 to 30000 ms");
         }
         Ok(HistoryConfig {
             records_url: self.records_url.clone(),

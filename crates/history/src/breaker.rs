@@ -34,6 +34,9 @@ pub const K: f64 = 2.0;
 /// after a quiet minute should not halve the traffic.
 pub const MIN_REQUESTS: u64 = 5;
 const BUCKETS: usize = 10;
+/// A call whose whole budget was shorter than this and ran out is not held
+/// against the service.
+pub const MIN_JUDGED_BUDGET: Duration = Duration::from_millis(100);
 
 /// The window's counts, in [`BUCKETS`] slices of `window / BUCKETS`.
 #[derive(Debug)]
@@ -149,27 +152,45 @@ where
             return Box::pin(self.inner.call(call));
         };
         let now = Instant::now();
+        let budget = call.deadline.saturating_duration_since(now);
         let reject = {
-            let mut w = window.lock().unwrap_or_else(|e| e.into_inner());
+            let w = window.lock().unwrap_or_else(|e| e.into_inner());
             let p = w.reject_probability(now);
-            w.record_request(now);
             p > 0.0 && rand::random::<f64>() < p
         };
         if reject {
+            // A local rejection counts as a request (the book's rule: a
+            // client cannot talk itself back in by insisting).
+            window
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record_request(now);
             let service = self.service;
             return Box::pin(async move { Err(DownstreamError::BreakerOpen { service }) });
         }
         let fut = self.inner.call(call);
         Box::pin(async move {
+            // Counted once the call ends: a call dropped before (its caller
+            // went away, or a sibling call failed first) says nothing of
+            // the service and counts neither way.
             let r = fut.await;
-            if r.as_ref()
-                .err()
-                .is_none_or(DownstreamError::service_accepted)
-            {
-                window
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .record_accept(Instant::now());
+            let judged = match &r {
+                // A deadline too short to answer in judges the caller, not
+                // the service: a client sending `X-Request-Timeout: 1` must
+                // not open the breaker for everyone.
+                Err(DownstreamError::Deadline { .. }) => budget >= MIN_JUDGED_BUDGET,
+                _ => true,
+            };
+            if judged {
+                let mut w = window.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                w.record_request(now);
+                if r.as_ref()
+                    .err()
+                    .is_none_or(DownstreamError::service_accepted)
+                {
+                    w.record_accept(now);
+                }
             }
             r
         })
@@ -203,8 +224,13 @@ mod tests {
         for _ in 0..95 {
             w.record_request(now);
         }
+        let (requests, accepts) = w.counts(now);
+        assert_eq!((requests, accepts), (MIN_REQUESTS - 1 + 95, 0));
         let p = w.reject_probability(now);
-        assert!((p - 100.0 / 101.0).abs() < 1e-9, "{p}");
+        assert!(
+            (p - requests as f64 / (requests as f64 + 1.0)).abs() < 1e-9,
+            "{p}"
+        );
         // Half the requests accepted: K = 2 tolerates it.
         for _ in 0..50 {
             w.record_accept(now);
@@ -228,5 +254,48 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         let (requests, _) = w.counts(Instant::now());
         assert!((4..=5).contains(&requests), "{requests}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropped_calls_and_hopeless_deadlines_count_neither_way() {
+        use tower::ServiceExt;
+        let never = tower::service_fn(|_: Call<()>| {
+            futures::future::pending::<Result<(), DownstreamError>>()
+        });
+        let mut b = BreakerLayer::new("records", Duration::from_secs(10)).layer(never);
+        let window = b.window.clone().unwrap();
+        let call = Call {
+            request: (),
+            deadline: Instant::now() + Duration::from_secs(1),
+        };
+        let fut = b.ready().await.unwrap().call(call);
+        drop(fut);
+        assert_eq!(window.lock().unwrap().counts(Instant::now()), (0, 0));
+
+        let late = tower::service_fn(|_: Call<()>| async {
+            Err::<(), _>(DownstreamError::Deadline { service: "records" })
+        });
+        let mut b = BreakerLayer::new("records", Duration::from_secs(10)).layer(late);
+        let window = b.window.clone().unwrap();
+        let short = Call {
+            request: (),
+            deadline: Instant::now() + Duration::from_millis(1),
+        };
+        let _ = b.ready().await.unwrap().call(short).await;
+        assert_eq!(
+            window.lock().unwrap().counts(Instant::now()),
+            (0, 0),
+            "a 1 ms budget judges no one"
+        );
+        let fair = Call {
+            request: (),
+            deadline: Instant::now() + MIN_JUDGED_BUDGET,
+        };
+        let _ = b.ready().await.unwrap().call(fair).await;
+        assert_eq!(
+            window.lock().unwrap().counts(Instant::now()),
+            (1, 0),
+            "a fair budget missed is a failure"
+        );
     }
 }

@@ -107,15 +107,20 @@ impl DownstreamError {
                 reason: status_reason(s),
                 accepted: !matches!(
                     code,
-                    Code::Internal | Code::Unknown | Code::ResourceExhausted | Code::Aborted
+                    Code::Internal
+                        | Code::Unknown
+                        | Code::ResourceExhausted
+                        | Code::Aborted
+                        | Code::Cancelled
+                        | Code::DataLoss
                 ),
             },
         }
     }
 }
 
-/// A status as one line: its code and message (the message is the
-/// service's own text, which never carries patient data).
+/// A status as one line: its code and message (the services' messages
+/// name no patient and no resource).
 fn status_reason(s: &tonic::Status) -> String {
     let mut r = format!("{:?}", s.code());
     if !s.message().is_empty() {
@@ -241,11 +246,18 @@ impl Service<Call<pb::HistoryRequest>> for GrpcCall<RecordsClient<Channel>> {
             let work = async {
                 let mut stream = client.history(req).await?.into_inner();
                 let mut out = Vec::new();
+                let mut last = false;
                 while let Some(page) = stream.message().await? {
                     out.extend(page.resources);
+                    last |= page.last;
                     if out.len() > MAX_RESOURCES {
                         return Err(tonic::Status::resource_exhausted("history too long"));
                     }
+                }
+                if !last {
+                    // Cut short: a shorter history must never pass for the
+                    // whole one.
+                    return Err(tonic::Status::data_loss("the history ended early"));
                 }
                 Ok(out)
             };

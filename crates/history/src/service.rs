@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clinflow_store::{CompartmentQuery, ReadError, Store};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -140,6 +140,14 @@ impl ServiceContext {
         }
     }
 
+    /// A copy with permits of its own: each service has its own limit.
+    fn own_permits(&self) -> ServiceContext {
+        ServiceContext {
+            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            ..self.clone()
+        }
+    }
+
     /// Checks a call and starts tracking it: its deadline and its permit.
     fn begin(
         &self,
@@ -247,10 +255,19 @@ impl Drop for Tracker {
 
 type PageStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-fn stream_of<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> PageStream<T> {
-    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }))
+/// The pages, then the call's final status when it failed. The status has
+/// a channel of its own: the pages' channel may be full when the deadline
+/// strikes (the work is then waiting to send), and a status lost there
+/// would end the stream as if it had succeeded.
+fn stream_of<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+    status: tokio::sync::oneshot::Receiver<Status>,
+) -> PageStream<T> {
+    let pages = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|page| (Ok(page), rx))
+    });
+    let end = futures::stream::once(status).filter_map(|s| async move { s.ok().map(Err) });
+    Box::pin(pages.chain(end))
 }
 
 /// Why a call's work stopped early.
@@ -275,8 +292,12 @@ impl From<ReadError> for Stop {
 
 /// Runs a call's work on its own task, feeding `tx`, until it ends, its
 /// deadline passes or the caller goes away; settles the tracker.
-fn spawn_call<T, F>(tracker: Tracker, tx: mpsc::Sender<Result<T, Status>>, work: F)
-where
+fn spawn_call<T, F>(
+    tracker: Tracker,
+    tx: mpsc::Sender<T>,
+    status: tokio::sync::oneshot::Sender<Status>,
+    work: F,
+) where
     T: Send + 'static,
     F: std::future::Future<Output = Result<(), Stop>> + Send + 'static,
 {
@@ -294,13 +315,15 @@ where
             Err(Stop::Gone) => drop(tracker),
             Err(Stop::Deadline) => {
                 tracker.finish("deadline");
-                let _ = tx.try_send(Err(Status::deadline_exceeded("the call's deadline passed")));
+                let _ = status.send(Status::deadline_exceeded("the call's deadline passed"));
             }
-            Err(Stop::Failed(status)) => {
+            Err(Stop::Failed(s)) => {
                 tracker.finish("error");
-                let _ = tx.try_send(Err(status));
+                let _ = status.send(s);
             }
         }
+        // `tx` goes last: the stream ends only once the status is there.
+        drop(tx);
     });
 }
 
@@ -368,7 +391,7 @@ trait AsyncPageSink: Send {
     ) -> impl std::future::Future<Output = Result<(), Stop>> + Send;
 }
 
-struct RecordsSink(mpsc::Sender<Result<pb::ResourcePage, Status>>);
+struct RecordsSink(mpsc::Sender<pb::ResourcePage>);
 
 impl AsyncPageSink for RecordsSink {
     async fn page(&mut self, resources: Vec<pb::Resource>) -> Result<(), Stop> {
@@ -376,14 +399,17 @@ impl AsyncPageSink for RecordsSink {
             return Ok(());
         }
         self.0
-            .send(Ok(pb::ResourcePage { resources }))
+            .send(pb::ResourcePage {
+                resources,
+                last: false,
+            })
             .await
             .map_err(|_| Stop::Gone)
     }
 }
 
 struct BillingSink {
-    tx: mpsc::Sender<Result<pb::BillingPage, Status>>,
+    tx: mpsc::Sender<pb::BillingPage>,
     totals: Totals,
 }
 
@@ -391,11 +417,12 @@ impl AsyncPageSink for BillingSink {
     async fn page(&mut self, resources: Vec<pb::Resource>) -> Result<(), Stop> {
         for r in &resources {
             if r.resource_type == "Invoice" {
+                // No resource id in the log or the status: ids may be made
+                // from subject ids. The error says what is wrong, not whose.
                 add_invoice(&mut self.totals, &r.json).map_err(|e| {
-                    tracing::error!(invoice = %r.id, error = %e, "an invoice's total is unreadable");
+                    tracing::error!(error = %e, "an invoice's total is unreadable");
                     Stop::Failed(Status::data_loss(format!(
-                        "Invoice/{} has an unreadable total: {e}",
-                        r.id
+                        "an invoice has an unreadable total: {e}"
                     )))
                 })?;
             }
@@ -404,11 +431,11 @@ impl AsyncPageSink for BillingSink {
             return Ok(());
         }
         self.tx
-            .send(Ok(pb::BillingPage {
+            .send(pb::BillingPage {
                 resources,
                 totals: Vec::new(),
                 last: false,
-            }))
+            })
             .await
             .map_err(|_| Stop::Gone)
     }
@@ -464,21 +491,29 @@ impl pb::records_server::Records for RecordsService {
         let tracker = self.0.begin("records", &request)?;
         let req = request.into_inner();
         let (tx, rx) = mpsc::channel(2);
+        let (status_tx, status_rx) = tokio::sync::oneshot::channel();
         let ctx = self.0.clone();
         let deadline = tracker.deadline;
-        let sink = RecordsSink(tx.clone());
-        spawn_call(tracker, tx, async move {
+        let out = tx.clone();
+        spawn_call(tracker, tx, status_tx, async move {
+            let mut sink = RecordsSink(out.clone());
             read_pages(
                 &ctx,
                 &req.patient_id,
                 req.since_ms,
                 RECORD_TYPES,
                 deadline,
-                sink,
+                &mut sink,
             )
+            .await?;
+            out.send(pb::ResourcePage {
+                resources: Vec::new(),
+                last: true,
+            })
             .await
+            .map_err(|_| Stop::Gone)
         });
-        Ok(Response::new(stream_of(rx)))
+        Ok(Response::new(stream_of(rx, status_rx)))
     }
 }
 
@@ -497,10 +532,11 @@ impl pb::billing_server::Billing for BillingService {
         let tracker = self.0.begin("billing", &request)?;
         let req = request.into_inner();
         let (tx, rx) = mpsc::channel(2);
+        let (status_tx, status_rx) = tokio::sync::oneshot::channel();
         let ctx = self.0.clone();
         let deadline = tracker.deadline;
         let out = tx.clone();
-        spawn_call(tracker, tx, async move {
+        spawn_call(tracker, tx, status_tx, async move {
             let mut sink = BillingSink {
                 tx: out.clone(),
                 totals: Totals::default(),
@@ -520,15 +556,15 @@ impl pb::billing_server::Billing for BillingService {
                 .into_iter()
                 .map(|(value, currency)| pb::Money { value, currency })
                 .collect();
-            out.send(Ok(pb::BillingPage {
+            out.send(pb::BillingPage {
                 resources: Vec::new(),
                 totals,
                 last: true,
-            }))
+            })
             .await
             .map_err(|_| Stop::Gone)
         });
-        Ok(Response::new(stream_of(rx)))
+        Ok(Response::new(stream_of(rx, status_rx)))
     }
 }
 
@@ -551,11 +587,11 @@ pub fn grpc_router(ctx: &ServiceContext, which: &[Which]) -> axum::Router {
     for w in which {
         routes = match w {
             Which::Records => routes.add_service(
-                pb::records_server::RecordsServer::new(RecordsService(ctx.clone()))
+                pb::records_server::RecordsServer::new(RecordsService(ctx.own_permits()))
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             ),
             Which::Billing => routes.add_service(
-                pb::billing_server::BillingServer::new(BillingService(ctx.clone()))
+                pb::billing_server::BillingServer::new(BillingService(ctx.own_permits()))
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             ),
         };

@@ -141,9 +141,12 @@ impl Gateway {
                 }
             });
         }
-        let token = token.ok_or_else(|| {
-            anyhow::anyhow!("--service-token (CLINFLOW_SERVICE_TOKEN) is required with --records-url and --billing-url")
-        })?;
+        if (cfg.records_url.is_some() || cfg.billing_url.is_some()) && cfg.service_token.is_none() {
+            // A token made up here would be sent to the remote service too,
+            // which would refuse every call.
+            anyhow::bail!("--service-token (CLINFLOW_SERVICE_TOKEN) is required with --records-url or --billing-url");
+        }
+        let token = token.ok_or_else(|| anyhow::anyhow!("no service token"))?;
         let downstream = |url: &Option<String>| DownstreamConfig {
             url: url
                 .clone()
@@ -253,15 +256,46 @@ pub async fn get_history(
     let mut rec = caller.audit("history", "success");
     rec.resource_type = Some("Patient".into());
     rec.resource_id = Some(id.clone());
+    // Recorded however the request ends: a caller that goes away mid-way
+    // (the services may have read the whole history by then) is audited
+    // `cancelled`.
+    let mut audit = AuditOnDrop {
+        store: state.store.clone(),
+        rec: Some(rec),
+    };
     let scope = p
         .read_scope()
         .ok_or_else(|| FhirError::forbidden("this token may read no clinical data"))?;
-    let patient = match state.store.read_current("Patient", &id).await? {
-        Some(r) if crate::fhir::in_scope(&state, &scope, r.patient.as_deref()).await? => r,
-        _ => {
-            rec.outcome = "404".into();
-            state.store.audit(vec![rec]).await?;
+    // The gateway's own reads share the deadline; running out here is the
+    // gateway's 504, not a service's.
+    let found = tokio::time::timeout_at(deadline, async {
+        match state.store.read_current("Patient", &id).await? {
+            // Scoped by the id asked for: a deleted Patient has no
+            // compartment of its own any more, but its records still do.
+            Some(r) if !r.deleted && crate::fhir::in_scope(&state, &scope, Some(&id)).await? => {
+                Ok::<_, FhirError>(Some(r))
+            }
+            _ => Ok(None),
+        }
+    })
+    .await;
+    let patient = match found {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => {
+            audit.finish("404").await?;
             return Err(FhirError::not_found("Patient", &id));
+        }
+        Ok(Err(e)) => {
+            audit.finish("500").await?;
+            return Err(e);
+        }
+        Err(_) => {
+            audit.finish("504").await?;
+            return Err(FhirError::of(
+                StatusCode::GATEWAY_TIMEOUT,
+                IssueCode::Timeout,
+                "the gateway could not read the patient within the deadline",
+            ));
         }
     };
     let request = pb::HistoryRequest {
@@ -290,10 +324,8 @@ pub async fn get_history(
         match tokio::try_join!(records, billing) {
             Ok((r, b)) => (Ok(r), Ok(b)),
             Err(e) => {
-                rec.outcome = failure_status(std::slice::from_ref(&e))
-                    .as_u16()
-                    .to_string();
-                state.store.audit(vec![rec]).await?;
+                let status = failure_status(std::slice::from_ref(&e));
+                audit.finish(status.as_str()).await?;
                 return Err(failure(&[e]));
             }
         }
@@ -304,21 +336,28 @@ pub async fn get_history(
         .cloned()
         .collect();
     if errors.len() == 2 {
-        rec.outcome = failure_status(&errors).as_u16().to_string();
-        state.store.audit(vec![rec]).await?;
+        audit.finish(failure_status(&errors).as_str()).await?;
         return Err(failure(&errors));
     }
-    if !errors.is_empty() {
-        rec.outcome = "partial".into();
-    }
-    state.store.audit(vec![rec]).await?;
-    let body = document(
+    let body = match document(
         patient.body.as_deref().unwrap_or("null"),
         records.ok(),
         billing.ok(),
         &errors,
-    )
-    .map_err(FhirError::internal)?;
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            audit.finish("500").await?;
+            return Err(FhirError::internal(e));
+        }
+    };
+    audit
+        .finish(if errors.is_empty() {
+            "success"
+        } else {
+            "partial"
+        })
+        .await?;
     Ok((
         StatusCode::OK,
         [(
@@ -328,6 +367,38 @@ pub async fn get_history(
         body,
     )
         .into_response())
+}
+
+/// The history's audit record, written once: by [`AuditOnDrop::finish`]
+/// with the outcome, or, when the handler is dropped first (the caller went
+/// away, the server's request deadline), as `cancelled`.
+struct AuditOnDrop {
+    store: Store,
+    rec: Option<clinflow_store::AuditRecord>,
+}
+
+impl AuditOnDrop {
+    async fn finish(&mut self, outcome: &str) -> Result<(), FhirError> {
+        if let Some(mut rec) = self.rec.take() {
+            rec.outcome = outcome.to_string();
+            self.store.audit(vec![rec]).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AuditOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.outcome = "cancelled".into();
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.audit(vec![rec]).await {
+                    tracing::error!(error = %e, "a cancelled history's audit record was lost");
+                }
+            });
+        }
+    }
 }
 
 /// 504 when a service ran out of time, else 502.

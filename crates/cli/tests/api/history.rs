@@ -147,9 +147,38 @@ async fn history(
 /// Cents of a FHIR decimal written with at most 2 fraction digits.
 fn cents(v: &Value) -> i64 {
     let text = v.to_string();
-    let (int, frac) = text.split_once('.').unwrap_or((&text, ""));
-    int.parse::<i64>().expect("an integer part") * 100
-        + format!("{frac:0<2}").parse::<i64>().expect("cents")
+    let (neg, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.as_str()),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    let c = int.parse::<i64>().expect("an integer part") * 100
+        + format!("{frac:0<2}").parse::<i64>().expect("cents");
+    if neg {
+        -c
+    } else {
+        c
+    }
+}
+
+/// What an invoice adds to a bill: its gross total (else net), unless it
+/// is a draft, cancelled or entered in error.
+fn billed_cents(invoice: &Value) -> i64 {
+    if ["draft", "cancelled", "entered-in-error"]
+        .contains(&invoice["status"].as_str().unwrap_or(""))
+    {
+        return 0;
+    }
+    let total = if invoice["totalGross"].is_object() {
+        &invoice["totalGross"]
+    } else {
+        &invoice["totalNet"]
+    };
+    if total.is_object() {
+        cents(&total["value"])
+    } else {
+        0
+    }
 }
 
 /// Polls a service's metrics (no sleep: each poll is a request) until `f`
@@ -191,6 +220,23 @@ async fn merged_history(app: TestApp) {
     let gw = gateway(&app, &records, &billing).await;
     let patient = billed_patient(&app).await;
 
+    // A cancelled invoice is listed but not billed.
+    let cancelled_invoice = serde_json::json!({
+        "resourceType": "Invoice",
+        "status": "cancelled",
+        "cancelledReason": "entered twice",
+        "subject": {"reference": format!("Patient/{patient}")},
+        "date": "2026-01-05",
+        "totalGross": {"value": 1000.00, "currency": "EUR"},
+    });
+    app.post(
+        "/fhir/Invoice",
+        &app.admin,
+        crate::helpers::FHIR_JSON,
+        &cancelled_invoice.to_string(),
+    )
+    .await
+    .expect(201);
     let r = history(&gw, &patient, "", None).await;
     r.expect(200);
     let h = r.json();
@@ -255,10 +301,7 @@ async fn merged_history(app: TestApp) {
             .len(),
         charges.len()
     );
-    let sum: i64 = invoices
-        .iter()
-        .map(|e| cents(&e["resource"]["totalGross"]["value"]))
-        .sum();
+    let sum: i64 = invoices.iter().map(|e| billed_cents(&e["resource"])).sum();
     assert_eq!(cents(&h["billing"]["total"]["value"]), sum);
     assert_eq!(h["billing"]["total"]["currency"], "EUR");
     let raw_total = r
@@ -345,6 +388,15 @@ async fn merged_history(app: TestApp) {
         "{outcomes:?}"
     );
     assert!(outcomes.contains(&"404"), "{outcomes:?}");
+
+    // A deleted Patient has no history to show, to anyone (its records
+    // still name it, and must not leak to other sites).
+    app.delete(&format!("/fhir/Patient/{patient}"), &app.admin)
+        .await;
+    history(&gw, &patient, "", None).await.outcome(404);
+    gw.get(&format!("/patients/{patient}/history"), &elsewhere)
+        .await
+        .outcome(404);
 }
 
 async fn a_slow_service_gives_504_in_time_and_is_cancelled(app: TestApp) {
@@ -364,7 +416,9 @@ async fn a_slow_service_gives_504_in_time_and_is_cancelled(app: TestApp) {
         .expect("diagnostics");
     assert!(text.contains("billing"), "names the late service: {text}");
     // Answered at its deadline, not at the slow service's pace (60 s).
-    assert!(took >= Duration::from_millis(400), "{took:?}");
+    // Not before it, less the few ms the services are given less (so that
+    // they end their own streams: `client::SERVICE_GRACE`, at most 5 ms).
+    assert!(took >= Duration::from_millis(395), "{took:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
     wait_for_metrics(
         &billing,
@@ -471,13 +525,24 @@ async fn a_service_down_trips_the_breaker_and_it_closes_when_back(app: TestApp) 
         let o = history(&gw, &patient, "", None).await.outcome(502);
         if o["issue"][0]["diagnostics"]
             .as_str()
-            .is_some_and(|d| d.contains("circuit breaker is open"))
+            .is_some_and(|d| d.contains("billing service is failing; its circuit breaker is open"))
         {
             opened = true;
             break;
         }
     }
     assert!(opened, "the breaker never opened");
+    // Only billing's: records, whose calls were dropped each time billing
+    // failed first, was never judged for it.
+    let m = gw.get("/metrics", &gw.admin).await.text;
+    assert_eq!(
+        sample(
+            &m,
+            "clinflow_history_downstream_calls_total{service=\"records\",outcome=\"breaker-open\"}"
+        ),
+        0.0,
+        "{m}"
+    );
     let m = gw.get("/metrics", &gw.admin).await.text;
     assert!(
         sample(

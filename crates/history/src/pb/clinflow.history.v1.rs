@@ -30,6 +30,10 @@ pub struct Resource {
 pub struct ResourcePage {
     #[prost(message, repeated, tag = "1")]
     pub resources: ::prost::alloc::vec::Vec<Resource>,
+    /// Set on the last page only (which may hold no resources): a stream that
+    /// ends without it was cut short and is an error, never a shorter history.
+    #[prost(bool, tag = "2")]
+    pub last: bool,
 }
 /// An amount of money as exact decimal text (`"123.40"`), never a float.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -43,8 +47,9 @@ pub struct Money {
 pub struct BillingPage {
     #[prost(message, repeated, tag = "1")]
     pub resources: ::prost::alloc::vec::Vec<Resource>,
-    /// Set on the last page only: the sum of the invoices' totalGross per
-    /// currency (cancelled and entered-in-error invoices left out).
+    /// Set on the last page only: the sum of the invoices' totalGross (else
+    /// totalNet) per currency (draft, cancelled and entered-in-error invoices
+    /// left out).
     #[prost(message, repeated, tag = "2")]
     pub totals: ::prost::alloc::vec::Vec<Money>,
     #[prost(bool, tag = "3")]

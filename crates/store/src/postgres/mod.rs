@@ -579,10 +579,13 @@ impl PgStore {
     ) -> Result<Vec<DatedResource>, ReadError> {
         let s = sql::compartment_page(Dialect::Postgres, &q);
         let read = async {
-            let c = self.client().await?;
-            let mut guard = CancelOnDrop(Some(c.cancel_token()));
-            let rows = run_rows(&c, &q.rtype, &s).await;
-            guard.0 = None;
+            let mut guard = CancelOnDrop(Some(self.client().await?));
+            let rows = match guard.0.as_ref() {
+                Some(c) => run_rows(c, &q.rtype, &s).await,
+                None => Err(anyhow::anyhow!("no connection")),
+            };
+            // Answered: the connection goes back to the pool as it is.
+            drop(guard.0.take());
             rows
         };
         match tokio::time::timeout_at(deadline, read).await {
@@ -2157,19 +2160,25 @@ async fn append_audit(c: &Client, st: &Stmts, records: Vec<AuditRecord>) -> anyh
     Ok(())
 }
 
-/// Sends PostgreSQL a cancel request for the connection's running query when
-/// dropped while armed: a query whose caller stopped waiting (deadline, or
-/// the caller gone) stops in the server too, instead of running to the end.
-struct CancelOnDrop(Option<tokio_postgres::CancelToken>);
+/// Holds a read's connection; dropped while it still does (the read's
+/// future went away: deadline, or the caller gone), it takes the connection
+/// out of the pool and sends PostgreSQL a cancel request for its query, then
+/// closes it. A cancel request names the backend, not the query: had the
+/// connection gone back to the pool, the cancel could reach the next
+/// borrower's query instead.
+struct CancelOnDrop(Option<deadpool_postgres::Object>);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        if let Some(token) = self.0.take() {
+        if let Some(conn) = self.0.take() {
+            let client = deadpool_postgres::Object::take(conn);
+            let token = client.cancel_token();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     if let Err(e) = token.cancel_query(tokio_postgres::NoTls).await {
                         tracing::debug!(error = %e, "cancelling a PostgreSQL query failed");
                     }
+                    drop(client);
                 });
             }
         }
