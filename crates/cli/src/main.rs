@@ -72,7 +72,7 @@ enum Command {
         listen: SocketAddr,
         /// Loads the reference trial CARDIO-01 with a synthetic data set
         /// (several hundred subjects and their visits, results, wearable
-        /// readings, diaries and adverse events; seeded) and prints an
+        /// readings, diaries, adverse events and bills; seeded) and prints an
         /// admin token.
         #[arg(long)]
         demo: bool,
