@@ -10,8 +10,8 @@
 //! holding it has committed (with `synchronous=FULL`, after the WAL is on
 //! disk).
 
-use std::ops::DerefMut;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Context};
@@ -200,6 +200,15 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> anyhow::Result<T> + Send + 'static,
     ) -> anyhow::Result<T> {
+        self.read_mut(move |c| f(c)).await
+    }
+
+    /// As [`SqliteStore::read`], for a read that sets a handler on its
+    /// connection (and must clear it before the connection goes back).
+    async fn read_mut<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
         // The permit goes back with the connection, from the blocking
         // task: a caller that stops waiting (a timeout dropping this
         // future) must not free a permit while its query still holds the
@@ -219,14 +228,14 @@ impl SqliteStore {
                 .lock()
                 .map_err(|_| anyhow!("reader pool poisoned"))
                 .and_then(|mut c| c.pop().ok_or_else(|| anyhow!("no free reader")));
-            let conn = match conn {
+            let mut conn = match conn {
                 Ok(c) => c,
                 Err(e) => {
                     pool.permits.add_permits(1);
                     return Err(e);
                 }
             };
-            let r = f(&conn);
+            let r = f(&mut conn);
             if let Ok(mut conns) = pool.conns.lock() {
                 conns.push(conn);
             }
@@ -422,32 +431,30 @@ impl SqliteStore {
         deadline: tokio::time::Instant,
     ) -> Result<Vec<DatedResource>, ReadError> {
         let s = sql::compartment_page(Dialect::Sqlite, &q);
-        let slot = Arc::new(Mutex::new(Interrupt::Waiting));
-        let guard = InterruptOnDrop(slot.clone());
-        let read = self.read(move |c| {
-            match slot
-                .lock()
-                .map_err(|_| anyhow!("interrupt slot poisoned"))?
-                .deref_mut()
-            {
-                st @ Interrupt::Waiting => *st = Interrupt::Running(c.get_interrupt_handle()),
-                _ => return Err(anyhow!("the read was cancelled before it started")),
-            }
+        // Checked by SQLite every 1,000 VM steps, from the statement's first
+        // step on: an interrupt from outside could land before that step
+        // and be cleared by it, a flag cannot be missed.
+        let stop = Arc::new(AtomicBool::new(false));
+        let guard = StopOnDrop(Some(stop.clone()));
+        let until = deadline.into_std();
+        let read = self.read_mut(move |c| {
+            let flag = stop.clone();
+            c.progress_handler(
+                1000,
+                Some(move || flag.load(Ordering::Relaxed) || std::time::Instant::now() >= until),
+            )?;
             let rows = run_rows(c, &q.rtype, &s);
-            // Under the lock: once `Done`, nothing interrupts this
-            // connection, which the next reader gets from the pool.
-            if let Ok(mut st) = slot.lock() {
-                *st = Interrupt::Done;
-            }
+            // Cleared before the connection goes back to the pool.
+            c.progress_handler(0, None::<fn() -> bool>)?;
             rows
         });
         let rows = match tokio::time::timeout_at(deadline, read).await {
             Ok(rows) => rows?,
             // Dropping the read future does not stop the blocking task:
-            // the guard below interrupts its statement.
+            // the guard below, dropped with this future, raises the flag.
             Err(_) => return Err(ReadError::Deadline),
         };
-        drop(guard);
+        guard.disarm();
         Ok(rows.into_iter().map(|(r, d)| sql::dated(r, d)).collect())
     }
 
@@ -1715,28 +1722,22 @@ fn append_audit(c: &Connection, records: Vec<&AuditRecord>) -> anyhow::Result<()
     Ok(())
 }
 
-/// Where a read that can be stopped is: the blocking task and the waiting
-/// future share it under a lock, so an interrupt reaches only the statement
-/// it was meant for (never one a later reader runs on the same connection).
-enum Interrupt {
-    Waiting,
-    Running(rusqlite::InterruptHandle),
-    Done,
-    Cancelled,
+/// Raises its flag when dropped armed: the read's future went away
+/// (deadline, or the caller gone), so the statement stops at its next
+/// progress check.
+struct StopOnDrop(Option<Arc<AtomicBool>>);
+
+impl StopOnDrop {
+    /// The read answered: nothing to stop.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
 }
 
-/// Interrupts the read when the waiting future goes away first (deadline or
-/// caller gone); a no-op once the read is done.
-struct InterruptOnDrop(Arc<Mutex<Interrupt>>);
-
-impl Drop for InterruptOnDrop {
+impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        if let Ok(mut st) = self.0.lock() {
-            match std::mem::replace(&mut *st, Interrupt::Cancelled) {
-                Interrupt::Running(h) => h.interrupt(),
-                Interrupt::Done => *st = Interrupt::Done,
-                Interrupt::Waiting | Interrupt::Cancelled => {}
-            }
+        if let Some(flag) = &self.0 {
+            flag.store(true, Ordering::Relaxed);
         }
     }
 }
