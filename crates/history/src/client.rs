@@ -226,10 +226,74 @@ fn prepare<R>(call: Call<R>, auth: &MetadataValue<Ascii>) -> Option<(tonic::Requ
     Some((req, call.deadline))
 }
 
-impl Service<Call<pb::HistoryRequest>> for GrpcCall<RecordsClient<Channel>> {
+/// A generated client as the gateway calls it: one history request, the
+/// whole stream collected (bounded by [`MAX_RESOURCES`]), its `last` page
+/// required.
+pub trait HistoryClient: Clone + Send + 'static {
+    type Response: Send + 'static;
+
+    fn fetch(
+        self,
+        req: tonic::Request<pb::HistoryRequest>,
+    ) -> impl std::future::Future<Output = Result<Self::Response, tonic::Status>> + Send;
+}
+
+impl HistoryClient for RecordsClient<Channel> {
     type Response = Vec<pb::Resource>;
+
+    async fn fetch(
+        mut self,
+        req: tonic::Request<pb::HistoryRequest>,
+    ) -> Result<Vec<pb::Resource>, tonic::Status> {
+        let mut stream = self.history(req).await?.into_inner();
+        let mut out = Vec::new();
+        let mut last = false;
+        while let Some(page) = stream.message().await? {
+            out.extend(page.resources);
+            last |= page.last;
+            if out.len() > MAX_RESOURCES {
+                return Err(tonic::Status::resource_exhausted("history too long"));
+            }
+        }
+        if !last {
+            // Cut short: a shorter history must never pass for the whole one.
+            return Err(tonic::Status::data_loss("the history ended early"));
+        }
+        Ok(out)
+    }
+}
+
+impl HistoryClient for BillingClient<Channel> {
+    type Response = Billing;
+
+    async fn fetch(
+        mut self,
+        req: tonic::Request<pb::HistoryRequest>,
+    ) -> Result<Billing, tonic::Status> {
+        let mut stream = self.account(req).await?.into_inner();
+        let mut out = Billing::default();
+        let mut last = false;
+        while let Some(page) = stream.message().await? {
+            out.resources.extend(page.resources);
+            out.totals.extend(page.totals);
+            last |= page.last;
+            if out.resources.len() > MAX_RESOURCES {
+                return Err(tonic::Status::resource_exhausted("account too long"));
+            }
+        }
+        if !last {
+            // A stream that ends without its last page was cut short: its
+            // totals would be wrong, not just partial.
+            return Err(tonic::Status::data_loss("the account ended early"));
+        }
+        Ok(out)
+    }
+}
+
+impl<C: HistoryClient> Service<Call<pb::HistoryRequest>> for GrpcCall<C> {
+    type Response = C::Response;
     type Error = DownstreamError;
-    type Future = BoxFuture<'static, Result<Vec<pb::Resource>, DownstreamError>>;
+    type Future = BoxFuture<'static, Result<C::Response, DownstreamError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), DownstreamError>> {
         // The channel queues internally (bounded by its buffer) and each
@@ -238,72 +302,12 @@ impl Service<Call<pb::HistoryRequest>> for GrpcCall<RecordsClient<Channel>> {
     }
 
     fn call(&mut self, call: Call<pb::HistoryRequest>) -> Self::Future {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let service = self.service;
         let prepared = prepare(call, &self.auth);
         Box::pin(async move {
             let (req, deadline) = prepared.ok_or(DownstreamError::Deadline { service })?;
-            let work = async {
-                let mut stream = client.history(req).await?.into_inner();
-                let mut out = Vec::new();
-                let mut last = false;
-                while let Some(page) = stream.message().await? {
-                    out.extend(page.resources);
-                    last |= page.last;
-                    if out.len() > MAX_RESOURCES {
-                        return Err(tonic::Status::resource_exhausted("history too long"));
-                    }
-                }
-                if !last {
-                    // Cut short: a shorter history must never pass for the
-                    // whole one.
-                    return Err(tonic::Status::data_loss("the history ended early"));
-                }
-                Ok(out)
-            };
-            match tokio::time::timeout_at(deadline, work).await {
-                Ok(r) => r.map_err(|s| DownstreamError::from_status(service, &s)),
-                Err(_) => Err(DownstreamError::Deadline { service }),
-            }
-        })
-    }
-}
-
-impl Service<Call<pb::HistoryRequest>> for GrpcCall<BillingClient<Channel>> {
-    type Response = Billing;
-    type Error = DownstreamError;
-    type Future = BoxFuture<'static, Result<Billing, DownstreamError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), DownstreamError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, call: Call<pb::HistoryRequest>) -> Self::Future {
-        let mut client = self.client.clone();
-        let service = self.service;
-        let prepared = prepare(call, &self.auth);
-        Box::pin(async move {
-            let (req, deadline) = prepared.ok_or(DownstreamError::Deadline { service })?;
-            let work = async {
-                let mut stream = client.account(req).await?.into_inner();
-                let mut out = Billing::default();
-                let mut last = false;
-                while let Some(page) = stream.message().await? {
-                    out.resources.extend(page.resources);
-                    out.totals.extend(page.totals);
-                    last |= page.last;
-                    if out.resources.len() > MAX_RESOURCES {
-                        return Err(tonic::Status::resource_exhausted("account too long"));
-                    }
-                }
-                if !last {
-                    // A stream that ends without its last page was cut
-                    // short: its totals would be wrong, not just partial.
-                    return Err(tonic::Status::data_loss("the account ended early"));
-                }
-                Ok(out)
-            };
-            match tokio::time::timeout_at(deadline, work).await {
+            match tokio::time::timeout_at(deadline, client.fetch(req)).await {
                 Ok(r) => r.map_err(|s| DownstreamError::from_status(service, &s)),
                 Err(_) => Err(DownstreamError::Deadline { service }),
             }

@@ -327,117 +327,144 @@ fn spawn_call<T, F>(
     });
 }
 
-/// Every current resource of `types` in the patient's compartment, page by
-/// page, each page handed to `emit`.
-async fn read_pages<F>(
+/// What a service makes of the store's pages: the messages it streams.
+trait Pages: Send + 'static {
+    type Page: Send + 'static;
+    /// The service's name (metrics, and the gateway's messages).
+    const SERVICE: &'static str;
+    /// The resource types it reads, in this order.
+    const TYPES: &'static [&'static str];
+    /// The message for one page of resources (never empty).
+    fn page(&mut self, resources: Vec<pb::Resource>) -> Result<Self::Page, Stop>;
+    /// The last message, which says the stream is whole.
+    fn last(self) -> Self::Page;
+}
+
+/// Starts a call: checks it, then streams every current resource of
+/// `P::TYPES` in the patient's compartment, page by page, then `last`.
+fn start<P: Pages>(
     ctx: &ServiceContext,
-    patient: &str,
-    since: Option<i64>,
-    types: &[&str],
-    deadline: Instant,
-    mut emit: F,
-) -> Result<(), Stop>
-where
-    F: AsyncPageSink,
-{
-    if !ctx.faults.latency.is_zero() {
-        tokio::time::sleep(ctx.faults.latency).await;
-    }
-    for rtype in types {
-        let mut after = None;
-        loop {
-            let page = ctx
-                .store
-                .compartment_page(
-                    CompartmentQuery {
-                        patient: patient.to_string(),
-                        rtype: rtype.to_string(),
-                        since,
-                        after: after.clone(),
-                        limit: PAGE,
-                    },
-                    deadline,
-                )
-                .await?;
-            let full = page.len() == PAGE;
-            after = page.last().map(|r| r.resource.id.clone());
-            let resources = page
-                .into_iter()
-                .filter_map(|r| {
-                    Some(pb::Resource {
-                        json: r.resource.body?,
-                        resource_type: r.resource.resource_type,
-                        id: r.resource.id,
-                        version: r.resource.version,
-                        date_ms: r.date,
+    request: Request<pb::HistoryRequest>,
+    mut pages: P,
+) -> Result<Response<PageStream<P::Page>>, Status> {
+    let tracker = ctx.begin(P::SERVICE, &request)?;
+    let req = request.into_inner();
+    let (tx, rx) = mpsc::channel(2);
+    let (status_tx, status_rx) = tokio::sync::oneshot::channel();
+    let ctx = ctx.clone();
+    let deadline = tracker.deadline;
+    let out = tx.clone();
+    spawn_call(tracker, tx, status_tx, async move {
+        if !ctx.faults.latency.is_zero() {
+            tokio::time::sleep(ctx.faults.latency).await;
+        }
+        for rtype in P::TYPES {
+            let mut after = None;
+            loop {
+                let page = ctx
+                    .store
+                    .compartment_page(
+                        CompartmentQuery {
+                            patient: req.patient_id.clone(),
+                            rtype: rtype.to_string(),
+                            since: req.since_ms,
+                            after: after.clone(),
+                            limit: PAGE,
+                        },
+                        deadline,
+                    )
+                    .await?;
+                let full = page.len() == PAGE;
+                after = page.last().map(|r| r.resource.id.clone());
+                let resources = page
+                    .into_iter()
+                    .filter_map(|r| {
+                        Some(pb::Resource {
+                            json: r.resource.body?,
+                            resource_type: r.resource.resource_type,
+                            id: r.resource.id,
+                            version: r.resource.version,
+                            date_ms: r.date,
+                        })
                     })
-                })
-                .collect::<Vec<_>>();
-            emit.page(resources).await?;
-            if !full {
-                break;
+                    .collect::<Vec<_>>();
+                if !resources.is_empty() {
+                    out.send(pages.page(resources)?)
+                        .await
+                        .map_err(|_| Stop::Gone)?;
+                }
+                if !full {
+                    break;
+                }
             }
         }
+        out.send(pages.last()).await.map_err(|_| Stop::Gone)
+    });
+    Ok(Response::new(stream_of(rx, status_rx)))
+}
+
+struct RecordsPages;
+
+impl Pages for RecordsPages {
+    type Page = pb::ResourcePage;
+    const SERVICE: &'static str = "records";
+    const TYPES: &'static [&'static str] = RECORD_TYPES;
+
+    fn page(&mut self, resources: Vec<pb::Resource>) -> Result<pb::ResourcePage, Stop> {
+        Ok(pb::ResourcePage {
+            resources,
+            last: false,
+        })
     }
-    Ok(())
-}
 
-/// Where [`read_pages`] hands its pages (a trait, so the two services can
-/// keep their own state across pages).
-trait AsyncPageSink: Send {
-    fn page(
-        &mut self,
-        resources: Vec<pb::Resource>,
-    ) -> impl std::future::Future<Output = Result<(), Stop>> + Send;
-}
-
-struct RecordsSink(mpsc::Sender<pb::ResourcePage>);
-
-impl AsyncPageSink for RecordsSink {
-    async fn page(&mut self, resources: Vec<pb::Resource>) -> Result<(), Stop> {
-        if resources.is_empty() {
-            return Ok(());
+    fn last(self) -> pb::ResourcePage {
+        pb::ResourcePage {
+            resources: Vec::new(),
+            last: true,
         }
-        self.0
-            .send(pb::ResourcePage {
-                resources,
-                last: false,
-            })
-            .await
-            .map_err(|_| Stop::Gone)
     }
 }
 
-struct BillingSink {
-    tx: mpsc::Sender<pb::BillingPage>,
+/// Billing's pages, and the invoices' totals so far (sent last).
+#[derive(Default)]
+struct BillingPages {
     totals: Totals,
 }
 
-impl AsyncPageSink for BillingSink {
-    async fn page(&mut self, resources: Vec<pb::Resource>) -> Result<(), Stop> {
-        for r in &resources {
-            if r.resource_type == "Invoice" {
-                // No resource id in the log or the status: ids may be made
-                // from subject ids. The error says what is wrong, not whose.
-                add_invoice(&mut self.totals, &r.json).map_err(|e| {
-                    tracing::error!(error = %e, "an invoice's total is unreadable");
-                    Stop::Failed(Status::data_loss(format!(
-                        "an invoice has an unreadable total: {e}"
-                    )))
-                })?;
-            }
+impl Pages for BillingPages {
+    type Page = pb::BillingPage;
+    const SERVICE: &'static str = "billing";
+    const TYPES: &'static [&'static str] = BILLING_TYPES;
+
+    fn page(&mut self, resources: Vec<pb::Resource>) -> Result<pb::BillingPage, Stop> {
+        for r in resources.iter().filter(|r| r.resource_type == "Invoice") {
+            // No resource id in the log or the status: ids may be made from
+            // subject ids. The error says what is wrong, not whose.
+            add_invoice(&mut self.totals, &r.json).map_err(|e| {
+                tracing::error!(error = %e, "an invoice's total is unreadable");
+                Stop::Failed(Status::data_loss(format!(
+                    "an invoice has an unreadable total: {e}"
+                )))
+            })?;
         }
-        if resources.is_empty() {
-            return Ok(());
+        Ok(pb::BillingPage {
+            resources,
+            totals: Vec::new(),
+            last: false,
+        })
+    }
+
+    fn last(self) -> pb::BillingPage {
+        pb::BillingPage {
+            resources: Vec::new(),
+            totals: self
+                .totals
+                .render()
+                .into_iter()
+                .map(|(value, currency)| pb::Money { value, currency })
+                .collect(),
+            last: true,
         }
-        self.tx
-            .send(pb::BillingPage {
-                resources,
-                totals: Vec::new(),
-                last: false,
-            })
-            .await
-            .map_err(|_| Stop::Gone)
     }
 }
 
@@ -488,32 +515,7 @@ impl pb::records_server::Records for RecordsService {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<Self::HistoryStream>, Status> {
-        let tracker = self.0.begin("records", &request)?;
-        let req = request.into_inner();
-        let (tx, rx) = mpsc::channel(2);
-        let (status_tx, status_rx) = tokio::sync::oneshot::channel();
-        let ctx = self.0.clone();
-        let deadline = tracker.deadline;
-        let out = tx.clone();
-        spawn_call(tracker, tx, status_tx, async move {
-            let mut sink = RecordsSink(out.clone());
-            read_pages(
-                &ctx,
-                &req.patient_id,
-                req.since_ms,
-                RECORD_TYPES,
-                deadline,
-                &mut sink,
-            )
-            .await?;
-            out.send(pb::ResourcePage {
-                resources: Vec::new(),
-                last: true,
-            })
-            .await
-            .map_err(|_| Stop::Gone)
-        });
-        Ok(Response::new(stream_of(rx, status_rx)))
+        start(&self.0, request, RecordsPages)
     }
 }
 
@@ -529,48 +531,7 @@ impl pb::billing_server::Billing for BillingService {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<Self::AccountStream>, Status> {
-        let tracker = self.0.begin("billing", &request)?;
-        let req = request.into_inner();
-        let (tx, rx) = mpsc::channel(2);
-        let (status_tx, status_rx) = tokio::sync::oneshot::channel();
-        let ctx = self.0.clone();
-        let deadline = tracker.deadline;
-        let out = tx.clone();
-        spawn_call(tracker, tx, status_tx, async move {
-            let mut sink = BillingSink {
-                tx: out.clone(),
-                totals: Totals::default(),
-            };
-            read_pages(
-                &ctx,
-                &req.patient_id,
-                req.since_ms,
-                BILLING_TYPES,
-                deadline,
-                &mut sink,
-            )
-            .await?;
-            let totals = sink
-                .totals
-                .render()
-                .into_iter()
-                .map(|(value, currency)| pb::Money { value, currency })
-                .collect();
-            out.send(pb::BillingPage {
-                resources: Vec::new(),
-                totals,
-                last: true,
-            })
-            .await
-            .map_err(|_| Stop::Gone)
-        });
-        Ok(Response::new(stream_of(rx, status_rx)))
-    }
-}
-
-impl<S: AsyncPageSink> AsyncPageSink for &mut S {
-    async fn page(&mut self, resources: Vec<pb::Resource>) -> Result<(), Stop> {
-        (**self).page(resources).await
+        start(&self.0, request, BillingPages::default())
     }
 }
 

@@ -69,17 +69,13 @@ async fn service(app: &TestApp, kind: &str, latency_ms: u64, listen: &str) -> Se
         .next()
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no address in {line:?}"));
-    ProcSpawned::drain(lines);
+    drain(lines);
     ServiceProc { child, addr }
 }
 
 /// Keeps reading a child's stdout so that it never blocks on a full pipe.
-struct ProcSpawned;
-
-impl ProcSpawned {
-    fn drain(mut lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>) {
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    }
+fn drain(mut lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>) {
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 }
 
 /// The reference trial and a small demo data set (with billing).
@@ -142,6 +138,18 @@ async fn history(
         req = req.header("X-Request-Timeout", ms.to_string());
     }
     app.send(req).await
+}
+
+/// The patient's current `rtype` resources, as the FHIR API lists them.
+async fn of_patient(app: &TestApp, rtype: &str, patient: &str) -> Vec<Value> {
+    crate::helpers::entries(
+        &app.search(
+            &app.admin,
+            rtype,
+            &format!("subject=Patient/{patient}&_count=1000"),
+        )
+        .await,
+    )
 }
 
 /// Cents of a FHIR decimal written with at most 2 fraction digits.
@@ -251,15 +259,7 @@ async fn merged_history(app: TestApp) {
         "DiagnosticReport",
         "AdverseEvent",
     ] {
-        let expected = crate::helpers::entries(
-            &app.search(
-                &app.admin,
-                rtype,
-                &format!("subject=Patient/{patient}&_count=1000"),
-            )
-            .await,
-        )
-        .len();
+        let expected = of_patient(&app, rtype, &patient).await.len();
         let groups = h["records"][rtype].as_array().cloned().unwrap_or_default();
         let got: usize = groups
             .iter()
@@ -273,27 +273,13 @@ async fn merged_history(app: TestApp) {
         );
     }
     // Billing: the patient's invoices, and a total that is their exact sum.
-    let invoices = crate::helpers::entries(
-        &app.search(
-            &app.admin,
-            "Invoice",
-            &format!("subject=Patient/{patient}&_count=1000"),
-        )
-        .await,
-    );
+    let invoices = of_patient(&app, "Invoice", &patient).await;
     assert!(!invoices.is_empty());
     assert_eq!(
         h["billing"]["invoices"].as_array().expect("invoices").len(),
         invoices.len()
     );
-    let charges = crate::helpers::entries(
-        &app.search(
-            &app.admin,
-            "ChargeItem",
-            &format!("subject=Patient/{patient}&_count=1000"),
-        )
-        .await,
-    );
+    let charges = of_patient(&app, "ChargeItem", &patient).await;
     assert_eq!(
         h["billing"]["charge_items"]
             .as_array()
