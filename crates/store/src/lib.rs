@@ -21,6 +21,7 @@
 
 pub mod audit;
 pub mod campaign;
+pub mod imaging;
 pub mod model;
 pub mod postgres;
 pub mod sql;
@@ -29,6 +30,7 @@ pub mod sqlite;
 use std::path::PathBuf;
 
 pub use campaign::*;
+pub use imaging::*;
 pub use model::*;
 
 /// Milliseconds since the Unix epoch, now.
@@ -506,6 +508,125 @@ impl Store {
     /// A secret the database generated at migration (`unsubscribe`).
     pub async fn secret(&self, name: &str) -> anyhow::Result<Option<String>> {
         dispatch!(self.secret(name))
+    }
+
+    // ---- imaging (see [`imaging`]) ----
+
+    /// Indexes a DICOM instance and upserts its series' study, series and
+    /// analysis task rows, with `audit`, in one transaction. A SOP Instance
+    /// UID stored before writes nothing (and no audit): `Duplicate`, with
+    /// `same_content` when its SHA-256 matches. The task: absent -> queued
+    /// due at `settle_until`; queued/failed -> due at the later of the two;
+    /// running -> marked dirty; done/dead -> queued again, attempts 0.
+    pub async fn put_dicom_instance(
+        &self,
+        rec: DicomInstanceRecord,
+        task: TaskSpec,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<PutInstance> {
+        dispatch!(self.put_dicom_instance(rec, task, audit))
+    }
+
+    /// The association that sent `series` ended: their queued tasks are
+    /// due by `now`.
+    pub async fn release_series(&self, series: Vec<String>, now: i64) -> anyhow::Result<()> {
+        dispatch!(self.release_series(series, now))
+    }
+
+    /// QIDO-RS studies, by study date then UID.
+    pub async fn dicom_studies(&self, q: DicomQuery) -> anyhow::Result<Vec<StudyRecord>> {
+        dispatch!(self.dicom_studies(q))
+    }
+
+    pub async fn dicom_instance(&self, sop_uid: &str) -> anyhow::Result<Option<StoredInstance>> {
+        dispatch!(self.dicom_instance(sop_uid))
+    }
+
+    /// A series' instances by instance number.
+    pub async fn series_instances(&self, series_uid: &str) -> anyhow::Result<Vec<StoredInstance>> {
+        dispatch!(self.series_instances(series_uid))
+    }
+
+    /// Claims the oldest due task (queued or failed and due, or running
+    /// with an expired lease): running under `worker` until
+    /// `now + lease_ms`, one more attempt. Two claims never get the same
+    /// task (SKIP LOCKED on PostgreSQL, the single writer on SQLite).
+    pub async fn claim_imaging_task(
+        &self,
+        worker: &str,
+        now: i64,
+        lease_ms: i64,
+    ) -> anyhow::Result<Option<TaskRecord>> {
+        dispatch!(self.claim_imaging_task(worker, now, lease_ms))
+    }
+
+    /// `false` when the task is no longer running under `worker`.
+    pub async fn extend_lease(
+        &self,
+        id: &str,
+        worker: &str,
+        lease_until: i64,
+    ) -> anyhow::Result<bool> {
+        dispatch!(self.extend_lease(id, worker, lease_until))
+    }
+
+    /// Records a broker delivery of a task: running under `worker`,
+    /// attempt `attempt` (the broker counts deliveries).
+    pub async fn mark_task_running(
+        &self,
+        id: &str,
+        worker: &str,
+        attempt: u32,
+        lease_until: i64,
+    ) -> anyhow::Result<bool> {
+        dispatch!(self.mark_task_running(id, worker, attempt, lease_until))
+    }
+
+    /// Applies a worker's outcome only while the task is running under
+    /// `worker` (a worker whose lease expired gets `false`). `Done` on a
+    /// dirty task queues it again, due at `now`.
+    pub async fn finish_task(
+        &self,
+        id: &str,
+        worker: &str,
+        outcome: TaskOutcome,
+        now: i64,
+    ) -> anyhow::Result<bool> {
+        dispatch!(self.finish_task(id, worker, outcome, now))
+    }
+
+    pub async fn imaging_task(&self, id: &str) -> anyhow::Result<Option<TaskRecord>> {
+        dispatch!(self.imaging_task(id))
+    }
+
+    /// Tasks in id order after `after`, at most `limit`.
+    pub async fn imaging_tasks(
+        &self,
+        status: Option<TaskStatus>,
+        after: Option<String>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<TaskRecord>> {
+        dispatch!(self.imaging_tasks(status, after, limit))
+    }
+
+    /// A failed or dead task queued again (attempts 0), with `audit`;
+    /// `false` (nothing written) in any other status.
+    pub async fn retry_imaging_task(
+        &self,
+        id: &str,
+        now: i64,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<bool> {
+        dispatch!(self.retry_imaging_task(id, now, audit))
+    }
+
+    /// Queued tasks not yet published to a broker, oldest first.
+    pub async fn unpublished_tasks(&self, limit: usize) -> anyhow::Result<Vec<TaskRecord>> {
+        dispatch!(self.unpublished_tasks(limit))
+    }
+
+    pub async fn mark_published(&self, ids: Vec<String>) -> anyhow::Result<()> {
+        dispatch!(self.mark_published(ids))
     }
 
     /// Raw SQL on a writing connection: only for tests that tamper with the

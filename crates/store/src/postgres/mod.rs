@@ -43,6 +43,7 @@ use crate::sqlite::{push_audit_filters, AUDIT_SELECT, BATCH_SELECT, QUERY_SELECT
 use clinflow_fhir::IndexValue;
 
 mod campaigns;
+mod imaging;
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("0001_init.sql")),
@@ -53,6 +54,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("0006_site_notify.sql")),
     (7, include_str!("0007_trial_notify.sql")),
     (8, include_str!("0008_campaigns.sql")),
+    (9, include_str!("0009_imaging.sql")),
 ];
 /// The channel of [`PgStore::site_changes`] (see migration 6).
 const SITES_CHANNEL: &str = "clinflow_sites";
@@ -95,6 +97,8 @@ enum Op {
     ChangeQuery(String, QueryChange, String, i64),
     /// A campaign action (create, cancel, opt-out).
     Campaign(campaigns::CampaignOp),
+    /// An imaging write (store an instance, retry a task).
+    Imaging(imaging::ImagingOp),
     /// Raw SQL (tests that tamper with the database).
     Raw(String),
 }
@@ -1654,6 +1658,7 @@ async fn apply_op(c: &Client, st: &Stmts, op: &Op) -> Result<u64, WriteError> {
             Ok(n)
         }
         Op::Campaign(op) => Ok(campaigns::apply(c, op).await?),
+        Op::Imaging(op) => Ok(imaging::apply(c, op).await?),
         Op::Raw(sql) => c.batch_execute(sql).await.map(|()| 0),
     }
     .map_err(db)?;

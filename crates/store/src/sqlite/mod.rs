@@ -24,6 +24,7 @@ use crate::sql::{self, Dialect, SqlValue};
 use clinflow_fhir::IndexValue;
 
 mod campaigns;
+mod imaging;
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("0001_init.sql")),
@@ -34,6 +35,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("0006_token_search_order.sql")),
     (7, include_str!("0007_batch_scope.sql")),
     (8, include_str!("0008_campaigns.sql")),
+    (9, include_str!("0009_imaging.sql")),
 ];
 
 /// How many queued write requests one group commit takes at most.
