@@ -157,9 +157,17 @@ impl Response<'_> {
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(160);
         if let Some(uid) = self.affected_sop_class_uid {
-            put(&mut body, TAG_AFFECTED_SOP_CLASS, &padded(uid.as_bytes(), 0));
+            put(
+                &mut body,
+                TAG_AFFECTED_SOP_CLASS,
+                &padded(uid.as_bytes(), 0),
+            );
         }
-        put(&mut body, TAG_COMMAND_FIELD, &self.command_field.to_le_bytes());
+        put(
+            &mut body,
+            TAG_COMMAND_FIELD,
+            &self.command_field.to_le_bytes(),
+        );
         put(
             &mut body,
             TAG_MESSAGE_ID_RESPONDED,
@@ -180,13 +188,25 @@ impl Response<'_> {
                 })
                 .take(ERROR_COMMENT_MAX)
                 .collect();
-            put(&mut body, TAG_ERROR_COMMENT, &padded(clean.as_bytes(), b' '));
+            put(
+                &mut body,
+                TAG_ERROR_COMMENT,
+                &padded(clean.as_bytes(), b' '),
+            );
         }
         if let Some(uid) = self.affected_sop_instance_uid {
-            put(&mut body, TAG_AFFECTED_SOP_INSTANCE, &padded(uid.as_bytes(), 0));
+            put(
+                &mut body,
+                TAG_AFFECTED_SOP_INSTANCE,
+                &padded(uid.as_bytes(), 0),
+            );
         }
         let mut out = Vec::with_capacity(body.len() + 12);
-        put(&mut out, TAG_GROUP_LENGTH, &(body.len() as u32).to_le_bytes());
+        put(
+            &mut out,
+            TAG_GROUP_LENGTH,
+            &(body.len() as u32).to_le_bytes(),
+        );
         out.extend_from_slice(&body);
         out
     }
@@ -213,15 +233,27 @@ mod tests {
 
     fn request(with_data: bool) -> Vec<u8> {
         let mut body = Vec::new();
-        put(&mut body, TAG_AFFECTED_SOP_CLASS, b"1.2.840.10008.5.1.4.1.1.2\0");
-        put(&mut body, TAG_COMMAND_FIELD, &field::C_STORE_RQ.to_le_bytes());
+        put(
+            &mut body,
+            TAG_AFFECTED_SOP_CLASS,
+            b"1.2.840.10008.5.1.4.1.1.2\0",
+        );
+        put(
+            &mut body,
+            TAG_COMMAND_FIELD,
+            &field::C_STORE_RQ.to_le_bytes(),
+        );
         put(&mut body, TAG_MESSAGE_ID, &7u16.to_le_bytes());
         put(&mut body, 0x0700, &0u16.to_le_bytes());
         let dst: u16 = if with_data { 0x0000 } else { NO_DATA_SET };
         put(&mut body, TAG_DATA_SET_TYPE, &dst.to_le_bytes());
         put(&mut body, TAG_AFFECTED_SOP_INSTANCE, b"1.2.3.4 ");
         let mut out = Vec::new();
-        put(&mut out, TAG_GROUP_LENGTH, &(body.len() as u32).to_le_bytes());
+        put(
+            &mut out,
+            TAG_GROUP_LENGTH,
+            &(body.len() as u32).to_le_bytes(),
+        );
         out.extend_from_slice(&body);
         out
     }
@@ -273,7 +305,7 @@ mod tests {
         let bytes = rsp.encode();
         let group_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
         assert_eq!(group_len as usize, bytes.len() - 12);
-        assert!(bytes.len() % 2 == 0);
+        assert!(bytes.len().is_multiple_of(2));
         let back = Command::decode(&bytes).unwrap();
         assert_eq!(back.command_field, field::C_STORE_RSP);
         assert_eq!(back.affected_sop_instance_uid.as_deref(), Some("1.2.3"));

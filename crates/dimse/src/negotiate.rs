@@ -22,17 +22,17 @@ pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 pub const TRANSFER_SYNTAXES: &[&str] = &[
     IMPLICIT_VR_LE,
     EXPLICIT_VR_LE,
-    "1.2.840.10008.1.2.2",      // explicit VR big endian (retired, still sent)
-    "1.2.840.10008.1.2.1.99",   // deflated explicit VR little endian
-    "1.2.840.10008.1.2.4.50",   // JPEG baseline
-    "1.2.840.10008.1.2.4.51",   // JPEG extended
-    "1.2.840.10008.1.2.4.57",   // JPEG lossless
-    "1.2.840.10008.1.2.4.70",   // JPEG lossless SV1
-    "1.2.840.10008.1.2.4.80",   // JPEG-LS lossless
-    "1.2.840.10008.1.2.4.81",   // JPEG-LS near-lossless
-    "1.2.840.10008.1.2.4.90",   // JPEG 2000 lossless
-    "1.2.840.10008.1.2.4.91",   // JPEG 2000
-    "1.2.840.10008.1.2.5",      // RLE lossless
+    "1.2.840.10008.1.2.2",    // explicit VR big endian (retired, still sent)
+    "1.2.840.10008.1.2.1.99", // deflated explicit VR little endian
+    "1.2.840.10008.1.2.4.50", // JPEG baseline
+    "1.2.840.10008.1.2.4.51", // JPEG extended
+    "1.2.840.10008.1.2.4.57", // JPEG lossless
+    "1.2.840.10008.1.2.4.70", // JPEG lossless SV1
+    "1.2.840.10008.1.2.4.80", // JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81", // JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90", // JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91", // JPEG 2000
+    "1.2.840.10008.1.2.5",    // RLE lossless
 ];
 
 /// Implementation class UID sent in the A-ASSOCIATE-AC: a UUID-derived `2.25.` UID,
@@ -48,7 +48,7 @@ pub fn abstract_syntax_supported(uid: &str) -> bool {
 
 /// Choose a transfer syntax: the first supported one in the proposer's order, except
 /// that explicit VR little endian is taken over implicit when both are proposed.
-pub fn choose_transfer_syntax<'a>(proposed: &'a [String]) -> Option<&'a str> {
+pub fn choose_transfer_syntax(proposed: &[String]) -> Option<&str> {
     let first = proposed
         .iter()
         .map(|s| s.trim_end_matches(['\0', ' ']))
@@ -216,8 +216,14 @@ mod tests {
             reasons,
             vec![
                 (1, PresentationContextResultReason::Acceptance),
-                (3, PresentationContextResultReason::AbstractSyntaxNotSupported),
-                (5, PresentationContextResultReason::TransferSyntaxesNotSupported),
+                (
+                    3,
+                    PresentationContextResultReason::AbstractSyntaxNotSupported
+                ),
+                (
+                    5,
+                    PresentationContextResultReason::TransferSyntaxesNotSupported
+                ),
             ]
         );
         assert_eq!(acc.peer_max_pdu, None);
