@@ -67,7 +67,7 @@ export CLINFLOW_R4_EXAMPLES="$root/$corpus"
 #    (PyPI, Apache-2.0), the real SMTP server the campaign tests send to
 #    (tests/smtp/server.py).
 venv="target/test-venv"
-venv_ok() { [ -x "$venv/bin/mllp_send" ] && "$venv/bin/python" -c 'import aiosmtpd' 2>/dev/null; }
+venv_ok() { [ -x "$venv/bin/mllp_send" ] && "$venv/bin/python" -c 'import aiosmtpd, pydicom' 2>/dev/null; }
 if ! venv_ok; then
   if ! command -v python3 >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     say "installing python3 (Debian packages python3, python3-venv)"
@@ -75,7 +75,7 @@ if ! venv_ok; then
   fi
   say "installing python-hl7 (PyPI hl7>=0.4,<0.5) and aiosmtpd (>=1.4,<2) into $venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'hl7>=0.4,<0.5' 'aiosmtpd>=1.4,<2'
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'hl7>=0.4,<0.5' 'aiosmtpd>=1.4,<2' 'pydicom>=3,<4'
 fi
 if [ ! -x "$venv/bin/mllp_send" ]; then
   echo "error: $venv/bin/mllp_send is missing; the MLLP tests need it" >&2
@@ -87,6 +87,19 @@ if ! "$venv/bin/python" -c 'import aiosmtpd' 2>/dev/null; then
 fi
 export CLINFLOW_MLLP_SEND="$root/$venv/bin/mllp_send"
 export CLINFLOW_TEST_PYTHON="$root/$venv/bin/python"
+
+# 3b. dcmtk (Debian package dcmtk): echoscu and storescu, the real DICOM
+#     clients of the DIMSE tests; pydicom (PyPI, MIT) above ships their sample files.
+if ! command -v storescu >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing dcmtk (Debian package dcmtk)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null
+  fi
+fi
+if ! command -v storescu >/dev/null 2>&1 || ! command -v echoscu >/dev/null 2>&1; then
+  echo "error: dcmtk's storescu/echoscu are missing; the DIMSE tests need them (Debian package dcmtk)" >&2
+  exit 1
+fi
 
 # 4. A real browser for the web page's test: Debian's chromium, driven by
 #    playwright-core (npm, pinned in tests/ui/package-lock.json).
