@@ -71,6 +71,8 @@ pub struct Config {
     pub notify: crate::campaigns::NotifyConfig,
     /// The patient history gateway: services, deadline, resilience.
     pub history: crate::history::HistoryConfig,
+    /// Imaging: files, the DIMSE listener, the analysis workers and queue.
+    pub imaging: crate::imaging::ImagingConfig,
 }
 
 impl Config {
@@ -100,6 +102,7 @@ impl Config {
             dashboard_section_delay: Default::default(),
             notify: Default::default(),
             history: Default::default(),
+            imaging: Default::default(),
         }
     }
 }

@@ -29,6 +29,9 @@ pub enum ApiError {
     PreconditionFailed(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// No representation the `Accept` header allows: 406.
+    #[error("{0}")]
+    NotAcceptable(String),
     #[error("the request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     #[error("the server is busy; retry after {0} s")]
@@ -51,6 +54,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -157,7 +161,9 @@ impl From<ApiError> for FhirError {
             ApiError::BadRequest(_) => IssueCode::Invalid,
             ApiError::Conflict(_) | ApiError::PreconditionFailed(_) => IssueCode::Conflict,
             ApiError::Unprocessable(_) => IssueCode::Processing,
-            ApiError::UnsupportedMediaType(_) => IssueCode::NotSupported,
+            ApiError::UnsupportedMediaType(_) | ApiError::NotAcceptable(_) => {
+                IssueCode::NotSupported
+            }
             ApiError::PayloadTooLarge(_) => IssueCode::TooCostly,
             ApiError::Unavailable(_) | ApiError::TooManyRequests(_) => IssueCode::Throttled,
             ApiError::Internal(_) => IssueCode::Exception,

@@ -28,6 +28,7 @@ pub mod demo;
 pub mod error;
 pub mod fhir;
 pub mod history;
+pub mod imaging;
 pub mod ingest;
 mod media;
 pub mod metrics;

@@ -35,6 +35,8 @@ pub struct Application {
     mllp: Option<MllpListener>,
     /// The ingest workers, stopped after the last request.
     pipeline: Pipeline,
+    /// The DIMSE listener, when `config.imaging.dicom_listen` is set.
+    dicom: Option<TcpListener>,
 }
 
 impl Application {
@@ -51,7 +53,23 @@ impl Application {
             Some(addr) => Some(MllpListener::bind(addr).await?),
             None => None,
         };
+        let dicom = match config.imaging.dicom_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the DICOM listener to {addr}"))?,
+            ),
+            None => None,
+        };
         let mut metrics = Metrics::new();
+        let imaging = Arc::new(
+            crate::imaging::Imaging::new(
+                config.imaging.clone(),
+                store.clone(),
+                metrics.registry_mut(),
+            )
+            .context("setting up imaging")?,
+        );
         let history = Arc::new(
             crate::history::Gateway::start(&config.history, &store, metrics.registry_mut())
                 .await
@@ -90,6 +108,7 @@ impl Application {
             tokens,
             notify,
             history,
+            imaging,
             store,
             config: Arc::new(config),
             metrics,
@@ -103,7 +122,13 @@ impl Application {
             state,
             mllp,
             pipeline,
+            dicom,
         })
+    }
+
+    /// The DICOM listener's bound address, when it was asked for.
+    pub fn dicom_local_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.dicom.as_ref().map(TcpListener::local_addr)
     }
 
     /// The bound address (the real port when 0 was asked for).
@@ -160,6 +185,18 @@ impl Application {
             let stop = stop.clone();
             tokio::spawn(async move { notify.run(stop).await })
         };
+        let dicom = self.dicom.map(|listener| {
+            tokio::spawn(crate::imaging::dimse::run(
+                self.state.imaging.clone(),
+                listener,
+                stop.clone(),
+            ))
+        });
+        let workers_stop = CancellationToken::new();
+        let workers = tokio::spawn(crate::imaging::analysis::run_workers(
+            self.state.imaging.clone(),
+            workers_stop.clone(),
+        ));
         let mllp = async {
             if let Some(mllp) = self.mllp {
                 mllp.run(self.state.clone(), stop.clone()).await;
@@ -176,6 +213,20 @@ impl Application {
         );
         signal.abort();
         refresher.abort();
+        if let Some(dicom) = dicom {
+            // It stopped accepting at `stop`, and gives its associations a
+            // grace period.
+            let _ = dicom.await;
+        }
+        // The analyses running finish (bounded); one cut off is delivered
+        // again after its lease.
+        workers_stop.cancel();
+        match tokio::time::timeout(self.state.config.ingest_drain_timeout, workers).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the imaging workers failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "the imaging workers panicked"),
+            Err(_) => tracing::warn!("imaging analyses still running at shutdown; they are redelivered"),
+        }
         self.state.history.stop();
         // The delivery workers saw `stop`: their sends in flight finish
         // (bounded by the send timeout) and are recorded.
@@ -216,7 +267,9 @@ pub fn router(state: AppState) -> Router {
         .route("/patients/{id}/history", get(crate::history::get_history))
         .route("/audit/export", get(audit_api::export))
         .route("/audit/verify", get(audit_api::verify))
-        .route("/metrics", get(render_metrics));
+        .route("/metrics", get(render_metrics))
+        .merge(crate::imaging::dicomweb::routes())
+        .merge(crate::imaging::tasks::routes());
     Router::new()
         .route("/healthz", get(healthz))
         .merge(ui::routes())
@@ -309,6 +362,7 @@ async fn render_metrics(
 ) -> Result<Response, ApiError> {
     caller.deny_interface()?;
     state.sites.observe_age();
+    state.imaging.observe_queue().await;
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -51,4 +51,6 @@ pub struct Shared {
     pub notify: Arc<crate::campaigns::Notifier>,
     /// The patient history gateway and its downstream clients.
     pub history: Arc<crate::history::Gateway>,
+    /// Imaging: intake, files, analysis workers' shared parts.
+    pub imaging: Arc<crate::imaging::Imaging>,
 }

@@ -108,6 +108,17 @@ pub enum TaskOutcome {
     Dead { error: String },
 }
 
+/// The analysis queue's depth, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueStats {
+    /// Queued or failed (waiting for a retry).
+    pub waiting: u64,
+    pub running: u64,
+    pub dead: u64,
+    /// When the oldest task that is due (or running) was created (ms).
+    pub oldest_due_created_at: Option<i64>,
+}
+
 /// A stored instance, as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredInstance {

@@ -524,7 +524,30 @@ impl Store {
         task: TaskSpec,
         audit: Vec<AuditRecord>,
     ) -> anyhow::Result<PutInstance> {
-        dispatch!(self.put_dicom_instance(rec, task, audit))
+        dispatch!(self.put_dicom_instance(rec, Some(task), None, audit))
+    }
+
+    /// As [`Store::put_dicom_instance`] for an instance of a study held in
+    /// quarantine (its patient is not a subject of the trial): indexed,
+    /// the study marked with `reason` (a study's first reason stays), and
+    /// no analysis task.
+    pub async fn put_quarantined_dicom_instance(
+        &self,
+        rec: DicomInstanceRecord,
+        reason: String,
+        audit: Vec<AuditRecord>,
+    ) -> anyhow::Result<PutInstance> {
+        dispatch!(self.put_dicom_instance(rec, None, Some(reason), audit))
+    }
+
+    /// A study's instances, by series then instance number.
+    pub async fn study_instances(&self, study_uid: &str) -> anyhow::Result<Vec<StoredInstance>> {
+        dispatch!(self.study_instances(study_uid))
+    }
+
+    /// The analysis queue's depth and its oldest due task, at `now`.
+    pub async fn imaging_queue_stats(&self, now: i64) -> anyhow::Result<QueueStats> {
+        dispatch!(self.imaging_queue_stats(now))
     }
 
     /// The association that sent `series` ended: their queued tasks are

@@ -12,7 +12,9 @@ use crate::model::{AuditRecord, Expect, WriteError};
 
 /// The audited imaging writes, applied by the writer in its transaction.
 pub(super) enum ImagingOp {
-    Put(Box<DicomInstanceRecord>, TaskSpec),
+    /// The instance, its series' task (`None`: quarantined, no task), the
+    /// quarantine reason.
+    Put(Box<DicomInstanceRecord>, Option<TaskSpec>, Option<String>),
     /// Task id, now.
     Retry(String, i64),
 }
@@ -30,7 +32,7 @@ fn conflict(what: &str, id: &str) -> WriteError {
 /// its audit records by the caller) when it does not apply.
 pub(super) async fn apply(c: &Client, op: &ImagingOp) -> Result<u64, WriteError> {
     match op {
-        ImagingOp::Put(rec, task) => {
+        ImagingOp::Put(rec, task, quarantine) => {
             let now = rec.received_at;
             let n = c
                 .execute(
@@ -43,9 +45,9 @@ pub(super) async fn apply(c: &Client, op: &ImagingOp) -> Result<u64, WriteError>
                 return Err(conflict("dicom instance", &rec.sop_instance_uid));
             }
             c.execute(
-                "INSERT INTO dicom_studies AS s (study_uid, patient_id, subject, site, study_date, accession, attrs, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (study_uid) DO UPDATE SET patient_id = excluded.patient_id, subject = COALESCE(excluded.subject, s.subject), site = COALESCE(excluded.site, s.site), study_date = COALESCE(excluded.study_date, s.study_date), accession = COALESCE(excluded.accession, s.accession), updated_at = excluded.updated_at",
-                &[&rec.study_uid, &rec.patient_id, &rec.subject, &rec.site, &rec.study_date, &rec.accession, &rec.attrs, &now],
+                "INSERT INTO dicom_studies AS s (study_uid, patient_id, subject, site, study_date, accession, attrs, updated_at, quarantine) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (study_uid) DO UPDATE SET patient_id = excluded.patient_id, subject = COALESCE(excluded.subject, s.subject), site = COALESCE(excluded.site, s.site), study_date = COALESCE(excluded.study_date, s.study_date), accession = COALESCE(excluded.accession, s.accession), quarantine = COALESCE(s.quarantine, excluded.quarantine), updated_at = excluded.updated_at",
+                &[&rec.study_uid, &rec.patient_id, &rec.subject, &rec.site, &rec.study_date, &rec.accession, &rec.attrs, &now, quarantine],
             )
             .await
             .map_err(db)?;
@@ -56,6 +58,9 @@ pub(super) async fn apply(c: &Client, op: &ImagingOp) -> Result<u64, WriteError>
             )
             .await
             .map_err(db)?;
+            let Some(task) = task else {
+                return Ok(1);
+            };
             c.execute(
                 "INSERT INTO imaging_tasks AS t (id, series_uid, status, attempts, max_attempts, next_attempt_at, dirty, published, created_at, updated_at) VALUES ($1, $2, 'queued', 0, $3, $4, FALSE, FALSE, $5, $5) \
                  ON CONFLICT (series_uid) DO UPDATE SET \
@@ -129,13 +134,14 @@ impl PgStore {
     pub async fn put_dicom_instance(
         &self,
         rec: DicomInstanceRecord,
-        task: TaskSpec,
+        task: Option<TaskSpec>,
+        quarantine: Option<String>,
         audit: Vec<AuditRecord>,
     ) -> anyhow::Result<PutInstance> {
         let (sop, sha) = (rec.sop_instance_uid.clone(), rec.sha256.clone());
         if self
             .op_applied(
-                super::Op::Imaging(ImagingOp::Put(Box::new(rec), task)),
+                super::Op::Imaging(ImagingOp::Put(Box::new(rec), task, quarantine)),
                 audit,
             )
             .await?
@@ -180,6 +186,34 @@ impl PgStore {
         .iter()
         .map(instance_row)
         .collect()
+    }
+
+    pub async fn study_instances(&self, study_uid: &str) -> anyhow::Result<Vec<StoredInstance>> {
+        let c = self.client().await?;
+        c.query(
+            &format!("SELECT {INSTANCE_COLUMNS} FROM dicom_instances WHERE study_uid = $1 ORDER BY series_uid, instance_number NULLS FIRST, sop_instance_uid"),
+            &[&study_uid],
+        )
+        .await?
+        .iter()
+        .map(instance_row)
+        .collect()
+    }
+
+    pub async fn imaging_queue_stats(&self, now: i64) -> anyhow::Result<QueueStats> {
+        let c = self.client().await?;
+        let r = c
+            .query_one(
+                "SELECT COUNT(*) FILTER (WHERE status IN ('queued', 'failed')), COUNT(*) FILTER (WHERE status = 'running'), COUNT(*) FILTER (WHERE status = 'dead'), MIN(created_at) FILTER (WHERE status IN ('queued', 'failed', 'running') AND next_attempt_at <= $1) FROM imaging_tasks",
+                &[&now],
+            )
+            .await?;
+        Ok(QueueStats {
+            waiting: r.try_get::<_, i64>(0)? as u64,
+            running: r.try_get::<_, i64>(1)? as u64,
+            dead: r.try_get::<_, i64>(2)? as u64,
+            oldest_due_created_at: r.try_get(3)?,
+        })
     }
 
     pub async fn claim_imaging_task(

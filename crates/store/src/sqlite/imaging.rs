@@ -69,7 +69,8 @@ fn instance_row(r: &Row) -> rusqlite::Result<StoredInstance> {
 fn put_instance(
     conn: &Connection,
     rec: &DicomInstanceRecord,
-    task: TaskSpec,
+    task: Option<TaskSpec>,
+    quarantine: Option<&str>,
 ) -> anyhow::Result<PutInstance> {
     let existing: Option<String> = conn
         .query_row(
@@ -85,9 +86,9 @@ fn put_instance(
     }
     let now = rec.received_at;
     conn.execute(
-        "INSERT INTO dicom_studies (study_uid, patient_id, subject, site, study_date, accession, attrs, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
-         ON CONFLICT (study_uid) DO UPDATE SET patient_id = excluded.patient_id, subject = COALESCE(excluded.subject, subject), site = COALESCE(excluded.site, site), study_date = COALESCE(excluded.study_date, study_date), accession = COALESCE(excluded.accession, accession), updated_at = excluded.updated_at",
-        params![rec.study_uid, rec.patient_id, rec.subject, rec.site, rec.study_date, rec.accession, rec.attrs, now],
+        "INSERT INTO dicom_studies (study_uid, patient_id, subject, site, study_date, accession, attrs, updated_at, quarantine) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+         ON CONFLICT (study_uid) DO UPDATE SET patient_id = excluded.patient_id, subject = COALESCE(excluded.subject, subject), site = COALESCE(excluded.site, site), study_date = COALESCE(excluded.study_date, study_date), accession = COALESCE(excluded.accession, accession), quarantine = COALESCE(quarantine, excluded.quarantine), updated_at = excluded.updated_at",
+        params![rec.study_uid, rec.patient_id, rec.subject, rec.site, rec.study_date, rec.accession, rec.attrs, now, quarantine],
     )?;
     conn.execute(
         "INSERT INTO dicom_series (series_uid, study_uid, modality, series_number, attrs, instance_count) VALUES (?1, ?2, ?3, ?4, ?5, 1) \
@@ -98,6 +99,9 @@ fn put_instance(
         &format!("INSERT INTO dicom_instances ({INSTANCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
         params![rec.sop_instance_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax, rec.instance_number, rec.path, rec.size, rec.sha256, rec.attrs, rec.source, rec.received_at],
     )?;
+    let Some(task) = task else {
+        return Ok(PutInstance::Stored);
+    };
     conn.execute(
         "INSERT INTO imaging_tasks (id, series_uid, status, attempts, max_attempts, next_attempt_at, dirty, published, created_at, updated_at) VALUES (?1, ?2, 'queued', 0, ?3, ?4, 0, 0, ?5, ?5) \
          ON CONFLICT (series_uid) DO UPDATE SET \
@@ -118,13 +122,14 @@ impl SqliteStore {
     pub async fn put_dicom_instance(
         &self,
         rec: DicomInstanceRecord,
-        task: TaskSpec,
+        task: Option<TaskSpec>,
+        quarantine: Option<String>,
         audit: Vec<AuditRecord>,
     ) -> anyhow::Result<PutInstance> {
         let slot = Slot::new();
         let out = slot.clone();
         self.custom(audit, move |conn| {
-            let r = put_instance(conn, &rec, task)?;
+            let r = put_instance(conn, &rec, task, quarantine.as_deref())?;
             out.put(r);
             Ok(r == PutInstance::Stored)
         })
@@ -166,6 +171,35 @@ impl SqliteStore {
             ))?;
             let rows = st.query_map(params![s], instance_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn study_instances(&self, study_uid: &str) -> anyhow::Result<Vec<StoredInstance>> {
+        let s = study_uid.to_string();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {INSTANCE_COLUMNS} FROM dicom_instances WHERE study_uid = ? ORDER BY series_uid, instance_number, sop_instance_uid"
+            ))?;
+            let rows = st.query_map(params![s], instance_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn imaging_queue_stats(&self, now: i64) -> anyhow::Result<QueueStats> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT COUNT(*) FILTER (WHERE status IN ('queued', 'failed')), COUNT(*) FILTER (WHERE status = 'running'), COUNT(*) FILTER (WHERE status = 'dead'), MIN(created_at) FILTER (WHERE status IN ('queued', 'failed', 'running') AND next_attempt_at <= ?1) FROM imaging_tasks",
+            )?;
+            Ok(st.query_row(params![now], |r| {
+                Ok(QueueStats {
+                    waiting: r.get::<_, i64>(0)? as u64,
+                    running: r.get::<_, i64>(1)? as u64,
+                    dead: r.get::<_, i64>(2)? as u64,
+                    oldest_due_created_at: r.get(3)?,
+                })
+            })?)
         })
         .await
     }
