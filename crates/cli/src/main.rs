@@ -19,6 +19,7 @@ use clinflow_store::{AuditRecord, DatabaseUrl, Store};
 mod campaign;
 mod config_file;
 mod history_args;
+mod imaging_args;
 mod ingest;
 mod notify_args;
 
@@ -135,6 +136,8 @@ enum Command {
         notify: Box<notify_args::NotifyArgs>,
         #[command(flatten)]
         history: Box<history_args::HistoryArgs>,
+        #[command(flatten)]
+        imaging: Box<imaging_args::ImagingArgs>,
     },
     /// The records service of patient histories (gRPC), as its own process.
     Records {
@@ -423,8 +426,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mllp_listen,
             notify,
             history,
+            imaging,
         } => {
             let mut config = Config::new(url.clone());
+            config.imaging = imaging.config(&cli.data_dir)?;
             config.notify = notify.config();
             config.history = history.config()?;
             config.listen = listen;
@@ -503,6 +508,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let mllp = mllp?;
                 println!("clinflow listening for HL7 v2 over MLLP on {mllp}");
                 tracing::info!(%mllp, "MLLP listener bound");
+            }
+            if let Some(dicom) = app.dicom_local_addr() {
+                let dicom = dicom?;
+                println!(
+                    "clinflow listening for DICOM (C-STORE, C-ECHO) on {dicom} as AE {}",
+                    app.state().config.imaging.dicom_ae
+                );
+                tracing::info!(%dicom, "DICOM listener bound");
             }
             tracing::info!(%addr, engine = app.state().store.engine(), "serving");
             app.run_until_stopped(shutdown).await?;

@@ -161,6 +161,8 @@ pub struct DicomQuery {
     /// `None`: every site; otherwise only studies of these sites.
     pub sites: Option<Vec<String>>,
     pub include_quarantined: bool,
+    /// Only studies in quarantine (with `include_quarantined`).
+    pub quarantined_only: bool,
     pub limit: usize,
     pub offset: usize,
 }

@@ -199,8 +199,12 @@ pub struct TestApp {
     pub state: clinflow_server::state::AppState,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The DICOM listener's address, when `config.imaging.dicom_listen` was set.
+    pub dicom_addr: Option<SocketAddr>,
     /// Keeps the SQLite database alive as long as the app.
     _dir: Option<tempfile::TempDir>,
+    /// Keeps the imaging files alive as long as the app.
+    _files: Option<tempfile::TempDir>,
     /// PostgreSQL: `(server URL, schema)`, dropped after the test.
     pub pg_schema: Option<(String, String)>,
 }
@@ -214,10 +218,15 @@ pub async fn spawn_app(engine: Engine, configure: impl FnOnce(&mut Config)) -> T
     let mut config = Config::new(db_url.parse().expect("a database URL"));
     config.listen = "127.0.0.1:0".parse().expect("an address");
     config.admin_token = Some(admin.clone());
+    let files = tempfile::tempdir().expect("a temporary directory");
+    config.imaging.dir = files.path().join("imaging");
     configure(&mut config);
     let app = Application::with_store(config.clone(), store.clone())
         .await
         .expect("the server builds");
+    let dicom_addr = app
+        .dicom_local_addr()
+        .map(|a| a.expect("a bound DICOM address"));
     let addr = app.local_addr().expect("a bound address");
     let sites = app.state().sites.clone();
     let state = app.state().clone();
@@ -245,7 +254,9 @@ pub async fn spawn_app(engine: Engine, configure: impl FnOnce(&mut Config)) -> T
         state,
         shutdown: Some(tx),
         server: Some(server),
+        dicom_addr,
         _dir: dir,
+        _files: Some(files),
         pg_schema,
     }
 }
@@ -265,6 +276,9 @@ pub async fn spawn_node_with(app: &TestApp, configure: impl FnOnce(&mut Config))
     let node = Application::with_store(config.clone(), store.clone())
         .await
         .expect("the second node builds");
+    let dicom_addr = node
+        .dicom_local_addr()
+        .map(|a| a.expect("a bound DICOM address"));
     let addr = node.local_addr().expect("a bound address");
     let sites = node.state().sites.clone();
     let state = node.state().clone();
@@ -286,7 +300,9 @@ pub async fn spawn_node_with(app: &TestApp, configure: impl FnOnce(&mut Config))
         state,
         shutdown: Some(tx),
         server: Some(server),
+        dicom_addr,
         _dir: None,
+        _files: None,
         pg_schema: None,
     }
 }

@@ -30,6 +30,9 @@
 //! - [`history`]: the patient history gateway over real gRPC to `clinflow records|billing
 //!   serve` processes: merged history, deadline (504), cancellation on disconnect, a service
 //!   down (502, breaker, recovery), `partial`, load shedding.
+//! - [`imaging`]: DICOM in by dcmtk's storescu and STOW-RS, QIDO-RS, WADO-RS, analysis
+//!   reports as FHIR, corrupt input, quarantine, retries and dead letters, site scoping,
+//!   and a worker process killed with SIGKILL mid-task.
 //! - [`cli`]: the `clinflow` binary against a running server's database.
 //! - [`conformance`]: the official R4 examples stored and read back.
 
@@ -46,6 +49,7 @@ mod dashboard;
 mod fhir_crud;
 mod fhir_search;
 mod history;
+mod imaging;
 mod ingest;
 mod mllp;
 mod ops;

@@ -22,7 +22,7 @@ use clinflow_store::{DicomQuery, StoredInstance, StudyRecord};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::intake::{Input, Refusal, Sender, Session};
+use super::intake::{Input, Sender, Session};
 use super::{dicom_of, meta_of, Imaging};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;

@@ -126,7 +126,6 @@ pub struct FailureLabels {
 }
 
 /// Imaging's metrics (registered in the server's registry).
-#[derive(Default)]
 pub struct ImagingMetrics {
     /// Instances received, by source and outcome (`stored`, `duplicate`,
     /// `quarantined`, or the refusal's kind).
@@ -150,8 +149,15 @@ pub struct ImagingMetrics {
 impl ImagingMetrics {
     fn new() -> ImagingMetrics {
         ImagingMetrics {
+            instances: Default::default(),
+            tasks: Default::default(),
+            failures: Default::default(),
             analysis_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
-            ..Default::default()
+            queue_depth: Default::default(),
+            running: Default::default(),
+            dead: Default::default(),
+            oldest_task_age: Default::default(),
+            pixel_bytes: Default::default(),
         }
     }
 

@@ -20,6 +20,50 @@ pub fn routes() -> Router<AppState> {
         .route("/imaging/tasks", get(list))
         .route("/imaging/tasks/{id}", get(one))
         .route("/imaging/tasks/{id}/retry", post(retry))
+        .route("/imaging/quarantine", get(quarantine))
+}
+
+/// `GET /imaging/quarantine?limit=`: studies held because their PatientID
+/// is not a trial subject, with the reason (`admin`, `data-manager`;
+/// read-audited).
+async fn quarantine(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(p): Query<ListParams>,
+) -> Result<Response, ApiError> {
+    if !matches!(caller.principal.role, Role::Admin | Role::DataManager) {
+        return Err(ApiError::Forbidden(
+            "the imaging quarantine is for admins and data managers".into(),
+        ));
+    }
+    let limit = p.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    let offset: usize = p.after.as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
+    let q = clinflow_store::DicomQuery {
+        include_quarantined: true,
+        quarantined_only: true,
+        limit: limit + 1,
+        offset,
+        ..Default::default()
+    };
+    let mut rows = state.store.dicom_studies(q).await?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|s| {
+            json!({
+                "study": s.study_uid,
+                "patientId": s.patient_id,
+                "studyDate": s.study_date,
+                "reason": s.quarantine,
+            })
+        })
+        .collect();
+    let mut audit = caller.audit("imaging-quarantine-read", "success");
+    audit.detail = Some(format!("results={}", items.len()));
+    state.store.audit(vec![audit]).await?;
+    let next = more.then(|| (offset + limit).to_string());
+    Ok(Json(json!({"items": items, "next": next})).into_response())
 }
 
 const DEFAULT_LIMIT: usize = 100;

@@ -378,10 +378,10 @@ impl PgStore {
                 &format!(
                     "SELECT {STUDY_COLUMNS} FROM dicom_studies WHERE ($1::TEXT IS NULL OR patient_id = $1) AND ($2::TEXT IS NULL OR study_uid = $2) AND ($3::TEXT IS NULL OR accession = $3) \
                      AND ($4::TEXT IS NULL OR study_date >= $4) AND ($5::TEXT IS NULL OR study_date <= $5) \
-                     AND ($6::TEXT[] IS NULL OR site = ANY($6)) AND ($7 OR quarantine IS NULL) \
+                     AND ($6::TEXT[] IS NULL OR site = ANY($6)) AND ($7 OR quarantine IS NULL) AND (NOT $10 OR quarantine IS NOT NULL) \
                      ORDER BY study_date, study_uid LIMIT $8 OFFSET $9"
                 ),
-                &[&q.patient_id, &q.study_uid, &q.accession, &q.date_from, &q.date_to, &q.sites, &q.include_quarantined, &(q.limit as i64), &(q.offset as i64)],
+                &[&q.patient_id, &q.study_uid, &q.accession, &q.date_from, &q.date_to, &q.sites, &q.include_quarantined, &(q.limit as i64), &(q.offset as i64), &q.quarantined_only],
             )
             .await?;
         rows.iter()

@@ -372,11 +372,11 @@ impl SqliteStore {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {STUDY_COLUMNS} FROM dicom_studies WHERE (?1 IS NULL OR patient_id = ?1) AND (?2 IS NULL OR study_uid = ?2) AND (?3 IS NULL OR accession = ?3) \
                  AND (?4 IS NULL OR study_date >= ?4) AND (?5 IS NULL OR study_date <= ?5) \
-                 AND (?6 IS NULL OR site IN (SELECT value FROM json_each(?6))) AND (?7 OR quarantine IS NULL) \
+                 AND (?6 IS NULL OR site IN (SELECT value FROM json_each(?6))) AND (?7 OR quarantine IS NULL) AND (NOT ?10 OR quarantine IS NOT NULL) \
                  ORDER BY study_date, study_uid LIMIT ?8 OFFSET ?9"
             ))?;
             let rows = st.query_map(
-                params![q.patient_id, q.study_uid, q.accession, q.date_from, q.date_to, sites, q.include_quarantined, q.limit as i64, q.offset as i64],
+                params![q.patient_id, q.study_uid, q.accession, q.date_from, q.date_to, sites, q.include_quarantined, q.limit as i64, q.offset as i64, q.quarantined_only],
                 |r| {
                     Ok(StudyRecord {
                         study_uid: r.get(0)?,
