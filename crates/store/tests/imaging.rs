@@ -144,6 +144,8 @@ suite!(
     retry_requeues_failed_and_dead_tasks,
     outbox_lists_unpublished_queued_tasks,
     qido_studies_filter_by_fields_dates_sites_and_quarantine,
+    a_quarantined_instance_is_indexed_with_its_reason_and_no_task,
+    study_instances_and_queue_stats_follow_the_tasks,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -615,4 +617,92 @@ async fn qido_studies_filter_by_fields_dates_sites_and_quarantine(engine: Engine
         .await
         .unwrap();
     assert_eq!(all[0].quarantine.as_deref(), Some("unknown patient"));
+}
+
+async fn a_quarantined_instance_is_indexed_with_its_reason_and_no_task(engine: Engine) {
+    let db = TestDb::open(engine).await;
+    let s = &db.store;
+    let mut rec = instance("9.1", "Q1", "sha-q");
+    rec.subject = None;
+    rec.site = None;
+    let reason = "the PatientID is not a subject".to_string();
+    assert_eq!(
+        s.put_quarantined_dicom_instance(rec.clone(), reason.clone(), vec![])
+            .await
+            .unwrap(),
+        PutInstance::Stored
+    );
+    assert!(s.imaging_task(&task_id("Q1")).await.unwrap().is_none());
+    let q = DicomQuery {
+        include_quarantined: true,
+        quarantined_only: true,
+        limit: 10,
+        ..Default::default()
+    };
+    let held = s.dicom_studies(q.clone()).await.unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].quarantine.as_deref(), Some(reason.as_str()));
+    // A second instance of the study keeps the first reason; a linked
+    // study is not listed as quarantined.
+    let mut second = instance("9.2", "Q1", "sha-q2");
+    second.subject = None;
+    s.put_quarantined_dicom_instance(second, "another".into(), vec![])
+        .await
+        .unwrap();
+    put(s, "9.3", "L1", SPEC).await;
+    let held = s.dicom_studies(q).await.unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].quarantine.as_deref(), Some(reason.as_str()));
+    let hidden = s
+        .dicom_studies(DicomQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        hidden.iter().map(|r| r.study_uid.as_str()).collect::<Vec<_>>(),
+        vec!["study-L1"]
+    );
+}
+
+async fn study_instances_and_queue_stats_follow_the_tasks(engine: Engine) {
+    let db = TestDb::open(engine).await;
+    let s = &db.store;
+    assert_eq!(s.imaging_queue_stats(T0).await.unwrap(), QueueStats::default());
+    for (sop, series) in [("1.1", "A"), ("1.22", "A"), ("2.1", "B")] {
+        put(s, sop, series, SPEC).await;
+    }
+    let mut other = instance("3.1", "C", "sha-c");
+    other.study_uid = "study-A".into();
+    s.put_dicom_instance(other, SPEC, vec![]).await.unwrap();
+    let of_a: Vec<(String, String)> = s
+        .study_instances("study-A")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.series_uid, i.sop_instance_uid))
+        .collect();
+    assert_eq!(
+        of_a,
+        vec![
+            ("A".to_string(), "1.1".to_string()),
+            ("A".to_string(), "1.22".to_string()),
+            ("C".to_string(), "3.1".to_string())
+        ]
+    );
+    // Not due yet (settling): waiting, but no oldest due task.
+    let st = s.imaging_queue_stats(T0).await.unwrap();
+    assert_eq!((st.waiting, st.running, st.dead), (3, 0, 0));
+    assert_eq!(st.oldest_due_created_at, None);
+    let due = SPEC.settle_until;
+    let st = s.imaging_queue_stats(due).await.unwrap();
+    assert_eq!(st.oldest_due_created_at, Some(T0));
+    let t = s.claim_imaging_task("w", due, 1000).await.unwrap().expect("a task");
+    s.finish_task(&t.id, "w", TaskOutcome::Dead { error: "x".into() }, due)
+        .await
+        .unwrap();
+    s.claim_imaging_task("w", due, 1000).await.unwrap().expect("a task");
+    let st = s.imaging_queue_stats(due).await.unwrap();
+    assert_eq!((st.waiting, st.running, st.dead), (1, 1, 1));
 }
