@@ -54,7 +54,6 @@ pub struct Prepared {
     pub series: String,
     pub sop: String,
     pub modality: String,
-    pub patient: String,
     pub study_date: String,
 }
 

@@ -105,6 +105,7 @@ impl Imaging {
             }
         };
         let mut analyser = clinflow_imaging::SeriesAnalyser::new(series_uid);
+        analyser.expect_instances(rows.len());
         let total_kib = (self.config.pixel_memory / 1024).max(1);
         for row in &rows {
             let meta = meta_of(&row.attrs).map_err(Failure::internal)?;
