@@ -20,10 +20,7 @@ fn main() -> anyhow::Result<()> {
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<_, _>>()?;
     names.sort();
-    let blobs: Vec<Vec<u8>> = names
-        .iter()
-        .map(std::fs::read)
-        .collect::<Result<_, _>>()?;
+    let blobs: Vec<Vec<u8>> = names.iter().map(std::fs::read).collect::<Result<_, _>>()?;
     let start = Instant::now();
     let mut elements = 0usize;
     for _ in 0..rounds {

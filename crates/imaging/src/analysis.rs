@@ -252,7 +252,10 @@ impl SeriesAnalyser {
             self.count += 1;
             self.sum += v;
             self.sum_sq += v * v;
-            *self.values.entry((v / self.step).round() as i64).or_insert(0) += 1;
+            *self
+                .values
+                .entry((v / self.step).round() as i64)
+                .or_insert(0) += 1;
         }
         while self.values.len() > MAX_DISTINCT {
             // Coarser bins: each key's value is kept within one step.
@@ -274,7 +277,10 @@ impl SeriesAnalyser {
                 return k as f64 * self.step;
             }
         }
-        self.values.keys().next_back().map_or(0.0, |&k| k as f64 * self.step)
+        self.values
+            .keys()
+            .next_back()
+            .map_or(0.0, |&k| k as f64 * self.step)
     }
 
     pub fn finish(self) -> Result<SeriesAnalysis, AnalysisError> {
@@ -287,8 +293,16 @@ impl SeriesAnalyser {
         let n = self.count as f64;
         let mean = self.sum / n;
         let std_dev = (self.sum_sq / n - mean * mean).max(0.0).sqrt();
-        let min = self.values.keys().next().map_or(0.0, |&k| k as f64 * self.step);
-        let max = self.values.keys().next_back().map_or(0.0, |&k| k as f64 * self.step);
+        let min = self
+            .values
+            .keys()
+            .next()
+            .map_or(0.0, |&k| k as f64 * self.step);
+        let max = self
+            .values
+            .keys()
+            .next_back()
+            .map_or(0.0, |&k| k as f64 * self.step);
         let mut bins = vec![0u64; BINS];
         let span = (max - min).max(f64::MIN_POSITIVE);
         for (&k, &c) in &self.values {
@@ -300,7 +314,7 @@ impl SeriesAnalyser {
         let window_center = (p1 + p99) / 2.0;
         let window_width = (p99 - p1).max(1.0);
         let noise = median(self.noise.clone());
-        let snr = noise.filter(|n| *n > 0.0).and_then(|noise| {
+        let snr = noise.filter(|n| *n > 0.0).map(|noise| {
             let (mut hi, mut hi_n, mut lo, mut lo_n) = (0.0, 0u64, 0.0, 0u64);
             for (&k, &c) in &self.values {
                 let v = k as f64 * self.step;
@@ -314,7 +328,7 @@ impl SeriesAnalyser {
             }
             let fg = if hi_n > 0 { hi / hi_n as f64 } else { mean };
             let bg = if lo_n > 0 { lo / lo_n as f64 } else { mean };
-            Some((fg - bg) / noise)
+            (fg - bg) / noise
         });
         let (slice_spacing, spacing_consistent) = spacing(self.positions.clone());
         let missing_instances = missing(self.numbers.clone());
@@ -401,8 +415,7 @@ fn immerkaer(img: &[f64], w: usize, h: usize) -> Option<f64> {
     let mut sum = 0.0;
     for y in 1..h - 1 {
         for x in 1..w - 1 {
-            let v = at(x - 1, y - 1) - 2.0 * at(x, y - 1) + at(x + 1, y - 1)
-                - 2.0 * at(x - 1, y)
+            let v = at(x - 1, y - 1) - 2.0 * at(x, y - 1) + at(x + 1, y - 1) - 2.0 * at(x - 1, y)
                 + 4.0 * at(x, y)
                 - 2.0 * at(x + 1, y)
                 + at(x - 1, y + 1)
@@ -422,7 +435,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
-    Some(if v.len() % 2 == 0 {
+    Some(if v.len().is_multiple_of(2) {
         (v[m - 1] + v[m]) / 2.0
     } else {
         v[m]
@@ -560,7 +573,13 @@ mod tests {
         let ramp: Vec<f64> = (0..32 * 32).map(|i| (i % 32) as f64 * 3.0).collect();
         assert!(immerkaer(&ramp, 32, 32).unwrap() < 1e-9);
         let checker: Vec<f64> = (0..32 * 32)
-            .map(|i| if (i % 32 + i / 32) % 2 == 0 { 10.0 } else { -10.0 })
+            .map(|i| {
+                if (i % 32 + i / 32) % 2 == 0 {
+                    10.0
+                } else {
+                    -10.0
+                }
+            })
             .collect();
         assert!(immerkaer(&checker, 32, 32).unwrap() > 1.0);
         assert_eq!(immerkaer(&[1.0, 2.0], 2, 1), None);
@@ -618,7 +637,10 @@ mod tests {
         };
         let one = decoded_bytes_estimate(&meta);
         assert_eq!(one, 512 * 512 * 2 + 512 * 512 * 8);
-        let ten = decoded_bytes_estimate(&InstanceMeta { frames: 10, ..meta.clone() });
+        let ten = decoded_bytes_estimate(&InstanceMeta {
+            frames: 10,
+            ..meta.clone()
+        });
         assert!(ten > one);
         assert_eq!(
             decoded_bytes_estimate(&InstanceMeta {

@@ -64,11 +64,31 @@ pub fn diagnostic_report(
         ("1", "1")
     };
     let mut metrics: Vec<(&str, &str, f64, (&str, &str))> = vec![
-        ("window-center", "Automatic window centre", a.window_center, intensity_unit),
-        ("window-width", "Automatic window width", a.window_width, intensity_unit),
+        (
+            "window-center",
+            "Automatic window centre",
+            a.window_center,
+            intensity_unit,
+        ),
+        (
+            "window-width",
+            "Automatic window width",
+            a.window_width,
+            intensity_unit,
+        ),
         ("mean", "Mean intensity", a.mean, intensity_unit),
-        ("std-dev", "Intensity standard deviation", a.std_dev, intensity_unit),
-        ("instance-count", "Instances analysed", f64::from(a.instances), ("1", "1")),
+        (
+            "std-dev",
+            "Intensity standard deviation",
+            a.std_dev,
+            intensity_unit,
+        ),
+        (
+            "instance-count",
+            "Instances analysed",
+            f64::from(a.instances),
+            ("1", "1"),
+        ),
         (
             "missing-instances",
             "Missing instance numbers",
@@ -122,7 +142,11 @@ pub fn diagnostic_report(
             .map(|s| format!(
                 ", slice spacing {} mm{}",
                 round(s),
-                if a.spacing_consistent { "" } else { " (inconsistent)" }
+                if a.spacing_consistent {
+                    ""
+                } else {
+                    " (inconsistent)"
+                }
             ))
             .unwrap_or_default(),
         if a.missing_instances.is_empty() {
@@ -157,12 +181,18 @@ pub fn imaging_study(study_uid: &str, instances: &[InstanceMeta], patient_ref: &
         .filter(|m| m.study_uid == study_uid)
         .collect();
     metas.sort_by(|a, b| {
-        (a.series_number, &a.series_uid, a.instance_number, &a.sop_instance_uid).cmp(&(
-            b.series_number,
-            &b.series_uid,
-            b.instance_number,
-            &b.sop_instance_uid,
-        ))
+        (
+            a.series_number,
+            &a.series_uid,
+            a.instance_number,
+            &a.sop_instance_uid,
+        )
+            .cmp(&(
+                b.series_number,
+                &b.series_uid,
+                b.instance_number,
+                &b.sop_instance_uid,
+            ))
     });
     let mut series: Vec<(String, Vec<&InstanceMeta>)> = Vec::new();
     for m in metas.iter().copied() {
@@ -224,12 +254,12 @@ pub fn imaging_study(study_uid: &str, instances: &[InstanceMeta], patient_ref: &
             study["description"] = json!(d);
         }
         if let Some(a) = first.accession.as_ref().filter(|a| !a.is_empty()) {
-            study["identifier"].as_array_mut().map(|ids| {
+            if let Some(ids) = study["identifier"].as_array_mut() {
                 ids.push(json!({
                     "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
                     "value": a,
-                }))
-            });
+                }));
+            }
         }
     }
     study
@@ -247,7 +277,9 @@ mod tests {
         assert_ne!(imaging_study_id("1.2.3"), a);
         for id in [a, imaging_study_id("1.2"), observation_id("1.2", "snr")] {
             assert!(id.len() <= 64);
-            assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
         }
     }
 

@@ -41,10 +41,7 @@ impl Instance {
                     object = seq.items().get(index)?;
                 }
                 DicomValue::PixelSequence(px) => {
-                    return parts
-                        .next()
-                        .is_none()
-                        .then(|| px.fragments().concat());
+                    return parts.next().is_none().then(|| px.fragments().concat());
                 }
                 DicomValue::Primitive(value) => {
                     return (parts.next().is_none() && is_binary(element.vr()))
@@ -79,7 +76,11 @@ fn is_pixel_data(tag: Tag) -> bool {
     tag == Tag(0x7FE0, 0x0010) || tag == Tag(0x7FE0, 0x0008) || tag == Tag(0x7FE0, 0x0009)
 }
 
-fn dataset_json(object: &InMemDicomObject, path: &str, bulk_base: Option<&str>) -> Map<String, Value> {
+fn dataset_json(
+    object: &InMemDicomObject,
+    path: &str,
+    bulk_base: Option<&str>,
+) -> Map<String, Value> {
     let mut out = Map::new();
     for element in object.iter() {
         let tag = element.header().tag;
@@ -104,12 +105,18 @@ fn element_json(element: &InMemElement, path: &str, bulk_base: Option<&str>) -> 
     out.insert("vr".into(), Value::String(vr.to_string().to_string()));
     let bulk = |out: &mut Map<String, Value>| {
         if let Some(base) = bulk_base {
-            out.insert("BulkDataURI".into(), Value::String(format!("{base}/{path}")));
+            out.insert(
+                "BulkDataURI".into(),
+                Value::String(format!("{base}/{path}")),
+            );
         }
     };
     match element.value() {
         DicomValue::Sequence(seq) => {
-            out.insert("Value".into(), Value::Array(items_json(seq, path, bulk_base)));
+            out.insert(
+                "Value".into(),
+                Value::Array(items_json(seq, path, bulk_base)),
+            );
         }
         DicomValue::PixelSequence(_) => bulk(&mut out),
         DicomValue::Primitive(PrimitiveValue::Empty) => {}
@@ -144,7 +151,9 @@ fn items_json(
 }
 
 fn float_json(v: f64) -> Value {
-    Number::from_f64(v).map(Value::Number).unwrap_or(Value::Null)
+    Number::from_f64(v)
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
 }
 
 /// The `Value` array of a non-binary primitive, with `null` for empty values.
@@ -154,7 +163,10 @@ fn primitive_json(vr: VR, value: &PrimitiveValue) -> Vec<Value> {
     match vr {
         VR::AT => match value {
             PrimitiveValue::Tags(tags) => tags.iter().map(|t| Value::String(tag_key(*t))).collect(),
-            _ => strings().iter().map(|s| Value::String(trimmed(s))).collect(),
+            _ => strings()
+                .iter()
+                .map(|s| Value::String(trimmed(s)))
+                .collect(),
         },
         VR::PN => strings()
             .iter()
@@ -305,7 +317,11 @@ pub fn qido_study(s: &StudySummary, base_url: &str) -> Value {
 /// The QIDO-RS series-level result object for `s` (with its Study Instance UID too, so
 /// it stands alone in a study-wide series search).
 pub fn qido_series(s: &SeriesSummary, base_url: &str) -> Value {
-    let url = format!("{}/series/{}", study_url(base_url, &s.study_uid), s.series_uid);
+    let url = format!(
+        "{}/series/{}",
+        study_url(base_url, &s.study_uid),
+        s.series_uid
+    );
     json!({
         "0020000D": attr("UI", uid(&s.study_uid)),
         "0020000E": attr("UI", uid(&s.series_uid)),

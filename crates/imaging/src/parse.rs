@@ -10,8 +10,8 @@ use crate::scan;
 use crate::values::{first, float, floats, int, text};
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
-use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::file::ReadPreamble;
+use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -217,7 +217,12 @@ pub fn part10_from_dataset(
     push_meta_element(&mut group, 0x0002, b"UI", &uid_value(sop_class_uid));
     push_meta_element(&mut group, 0x0003, b"UI", &uid_value(sop_instance_uid));
     push_meta_element(&mut group, 0x0010, b"UI", &uid_value(transfer_syntax));
-    push_meta_element(&mut group, 0x0012, b"UI", &uid_value(IMPLEMENTATION_CLASS_UID));
+    push_meta_element(
+        &mut group,
+        0x0012,
+        b"UI",
+        &uid_value(IMPLEMENTATION_CLASS_UID),
+    );
     let mut version = IMPLEMENTATION_VERSION_NAME.as_bytes().to_vec();
     if version.len() % 2 == 1 {
         version.push(b' ');
@@ -228,12 +233,7 @@ pub fn part10_from_dataset(
     out.extend_from_slice(&[0u8; 128]);
     out.extend_from_slice(b"DICM");
     // The group is a few hundred bytes, so its length fits a u32.
-    push_meta_element(
-        &mut out,
-        0x0000,
-        b"UL",
-        &(group.len() as u32).to_le_bytes(),
-    );
+    push_meta_element(&mut out, 0x0000, b"UL", &(group.len() as u32).to_le_bytes());
     out.extend(group);
     out.extend_from_slice(dataset);
     out
@@ -316,7 +316,8 @@ fn index_fields(
     let study_time = text(ds, tags::STUDY_TIME).filter(|t| {
         t.len() >= 2
             && t.len() <= 16
-            && t.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b':')
+            && t.bytes()
+                .all(|b| b.is_ascii_digit() || b == b'.' || b == b':')
             && t.bytes().take(2).all(|b| b.is_ascii_digit())
     });
     let unsigned = |tag| int(ds, tag).and_then(|v| u32::try_from(v).ok());
@@ -366,9 +367,9 @@ fn matching_uid(
     outer_name: Option<&str>,
 ) -> Result<String, ParseError> {
     match (first(ds, tag), outer_name) {
-        (Some(own), Some(outer_name)) if !outer.is_empty() && own != outer => Err(
-            ParseError::new(format!("{name} does not match the {outer_name}")),
-        ),
+        (Some(own), Some(outer_name)) if !outer.is_empty() && own != outer => Err(ParseError::new(
+            format!("{name} does not match the {outer_name}"),
+        )),
         (Some(own), _) => Ok(own),
         (None, _) if !outer.is_empty() => Ok(outer.to_string()),
         (None, _) => Err(ParseError::new(format!("{name} is missing"))),

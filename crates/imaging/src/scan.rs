@@ -216,7 +216,10 @@ impl Scanner<'_> {
                 }
                 return Err(truncated("an element header", pos));
             }
-            let tag = Tag(self.u16(pos, enc.big_endian), self.u16(pos + 2, enc.big_endian));
+            let tag = Tag(
+                self.u16(pos, enc.big_endian),
+                self.u16(pos + 2, enc.big_endian),
+            );
             if tag.0 == 0xFFFE {
                 match tag.1 {
                     ITEM_DELIMITER if in_undefined_item => return Ok(pos + 8),
@@ -293,7 +296,10 @@ impl Scanner<'_> {
             if limit.saturating_sub(pos) < 8 {
                 return Err(truncated("a sequence", pos));
             }
-            let tag = Tag(self.u16(pos, enc.big_endian), self.u16(pos + 2, enc.big_endian));
+            let tag = Tag(
+                self.u16(pos, enc.big_endian),
+                self.u16(pos + 2, enc.big_endian),
+            );
             let len = defined(self.u32(pos + 4, enc.big_endian));
             match (tag.0, tag.1) {
                 (0xFFFE, SEQUENCE_DELIMITER) if defined_end.is_none() => return Ok(pos + 8),
@@ -364,8 +370,26 @@ fn has_long_length(vr: VR) -> bool {
     use VR::*;
     !matches!(
         vr,
-        AE | AS | AT | CS | DA | DS | DT | FL | FD | IS | LO | LT | PN | SH | SL | SS | ST | TM
-            | UI | UL | US
+        AE | AS
+            | AT
+            | CS
+            | DA
+            | DS
+            | DT
+            | FL
+            | FD
+            | IS
+            | LO
+            | LT
+            | PN
+            | SH
+            | SL
+            | SS
+            | ST
+            | TM
+            | UI
+            | UL
+            | US
     )
 }
 

@@ -54,7 +54,12 @@ fn ct_and_mr_samples_give_finite_metrics_and_a_thumbnail() {
 #[test]
 fn lossless_encodings_of_one_image_analyse_alike() {
     let plain = analyse(&[common::sample("MR_small.dcm")]).unwrap();
-    for name in ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm"] {
+    for name in [
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+    ] {
         let a = analyse(&[common::sample(name)]).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(a.histogram, plain.histogram, "{name}");
         assert_eq!(a.noise, plain.noise, "{name}");
@@ -105,13 +110,31 @@ print("{}")
     assert_eq!(a.instances, 4);
     assert_eq!(a.missing_instances, vec![4]);
     assert_eq!(a.slice_spacing, Some(5.0));
-    assert!(!a.spacing_consistent, "5 mm and 10 mm gaps are not consistent");
-    let (report, observations) = diagnostic_report(&a, Some("Patient/p"), "ImagingStudy/s", "2026-01-01T00:00:00Z");
+    assert!(
+        !a.spacing_consistent,
+        "5 mm and 10 mm gaps are not consistent"
+    );
+    let (report, observations) = diagnostic_report(
+        &a,
+        Some("Patient/p"),
+        "ImagingStudy/s",
+        "2026-01-01T00:00:00Z",
+    );
     assert_eq!(report["id"], report_id(&a.series_uid));
-    let again = diagnostic_report(&a, Some("Patient/p"), "ImagingStudy/s", "2026-01-01T00:00:00Z");
+    let again = diagnostic_report(
+        &a,
+        Some("Patient/p"),
+        "ImagingStudy/s",
+        "2026-01-01T00:00:00Z",
+    );
     assert_eq!(again.0, report);
-    assert_eq!(report["result"].as_array().unwrap().len(), observations.len());
-    assert!(observations.iter().any(|o| o["code"]["coding"][0]["code"] == "slice-spacing"));
+    assert_eq!(
+        report["result"].as_array().unwrap().len(),
+        observations.len()
+    );
+    assert!(observations
+        .iter()
+        .any(|o| o["code"]["coding"][0]["code"] == "slice-spacing"));
 }
 
 proptest! {

@@ -60,7 +60,9 @@ fn every_sample_parses_like_pydicom_or_fails_with_a_reason() {
         let want = &expected[name.as_str()];
         let complete = want["complete"].as_bool().unwrap_or(false);
         if TRUNCATED.contains(&name.as_str()) || !complete {
-            let err = result.err().unwrap_or_else(|| panic!("{name}: parsed, want an error"));
+            let err = result
+                .err()
+                .unwrap_or_else(|| panic!("{name}: parsed, want an error"));
             assert!(!err.reason.is_empty(), "{name}");
             eprintln!("{name}: rejected: {err}");
             continue;
@@ -80,11 +82,60 @@ fn every_sample_parses_like_pydicom_or_fails_with_a_reason() {
         assert_eq!(m.transfer_syntax, want["transfer_syntax"], "{ctx}");
         assert_eq!(m.rows.map(u64::from), want["rows"].as_u64(), "{ctx}");
         assert_eq!(m.columns.map(u64::from), want["columns"].as_u64(), "{ctx}");
-        assert_eq!(u64::from(m.frames), want["frames"].as_u64().unwrap(), "{ctx}");
+        assert_eq!(
+            u64::from(m.frames),
+            want["frames"].as_u64().unwrap(),
+            "{ctx}"
+        );
         assert_eq!(m.instance_number, want["instance_number"].as_i64(), "{ctx}");
         assert_eq!(m.series_number, want["series_number"].as_i64(), "{ctx}");
         assert_eq!(m.has_pixel_data, want["has_pixel_data"], "{ctx}");
         parsed += 1;
     }
     assert!(parsed >= 30, "only {parsed} samples parsed");
+}
+
+#[test]
+fn a_bare_dataset_parses_like_its_file_and_round_trips_through_part10() {
+    for name in [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_implicit.dcm",
+    ] {
+        let file = common::sample(name);
+        let inst = parse_part10(&file).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let m = &inst.meta;
+        let ds = inst.dataset_bytes();
+        let bare = parse_dataset(
+            ds,
+            &m.transfer_syntax,
+            &m.sop_class_uid,
+            &m.sop_instance_uid,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(&bare.meta, m, "{name}");
+        let rebuilt = part10_from_dataset(
+            ds,
+            &m.transfer_syntax,
+            &m.sop_class_uid,
+            &m.sop_instance_uid,
+        );
+        assert!(rebuilt.ends_with(ds), "the dataset is kept byte for byte");
+        assert_eq!(&parse_part10(&rebuilt).unwrap().meta, m, "{name}");
+        // The command set's SOP Instance UID must be the dataset's.
+        let e = parse_dataset(ds, &m.transfer_syntax, &m.sop_class_uid, "1.2.3.4").unwrap_err();
+        assert!(!e.reason.is_empty());
+    }
+}
+
+#[test]
+fn truncations_of_a_file_are_refused_with_a_reason() {
+    let file = common::sample("CT_small.dcm");
+    for cut in (0..file.len()).step_by(97) {
+        if let Err(e) = parse_part10(&file[..cut]) {
+            assert!(!e.reason.is_empty());
+        }
+    }
+    assert!(parse_part10(&file[..200]).is_err());
 }

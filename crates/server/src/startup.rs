@@ -225,7 +225,9 @@ impl Application {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "the imaging workers failed"),
             Ok(Err(e)) => tracing::error!(error = %e, "the imaging workers panicked"),
-            Err(_) => tracing::warn!("imaging analyses still running at shutdown; they are redelivered"),
+            Err(_) => {
+                tracing::warn!("imaging analyses still running at shutdown; they are redelivered")
+            }
         }
         self.state.history.stop();
         // The delivery workers saw `stop`: their sends in flight finish

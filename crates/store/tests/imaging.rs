@@ -661,7 +661,10 @@ async fn a_quarantined_instance_is_indexed_with_its_reason_and_no_task(engine: E
         .await
         .unwrap();
     assert_eq!(
-        hidden.iter().map(|r| r.study_uid.as_str()).collect::<Vec<_>>(),
+        hidden
+            .iter()
+            .map(|r| r.study_uid.as_str())
+            .collect::<Vec<_>>(),
         vec!["study-L1"]
     );
 }
@@ -669,7 +672,10 @@ async fn a_quarantined_instance_is_indexed_with_its_reason_and_no_task(engine: E
 async fn study_instances_and_queue_stats_follow_the_tasks(engine: Engine) {
     let db = TestDb::open(engine).await;
     let s = &db.store;
-    assert_eq!(s.imaging_queue_stats(T0).await.unwrap(), QueueStats::default());
+    assert_eq!(
+        s.imaging_queue_stats(T0).await.unwrap(),
+        QueueStats::default()
+    );
     for (sop, series) in [("1.1", "A"), ("1.22", "A"), ("2.1", "B")] {
         put(s, sop, series, SPEC).await;
     }
@@ -698,11 +704,18 @@ async fn study_instances_and_queue_stats_follow_the_tasks(engine: Engine) {
     let due = SPEC.settle_until;
     let st = s.imaging_queue_stats(due).await.unwrap();
     assert_eq!(st.oldest_due_created_at, Some(T0));
-    let t = s.claim_imaging_task("w", due, 1000).await.unwrap().expect("a task");
+    let t = s
+        .claim_imaging_task("w", due, 1000)
+        .await
+        .unwrap()
+        .expect("a task");
     s.finish_task(&t.id, "w", TaskOutcome::Dead { error: "x".into() }, due)
         .await
         .unwrap();
-    s.claim_imaging_task("w", due, 1000).await.unwrap().expect("a task");
+    s.claim_imaging_task("w", due, 1000)
+        .await
+        .unwrap()
+        .expect("a task");
     let st = s.imaging_queue_stats(due).await.unwrap();
     assert_eq!((st.waiting, st.running, st.dead), (1, 1, 1));
 }

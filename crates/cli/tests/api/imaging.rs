@@ -212,12 +212,16 @@ async fn storescu_and_stow_instances_are_indexed_found_retrieved_analysed_and_re
     ]
     .into();
     let sent = prepare(dir.path(), &specs);
-    let (by_dimse, by_stow): (Vec<&Prepared>, Vec<&Prepared>) =
-        sent.iter()
-            .partition(|p| p.sample == "CT_small.dcm" || p.sample == "MR_small.dcm");
+    let (by_dimse, by_stow): (Vec<&Prepared>, Vec<&Prepared>) = sent
+        .iter()
+        .partition(|p| p.sample == "CT_small.dcm" || p.sample == "MR_small.dcm");
     // DIMSE: CT_small and the three-instance MR series.
     let files: Vec<&Path> = by_dimse.iter().map(|p| p.file.as_path()).collect();
-    let log = storescu(app.dicom_addr.expect("a DICOM listener"), "CLINFLOW", &files);
+    let log = storescu(
+        app.dicom_addr.expect("a DICOM listener"),
+        "CLINFLOW",
+        &files,
+    );
     assert!(
         !log.contains("Store Failed") && !log.contains("E: "),
         "storescu reported a failure: {log}"
@@ -234,7 +238,10 @@ async fn storescu_and_stow_instances_are_indexed_found_retrieved_analysed_and_re
 
     // QIDO-RS: the studies of the subject, by key.
     let r = app
-        .get(&format!("/dicomweb/studies?PatientID={subject}"), &app.admin)
+        .get(
+            &format!("/dicomweb/studies?PatientID={subject}"),
+            &app.admin,
+        )
         .await;
     r.expect(200);
     assert_eq!(r.header("content-type"), Some("application/dicom+json"));
@@ -255,46 +262,101 @@ async fn storescu_and_stow_instances_are_indexed_found_retrieved_analysed_and_re
             .iter()
             .filter_map(|v| v.as_str().map(str::to_string))
             .collect();
-        assert_eq!(modalities, distinct(of_study.iter().map(|p| p.modality.clone())));
+        assert_eq!(
+            modalities,
+            distinct(of_study.iter().map(|p| p.modality.clone()))
+        );
     }
     let ct = sent.iter().find(|p| p.modality == "CT").expect("a CT");
     let r = app
-        .get(&format!("/dicomweb/studies?PatientID={subject}&ModalitiesInStudy=CT"), &app.admin)
+        .get(
+            &format!("/dicomweb/studies?PatientID={subject}&ModalitiesInStudy=CT"),
+            &app.admin,
+        )
         .await;
     let only_ct = r.json();
     assert_eq!(
-        only_ct.as_array().map(|a| a.iter().map(|s| first_str(s, "0020000D").to_string()).collect::<Vec<_>>()),
+        only_ct.as_array().map(|a| a
+            .iter()
+            .map(|s| first_str(s, "0020000D").to_string())
+            .collect::<Vec<_>>()),
         Some(vec![ct.study.clone()])
     );
     if !ct.study_date.is_empty() {
         let r = app
-            .get(&format!("/dicomweb/studies?StudyDate={}-{}&StudyInstanceUID={}", ct.study_date, ct.study_date, ct.study), &app.admin)
+            .get(
+                &format!(
+                    "/dicomweb/studies?StudyDate={}-{}&StudyInstanceUID={}",
+                    ct.study_date, ct.study_date, ct.study
+                ),
+                &app.admin,
+            )
             .await;
         assert_eq!(r.json().as_array().map(Vec::len), Some(1), "{}", r.text);
         let r = app
-            .get(&format!("/dicomweb/studies?StudyDate=-19000101&StudyInstanceUID={}", ct.study), &app.admin)
+            .get(
+                &format!(
+                    "/dicomweb/studies?StudyDate=-19000101&StudyInstanceUID={}",
+                    ct.study
+                ),
+                &app.admin,
+            )
             .await;
         assert_eq!(r.json().as_array().map(Vec::len), Some(0), "{}", r.text);
     }
-    let r = app.get("/dicomweb/studies?StudyDate=yesterday", &app.admin).await;
-    r.expect(400);
-    let mr = sent.iter().find(|p| p.sample == "MR_small.dcm").expect("an MR");
     let r = app
-        .get(&format!("/dicomweb/studies/{}/series", mr.study), &app.admin)
+        .get("/dicomweb/studies?StudyDate=yesterday", &app.admin)
+        .await;
+    r.expect(400);
+    let mr = sent
+        .iter()
+        .find(|p| p.sample == "MR_small.dcm")
+        .expect("an MR");
+    let r = app
+        .get(
+            &format!("/dicomweb/studies/{}/series", mr.study),
+            &app.admin,
+        )
         .await;
     let series = r.json();
-    let want_series = distinct(sent.iter().filter(|p| p.study == mr.study).map(|p| p.series.clone()));
+    let want_series = distinct(
+        sent.iter()
+            .filter(|p| p.study == mr.study)
+            .map(|p| p.series.clone()),
+    );
     assert_eq!(
-        distinct(series.as_array().expect("series").iter().map(|s| first_str(s, "0020000E").to_string())),
+        distinct(
+            series
+                .as_array()
+                .expect("series")
+                .iter()
+                .map(|s| first_str(s, "0020000E").to_string())
+        ),
         want_series
     );
     let r = app
-        .get(&format!("/dicomweb/studies/{}/series/{}/instances", mr.study, mr.series), &app.admin)
+        .get(
+            &format!(
+                "/dicomweb/studies/{}/series/{}/instances",
+                mr.study, mr.series
+            ),
+            &app.admin,
+        )
         .await;
     let instances = r.json();
     assert_eq!(
-        distinct(instances.as_array().expect("instances").iter().map(|s| first_str(s, "00080018").to_string())),
-        distinct(sent.iter().filter(|p| p.series == mr.series).map(|p| p.sop.clone()))
+        distinct(
+            instances
+                .as_array()
+                .expect("instances")
+                .iter()
+                .map(|s| first_str(s, "00080018").to_string())
+        ),
+        distinct(
+            sent.iter()
+                .filter(|p| p.series == mr.series)
+                .map(|p| p.sop.clone())
+        )
     );
 
     // WADO-RS: a STOW-RS instance comes back byte for byte.
@@ -311,28 +373,42 @@ async fn storescu_and_stow_instances_are_indexed_found_retrieved_analysed_and_re
         .await
         .expect("WADO-RS answers");
     assert_eq!(r.status(), 200);
-    let ct_header = r.headers()["content-type"].to_str().expect("text").to_string();
+    let ct_header = r.headers()["content-type"]
+        .to_str()
+        .expect("text")
+        .to_string();
     assert!(ct_header.starts_with("multipart/related"), "{ct_header}");
     let body = r.bytes().await.expect("a body");
     let original = read(&stowed.file);
     assert!(
-        body.windows(original.len()).any(|w| w == original.as_slice()),
+        body.windows(original.len())
+            .any(|w| w == original.as_slice()),
         "the retrieved part is the stored file"
     );
     let r = app
-        .get(&format!("/dicomweb/studies/{}/series/{}/metadata", mr.study, mr.series), &app.admin)
+        .get(
+            &format!(
+                "/dicomweb/studies/{}/series/{}/metadata",
+                mr.study, mr.series
+            ),
+            &app.admin,
+        )
         .await;
     r.expect(200);
     let meta = r.json();
     for m in meta.as_array().expect("metadata") {
         assert_eq!(first_str(m, "00100020"), subject);
-        assert!(m.get("7FE00010").is_none_or(|p| p.get("InlineBinary").is_none()));
+        assert!(m
+            .get("7FE00010")
+            .is_none_or(|p| p.get("InlineBinary").is_none()));
     }
 
     // Analysis: every series is done, with one report each.
     let all_series = distinct(sent.iter().map(|p| p.series.clone()));
     let tasks = wait_tasks(&app, "every series analysed", |t| {
-        all_series.iter().all(|s| task_of(t, s).is_some_and(|t| t["status"] == "done"))
+        all_series
+            .iter()
+            .all(|s| task_of(t, s).is_some_and(|t| t["status"] == "done"))
     })
     .await;
     for s in &all_series {
@@ -344,8 +420,12 @@ async fn storescu_and_stow_instances_are_indexed_found_retrieved_analysed_and_re
         assert_eq!(report["resourceType"], "DiagnosticReport");
         assert_eq!(report["status"], "final");
         let subject_ref = report["subject"]["reference"].as_str().expect("a subject");
-        app.get(&format!("/fhir/{subject_ref}"), &app.admin).await.expect(200);
-        let study_ref = report["imagingStudy"][0]["reference"].as_str().expect("an ImagingStudy");
+        app.get(&format!("/fhir/{subject_ref}"), &app.admin)
+            .await
+            .expect(200);
+        let study_ref = report["imagingStudy"][0]["reference"]
+            .as_str()
+            .expect("an ImagingStudy");
         let study = app.get(&format!("/fhir/{study_ref}"), &app.admin).await;
         study.expect(200);
         let study = study.json();
@@ -354,16 +434,26 @@ async fn storescu_and_stow_instances_are_indexed_found_retrieved_analysed_and_re
         assert!(!results.is_empty());
         for o in results {
             let o = app
-                .get(&format!("/fhir/{}", o["reference"].as_str().expect("a reference")), &app.admin)
+                .get(
+                    &format!("/fhir/{}", o["reference"].as_str().expect("a reference")),
+                    &app.admin,
+                )
                 .await;
             o.expect(200);
             assert_eq!(o.json()["resourceType"], "Observation");
         }
         // The thumbnail is a PNG.
-        let study_uid = sent.iter().find(|p| p.series == *s).expect("sent").study.clone();
+        let study_uid = sent
+            .iter()
+            .find(|p| p.series == *s)
+            .expect("sent")
+            .study
+            .clone();
         let r = app
             .client
-            .get(app.url(&format!("/dicomweb/studies/{study_uid}/series/{s}/thumbnail")))
+            .get(app.url(&format!(
+                "/dicomweb/studies/{study_uid}/series/{s}/thumbnail"
+            )))
             .bearer_auth(&app.admin)
             .send()
             .await
@@ -373,8 +463,17 @@ async fn storescu_and_stow_instances_are_indexed_found_retrieved_analysed_and_re
         assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
     }
     let r = app.get("/metrics", &app.admin).await;
-    assert!(r.text.contains("clinflow_imaging_tasks_total{outcome=\"done\"}"), "{}", r.text);
-    assert!(r.text.contains("clinflow_imaging_queue_depth 0"), "{}", r.text);
+    assert!(
+        r.text
+            .contains("clinflow_imaging_tasks_total{outcome=\"done\"}"),
+        "{}",
+        r.text
+    );
+    assert!(
+        r.text.contains("clinflow_imaging_queue_depth 0"),
+        "{}",
+        r.text
+    );
 }
 
 async fn corrupt_and_conflicting_instances_are_refused_with_their_reason(app: TestApp) {
@@ -390,13 +489,19 @@ async fn corrupt_and_conflicting_instances_are_refused_with_their_reason(app: Te
     let failed = values(&answer, "00081198");
     assert_eq!(failed.len(), 2, "{answer}");
     for f in &failed {
-        assert_eq!(values(f, "00081197").first().and_then(|v| v.as_u64()), Some(0xC000));
-        assert!(first_str(f, "00000902").contains("not a readable DICOM instance"), "{f}");
+        assert_eq!(
+            values(f, "00081197").first().and_then(|v| v.as_u64()),
+            Some(0xC000)
+        );
+        assert!(
+            first_str(f, "00000902").contains("not a readable DICOM instance"),
+            "{f}"
+        );
     }
     assert_eq!(values(&answer, "00081199").len(), 1);
     // The same instance again is accepted (idempotent); other content under
     // its SOP Instance UID is refused as a duplicate.
-    let (status, _) = stow(&app, &app.admin, &[good.clone()]).await;
+    let (status, _) = stow(&app, &app.admin, std::slice::from_ref(&good)).await;
     assert_eq!(status, 200);
     let mut altered = good.clone();
     let last = altered.len() - 1;
@@ -404,11 +509,15 @@ async fn corrupt_and_conflicting_instances_are_refused_with_their_reason(app: Te
     let (status, answer) = stow(&app, &app.admin, &[altered]).await;
     assert_eq!(status, 409, "{answer}");
     assert_eq!(
-        values(&values(&answer, "00081198")[0], "00081197").first().and_then(|v| v.as_u64()),
+        values(values(&answer, "00081198")[0], "00081197")
+            .first()
+            .and_then(|v| v.as_u64()),
         Some(0x0111)
     );
     // Not multipart/related of application/dicom: 415, with the reason.
-    let r = app.post("/dicomweb/studies", &app.admin, "application/json", "{}").await;
+    let r = app
+        .post("/dicomweb/studies", &app.admin, "application/json", "{}")
+        .await;
     r.expect(415);
     // The same study UID under another patient is refused (0xA900).
     let (other, _) = subjects()[1].clone();
@@ -423,13 +532,23 @@ async fn corrupt_and_conflicting_instances_are_refused_with_their_reason(app: Te
         .expect("python");
     assert!(out.status.success());
     let log = storescu(app.dicom_addr.expect("DICOM"), "CLINFLOW", &[&file.file]);
-    assert!(log.contains("0xa900") || log.contains("A900") || log.contains("a900"), "{log}");
+    assert!(
+        log.contains("0xa900") || log.contains("A900") || log.contains("a900"),
+        "{log}"
+    );
     let r = app
-        .get(&format!("/dicomweb/studies/{}/instances", sent[0].study), &app.admin)
+        .get(
+            &format!("/dicomweb/studies/{}/instances", sent[0].study),
+            &app.admin,
+        )
         .await;
     assert_eq!(r.json().as_array().map(Vec::len), Some(1), "{}", r.text);
     // A called AE title that is not ours is rejected at association.
-    let log = storescu(app.dicom_addr.expect("DICOM"), "NOTCLINFLOW", &[&sent[0].file]);
+    let log = storescu(
+        app.dicom_addr.expect("DICOM"),
+        "NOTCLINFLOW",
+        &[&sent[0].file],
+    );
     assert!(log.to_lowercase().contains("reject"), "{log}");
 }
 
@@ -444,7 +563,10 @@ async fn an_unknown_patient_is_quarantined_with_its_reason_and_not_analysed(app:
     let items = r.json()["items"].as_array().cloned().unwrap_or_default();
     assert_eq!(items.len(), 1, "{items:?}");
     assert_eq!(items[0]["study"], sent[0].study);
-    assert!(items[0]["reason"].as_str().unwrap_or_default().contains("not a subject"));
+    assert!(items[0]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("not a subject"));
     // No task, no ImagingStudy; a monitor does not see it, a data manager does.
     let tasks = app.get("/imaging/tasks", &app.admin).await.json();
     assert_eq!(tasks["items"].as_array().map(Vec::len), Some(0));
@@ -476,9 +598,8 @@ async fn a_failing_analysis_is_retried_then_dead_while_the_others_finish(app: Te
     let bad = &sent[0].series;
     let tasks = wait_tasks(&app, "the good ones done, the bad one dead", |t| {
         sent.iter().all(|p| {
-            task_of(t, &p.series).is_some_and(|t| {
-                t["status"] == if p.series == *bad { "dead" } else { "done" }
-            })
+            task_of(t, &p.series)
+                .is_some_and(|t| t["status"] == if p.series == *bad { "dead" } else { "done" })
         })
     })
     .await;
@@ -490,11 +611,21 @@ async fn a_failing_analysis_is_retried_then_dead_while_the_others_finish(app: Te
     // An operator's retry runs it again (and it dies again).
     let id = dead["id"].as_str().expect("an id");
     let monitor = app.token("monitor", None, None).await;
-    app.post(&format!("/imaging/tasks/{id}/retry"), &monitor, "application/json", "")
-        .await
-        .expect(403);
+    app.post(
+        &format!("/imaging/tasks/{id}/retry"),
+        &monitor,
+        "application/json",
+        "",
+    )
+    .await
+    .expect(403);
     let r = app
-        .post(&format!("/imaging/tasks/{id}/retry"), &app.admin, "application/json", "")
+        .post(
+            &format!("/imaging/tasks/{id}/retry"),
+            &app.admin,
+            "application/json",
+            "",
+        )
         .await;
     r.expect(200);
     let updated = r.json()["updatedAt"].clone();
@@ -503,7 +634,17 @@ async fn a_failing_analysis_is_retried_then_dead_while_the_others_finish(app: Te
     })
     .await;
     let r = app
-        .post(&format!("/imaging/tasks/{}/retry", task_of(&tasks, &sent[1].series).expect("a task")["id"].as_str().expect("id")), &app.admin, "application/json", "")
+        .post(
+            &format!(
+                "/imaging/tasks/{}/retry",
+                task_of(&tasks, &sent[1].series).expect("a task")["id"]
+                    .as_str()
+                    .expect("id")
+            ),
+            &app.admin,
+            "application/json",
+            "",
+        )
         .await;
     r.expect(409);
     let m = app.get("/metrics", &app.admin).await.text;
@@ -523,10 +664,18 @@ async fn reads_are_site_scoped_and_roles_are_enforced(app: TestApp) {
     let dir = tempfile::tempdir().expect("a directory");
     let sent = prepare(
         dir.path(),
-        &[format!("CT_small.dcm:{s1}:a"), format!("MR_small.dcm:{s2}:b")],
+        &[
+            format!("CT_small.dcm:{s1}:a"),
+            format!("MR_small.dcm:{s2}:b"),
+        ],
     );
     let interface = app.token("interface", None, None).await;
-    let (status, answer) = stow(&app, &interface, &[read(&sent[0].file), read(&sent[1].file)]).await;
+    let (status, answer) = stow(
+        &app,
+        &interface,
+        &[read(&sent[0].file), read(&sent[1].file)],
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     app.get("/dicomweb/studies", &interface).await.expect(403);
     let patient = app.token("patient", None, Some("x")).await;
@@ -542,16 +691,21 @@ async fn reads_are_site_scoped_and_roles_are_enforced(app: TestApp) {
         .collect();
     assert_eq!(seen, vec![sent[0].study.clone()]);
     // Another site's study is absent for this user.
-    app.get(&format!("/dicomweb/studies/{}/metadata", sent[1].study), &user1)
-        .await
-        .expect(404);
+    app.get(
+        &format!("/dicomweb/studies/{}/metadata", sent[1].study),
+        &user1,
+    )
+    .await
+    .expect(404);
     // A site user may not store a study of another site's subject.
     let user2 = app.token("site-user", Some(&site2), None).await;
     let dir2 = tempfile::tempdir().expect("a directory");
     let more = prepare(dir2.path(), &[format!("CT_small.dcm:{s1}:c")]);
     let (status, answer) = stow(&app, &user2, &[read(&more[0].file)]).await;
     assert_eq!(status, 409, "{answer}");
-    app.get("/dicomweb/studies", "not-a-token").await.expect(401);
+    app.get("/dicomweb/studies", "not-a-token")
+        .await
+        .expect(401);
 }
 
 /// A `clinflow serve` process on `db_url` with `data_dir`.

@@ -22,7 +22,11 @@ pub fn python() -> PathBuf {
 pub fn samples_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CLINFLOW_DICOM_SAMPLES").filter(|d| !d.is_empty()) {
         let dir = PathBuf::from(dir);
-        assert!(dir.is_dir(), "CLINFLOW_DICOM_SAMPLES={} is not a directory", dir.display());
+        assert!(
+            dir.is_dir(),
+            "CLINFLOW_DICOM_SAMPLES={} is not a directory",
+            dir.display()
+        );
         return dir;
     }
     let python = python();
@@ -43,7 +47,11 @@ pub fn samples_dir() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(dir.is_dir(), "pydicom's test_files {} is not a directory", dir.display());
+    assert!(
+        dir.is_dir(),
+        "pydicom's test_files {} is not a directory",
+        dir.display()
+    );
     dir
 }
 

@@ -34,8 +34,14 @@ pub fn routes() -> Router<AppState> {
         .route("/dicomweb/studies/{study}", post(stow_into).get(wado_study))
         .route("/dicomweb/studies/{study}/metadata", get(study_metadata))
         .route("/dicomweb/studies/{study}/series", get(qido_study_series))
-        .route("/dicomweb/studies/{study}/instances", get(qido_study_instances))
-        .route("/dicomweb/studies/{study}/series/{series}", get(wado_series))
+        .route(
+            "/dicomweb/studies/{study}/instances",
+            get(qido_study_instances),
+        )
+        .route(
+            "/dicomweb/studies/{study}/series/{series}",
+            get(wado_series),
+        )
         .route(
             "/dicomweb/studies/{study}/series/{series}/metadata",
             get(series_metadata),
@@ -149,7 +155,10 @@ fn stow_boundary(headers: &HeaderMap) -> Result<String, ApiError> {
             "STOW-RS takes multipart/related; type=\"application/dicom\"".into(),
         ));
     }
-    match mime.get_param("type").map(|t| t.as_str().to_ascii_lowercase()) {
+    match mime
+        .get_param("type")
+        .map(|t| t.as_str().to_ascii_lowercase())
+    {
         Some(t) if t == "application/dicom" => {}
         Some(t) => {
             return Err(ApiError::UnsupportedMediaType(format!(
@@ -187,7 +196,9 @@ async fn store_parts(
     };
     if let Some(s) = &study {
         if !super::intake::valid_uid(s) {
-            return Err(ApiError::BadRequest("the study UID is not a valid UID".into()));
+            return Err(ApiError::BadRequest(
+                "the study UID is not a valid UID".into(),
+            ));
         }
     }
     let boundary = stow_boundary(&headers)?;
@@ -197,8 +208,7 @@ async fn store_parts(
             .whole_stream(im.config.stow_max_bytes)
             .per_field(im.config.max_instance_bytes as u64),
     );
-    let mut parts =
-        multer::Multipart::with_constraints(body.into_data_stream(), boundary, limits);
+    let mut parts = multer::Multipart::with_constraints(body.into_data_stream(), boundary, limits);
     let sender = Sender {
         actor: p.name.clone(),
         role: p.role.as_str().to_string(),
@@ -222,7 +232,11 @@ async fn store_parts(
         };
         if let Some(ct) = field.content_type() {
             if ct.essence_str() != "application/dicom" {
-                failed.push(failure_item(None, 0xC000, &format!("a part of type {ct} is not application/dicom")));
+                failed.push(failure_item(
+                    None,
+                    0xC000,
+                    &format!("a part of type {ct} is not application/dicom"),
+                ));
                 continue;
             }
         }
@@ -233,7 +247,10 @@ async fn store_parts(
                 break;
             }
         };
-        match im.accept(Input::Part10(bytes.to_vec()), &sender, &mut session).await {
+        match im
+            .accept(Input::Part10(bytes.to_vec()), &sender, &mut session)
+            .await
+        {
             Ok(s) => {
                 if s.duplicate {
                     im.metrics.received("stow", "duplicate");
@@ -269,7 +286,10 @@ async fn store_parts(
     }
     let mut answer = serde_json::Map::new();
     if let Some(s) = &study {
-        answer.insert("00081190".into(), json!({"vr": "UR", "Value": [format!("{base}/studies/{s}")]}));
+        answer.insert(
+            "00081190".into(),
+            json!({"vr": "UR", "Value": [format!("{base}/studies/{s}")]}),
+        );
     }
     if !failed.is_empty() {
         answer.insert("00081198".into(), json!({"vr": "SQ", "Value": failed}));
@@ -445,11 +465,11 @@ fn study_summary(
 }
 
 /// The studies a query at series or instance level looks into.
-async fn studies_for(
-    state: &AppState,
-    m: &Matching,
-) -> Result<Vec<StudyRecord>, ApiError> {
-    Ok(imaging(state).store().dicom_studies(m.query.clone()).await?)
+async fn studies_for(state: &AppState, m: &Matching) -> Result<Vec<StudyRecord>, ApiError> {
+    Ok(imaging(state)
+        .store()
+        .dicom_studies(m.query.clone())
+        .await?)
 }
 
 /// The study if it is in the caller's scope (else 404, as if absent).
@@ -636,7 +656,9 @@ fn accepts_dicom(headers: &HeaderMap) -> Result<(), ApiError> {
         a.starts_with("*/*")
             || a.starts_with("multipart/*")
             || (a.starts_with("multipart/related")
-                && (!a.contains("type=") || a.contains("application/dicom\"") || a.contains("type=application/dicom")))
+                && (!a.contains("type=")
+                    || a.contains("application/dicom\"")
+                    || a.contains("type=application/dicom")))
             || a.starts_with("application/dicom")
     });
     if ok {
@@ -686,8 +708,7 @@ async fn retrieve(
     sop: Option<String>,
 ) -> Result<Response, ApiError> {
     accepts_dicom(&headers)?;
-    let rows =
-        scoped_instances(&state, &caller, &study, series.as_deref(), sop.as_deref()).await?;
+    let rows = scoped_instances(&state, &caller, &study, series.as_deref(), sop.as_deref()).await?;
     audit_read(&state, &caller, "dicom-retrieve", Some(&study), rows.len()).await;
     Ok(multipart(&state, rows))
 }
@@ -726,8 +747,7 @@ async fn metadata(
     series: Option<String>,
     sop: Option<String>,
 ) -> Result<Response, ApiError> {
-    let rows =
-        scoped_instances(&state, &caller, &study, series.as_deref(), sop.as_deref()).await?;
+    let rows = scoped_instances(&state, &caller, &study, series.as_deref(), sop.as_deref()).await?;
     let list = rows
         .iter()
         .map(|r| dicom_of(&r.attrs))
@@ -782,7 +802,10 @@ async fn thumbnail(
     Ok((
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("image/png")),
-            (header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache")),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, no-cache"),
+            ),
         ],
         png,
     )
@@ -814,7 +837,10 @@ mod tests {
     fn study_dates_are_single_days_or_ranges() {
         let d = |s: &str| Some(s.to_string());
         assert_eq!(date_range("20260102"), Some((d("20260102"), d("20260102"))));
-        assert_eq!(date_range("20260102-20260301"), Some((d("20260102"), d("20260301"))));
+        assert_eq!(
+            date_range("20260102-20260301"),
+            Some((d("20260102"), d("20260301")))
+        );
         assert_eq!(date_range("-20260301"), Some((None, d("20260301"))));
         assert_eq!(date_range("20260102-"), Some((d("20260102"), None)));
         assert_eq!(date_range("-"), None);
@@ -830,7 +856,10 @@ mod tests {
             m
         };
         assert_eq!(
-            stow_boundary(&h("multipart/related; type=\"application/dicom\"; boundary=abc")).unwrap(),
+            stow_boundary(&h(
+                "multipart/related; type=\"application/dicom\"; boundary=abc"
+            ))
+            .unwrap(),
             "abc"
         );
         for bad in [

@@ -53,7 +53,9 @@ impl FileStore {
 
     pub fn thumbnail_path(&self, series_uid: &str) -> PathBuf {
         let h = hex::encode(sha2::Sha256::digest(series_uid.as_bytes()));
-        self.root.join("thumbnails").join(format!("{}.png", &h[..32]))
+        self.root
+            .join("thumbnails")
+            .join(format!("{}.png", &h[..32]))
     }
 
     pub fn path_of(&self, rel: &str) -> PathBuf {
@@ -136,6 +138,9 @@ mod tests {
         // Same name again: the file is kept, not rewritten.
         let again = fs.put_object(&sha, b"one").unwrap();
         assert_eq!(rel, again);
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 }

@@ -144,8 +144,7 @@ impl Imaging {
         if let Some(study) = &sender.study {
             if *study != meta.study_uid {
                 return Err(Refusal::Conflict(
-                    "the instance belongs to another study than the one in the request path"
-                        .into(),
+                    "the instance belongs to another study than the one in the request path".into(),
                 ));
             }
         }
@@ -164,7 +163,7 @@ impl Imaging {
             .await
             .map_err(|e| self.failed(e))?
         {
-            return self.duplicate(&prev.sha256 == &parsed.sha256, meta, &placement);
+            return self.duplicate(prev.sha256 == parsed.sha256, meta, &placement);
         }
         let (files, sha) = (self.files.clone(), parsed.sha256.clone());
         let file = parsed.file;
@@ -179,7 +178,9 @@ impl Imaging {
             "dicom": parsed.dicom_json,
         });
         let (subject, site, quarantine) = match &placement {
-            Placement::Linked { patient, site } => (Some(patient.clone()), Some(site.clone()), None),
+            Placement::Linked { patient, site } => {
+                (Some(patient.clone()), Some(site.clone()), None)
+            }
             Placement::Quarantine(r) => (None, None, Some(r.clone())),
         };
         let rec = DicomInstanceRecord {
@@ -242,7 +243,14 @@ impl Imaging {
         if quarantine.is_none() {
             session.touched_series.insert(meta.series_uid.clone());
         }
-        self.metrics.received(sender.source, if quarantine.is_some() { "quarantined" } else { "stored" });
+        self.metrics.received(
+            sender.source,
+            if quarantine.is_some() {
+                "quarantined"
+            } else {
+                "stored"
+            },
+        );
         Ok(Stored {
             study_uid: meta.study_uid.clone(),
             series_uid: meta.series_uid.clone(),

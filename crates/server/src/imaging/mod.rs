@@ -48,7 +48,9 @@ impl std::str::FromStr for QueueBackend {
         } else if s.starts_with("nats://") {
             Ok(QueueBackend::Nats(s.to_string()))
         } else {
-            Err(format!("--queue is `embedded` or `nats://HOST:PORT`, not {s:?}"))
+            Err(format!(
+                "--queue is `embedded` or `nats://HOST:PORT`, not {s:?}"
+            ))
         }
     }
 }
