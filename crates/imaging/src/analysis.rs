@@ -588,7 +588,7 @@ mod tests {
     #[test]
     fn spacing_and_missing_numbers() {
         assert_eq!(spacing(vec![10.0, 0.0, 5.0]), (Some(5.0), true));
-        assert_eq!(spacing(vec![0.0, 5.0, 20.0]).1, false);
+        assert!(!spacing(vec![0.0, 5.0, 20.0]).1);
         assert_eq!(spacing(vec![3.0]), (None, true));
         assert_eq!(missing(vec![1, 2, 4, 7]), vec![3, 5, 6]);
         assert!(missing(vec![]).is_empty());
