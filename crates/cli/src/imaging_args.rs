@@ -27,6 +27,10 @@ pub struct ImagingArgs {
     /// `nats://HOST:PORT` (NATS JetStream).
     #[arg(long, env = "CLINFLOW_QUEUE", default_value = "embedded")]
     pub queue: QueueBackend,
+    /// With `--queue nats://...`: the JetStream stream's name (its
+    /// consumer, subject and dead-letter stream are named after it).
+    #[arg(long, env = "CLINFLOW_QUEUE_STREAM", default_value = "CLINFLOW_IMAGING")]
+    pub queue_stream: String,
     /// Decoded pixel bytes all analyses may hold at once, in MiB.
     #[arg(long, env = "CLINFLOW_IMAGING_PIXEL_MEMORY_MIB", default_value_t = 512)]
     pub imaging_pixel_memory_mib: u64,
@@ -54,6 +58,7 @@ impl ImagingArgs {
             dicom_ae: self.dicom_ae.clone(),
             dicom_max_associations: self.dicom_max_associations.max(1),
             queue: self.queue.clone(),
+            queue_stream: self.queue_stream.clone(),
             pixel_memory: self.imaging_pixel_memory_mib.clamp(1, 1 << 20) * 1024 * 1024,
             max_attempts: self.imaging_max_attempts.max(1),
             lease: Duration::from_secs(self.imaging_lease.clamp(1, 3600)),

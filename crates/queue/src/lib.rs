@@ -7,6 +7,10 @@
 //! lease expired (it died or stalled) cannot complete or fail the task its
 //! successor now holds.
 
+pub mod jetstream;
+
+pub use jetstream::{JetStreamConfig, JetStreamQueue};
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -34,6 +38,8 @@ pub struct Lease {
     pub task: Task,
     /// The worker id the lease is held under.
     owner: String,
+    /// The JetStream delivery, on that backend.
+    msg: Option<async_nats::jetstream::Message>,
 }
 
 /// What [`TaskQueue::fail`] decided.
@@ -163,6 +169,7 @@ impl TaskQueue for EmbeddedQueue {
                             max_attempts: t.max_attempts,
                         },
                         owner: self.worker.clone(),
+                        msg: None,
                     }));
                 }
                 let now = tokio::time::Instant::now();

@@ -200,7 +200,9 @@ pub fn worker_id() -> String {
 /// `stop`; then waits for the analyses running.
 pub async fn run_workers(imaging: Arc<Imaging>, stop: CancellationToken) -> anyhow::Result<()> {
     let cfg = &imaging.config;
-    if cfg.workers == 0 {
+    // Without workers, the embedded queue needs nothing; a JetStream node
+    // still relays the tasks it stores to the broker.
+    if cfg.workers == 0 && cfg.queue == QueueBackend::Embedded {
         return Ok(());
     }
     let worker = worker_id();
@@ -213,6 +215,7 @@ pub async fn run_workers(imaging: Arc<Imaging>, stop: CancellationToken) -> anyh
         })
     };
     let heartbeat = (cfg.lease / 3).max(Duration::from_millis(100));
+    let mut relay = None;
     let queue: Arc<dyn TaskQueue> = match &cfg.queue {
         QueueBackend::Embedded => Arc::new(
             clinflow_queue::EmbeddedQueue::new(
@@ -224,7 +227,27 @@ pub async fn run_workers(imaging: Arc<Imaging>, stop: CancellationToken) -> anyh
             .wake_on(imaging.wake.clone()),
         ),
         QueueBackend::Nats(url) => {
-            anyhow::bail!("the JetStream queue at {url} is not available in this build yet")
+            let js = clinflow_queue::jetstream::connect(url).await?;
+            let jcfg = clinflow_queue::JetStreamConfig::named(
+                &cfg.queue_stream,
+                cfg.lease,
+                cfg.backoff,
+            );
+            let queue = clinflow_queue::JetStreamQueue::new(
+                js.clone(),
+                imaging.store.clone(),
+                worker,
+                jcfg.clone(),
+            )
+            .await?;
+            relay = Some(tokio::spawn(clinflow_queue::jetstream::run_relay(
+                imaging.store.clone(),
+                js,
+                jcfg,
+                imaging.wake.clone(),
+                rx.clone(),
+            )));
+            Arc::new(queue)
         }
     };
     let handler = {
@@ -234,7 +257,12 @@ pub async fn run_workers(imaging: Arc<Imaging>, stop: CancellationToken) -> anyh
             async move { imaging.analyse(task).await }
         }
     };
-    WorkerPool::run(queue, cfg.workers, handler, heartbeat, rx).await;
+    if cfg.workers > 0 {
+        WorkerPool::run(queue, cfg.workers, handler, heartbeat, rx).await;
+    }
+    if let Some(relay) = relay {
+        let _ = relay.await;
+    }
     forward.abort();
     Ok(())
 }

@@ -68,6 +68,9 @@ pub struct ImagingConfig {
     /// Analyses run at once; 0 runs no workers (the tasks wait).
     pub workers: usize,
     pub queue: QueueBackend,
+    /// JetStream: the work stream's name (its consumer, subject and
+    /// dead-letter stream are named after it).
+    pub queue_stream: String,
     /// Decoded pixel bytes held by all analyses at once.
     pub pixel_memory: u64,
     /// Attempts of a task before it is dead-lettered.
@@ -95,6 +98,7 @@ impl Default for ImagingConfig {
             dicom_max_associations: 16,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             queue: QueueBackend::Embedded,
+            queue_stream: "CLINFLOW_IMAGING".into(),
             pixel_memory: 512 * 1024 * 1024,
             max_attempts: 4,
             settle: Duration::from_secs(30),
