@@ -29,7 +29,11 @@ pub struct ImagingArgs {
     pub queue: QueueBackend,
     /// With `--queue nats://...`: the JetStream stream's name (its
     /// consumer, subject and dead-letter stream are named after it).
-    #[arg(long, env = "CLINFLOW_QUEUE_STREAM", default_value = "CLINFLOW_IMAGING")]
+    #[arg(
+        long,
+        env = "CLINFLOW_QUEUE_STREAM",
+        default_value = "CLINFLOW_IMAGING"
+    )]
     pub queue_stream: String,
     /// Decoded pixel bytes all analyses may hold at once, in MiB.
     #[arg(long, env = "CLINFLOW_IMAGING_PIXEL_MEMORY_MIB", default_value_t = 512)]

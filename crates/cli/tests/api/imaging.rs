@@ -36,6 +36,23 @@ fn no_workers(c: &mut clinflow_server::Config) {
     c.imaging.workers = 0;
 }
 
+/// NATS JetStream at 127.0.0.1:4222 (`CLINFLOW_TEST_NATS` overrides).
+fn nats_url() -> String {
+    std::env::var("CLINFLOW_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A stream of this test's own.
+fn unique_stream() -> String {
+    format!("T{}", uuid::Uuid::new_v4().simple()).to_uppercase()
+}
+
+fn with_dicom_on_jetstream(c: &mut clinflow_server::Config) {
+    with_dicom(c);
+    c.imaging.queue = clinflow_server::imaging::QueueBackend::Nats(nats_url());
+    c.imaging.queue_stream = unique_stream();
+    c.imaging.lease = Duration::from_secs(5);
+}
+
 engine_tests!(
     storescu_and_stow_instances_are_indexed_found_retrieved_analysed_and_reported with super::with_dicom,
     corrupt_and_conflicting_instances_are_refused_with_their_reason with super::with_dicom,
@@ -43,7 +60,26 @@ engine_tests!(
     a_failing_analysis_is_retried_then_dead_while_the_others_finish with super::with_dicom,
     reads_are_site_scoped_and_roles_are_enforced with super::with_dicom,
     a_worker_killed_mid_task_has_it_redelivered_and_one_report_results with super::no_workers,
+    on_jetstream_instances_are_analysed_and_reported with super::with_dicom_on_jetstream,
+    on_jetstream_a_failing_analysis_is_retried_then_dead_while_the_others_finish with super::with_dicom_on_jetstream,
+    on_jetstream_a_worker_killed_mid_task_has_it_redelivered_and_one_report_results with super::no_workers,
 );
+
+async fn on_jetstream_instances_are_analysed_and_reported(app: TestApp) {
+    storescu_and_stow_instances_are_indexed_found_retrieved_analysed_and_reported(app).await
+}
+
+async fn on_jetstream_a_failing_analysis_is_retried_then_dead_while_the_others_finish(
+    app: TestApp,
+) {
+    a_failing_analysis_is_retried_then_dead_while_the_others_finish(app).await
+}
+
+async fn on_jetstream_a_worker_killed_mid_task_has_it_redelivered_and_one_report_results(
+    app: TestApp,
+) {
+    killed_worker(app, Some((nats_url(), unique_stream()))).await
+}
 
 /// One prepared instance, as `prepare.py` describes it.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -723,9 +759,21 @@ fn free_port() -> u16 {
 
 const WORKER_TOKEN: &str = "imaging-worker-test-admin-token";
 
-async fn start_worker(db_url: &str, data_dir: &Path, delay_ms: u64) -> Worker {
+async fn start_worker(
+    db_url: &str,
+    data_dir: &Path,
+    delay_ms: u64,
+    queue: &Option<(String, String)>,
+) -> Worker {
     let port = free_port();
-    let child = tokio::process::Command::new(crate::helpers::clinflow_bin())
+    let mut cmd = tokio::process::Command::new(crate::helpers::clinflow_bin());
+    if let Some((url, stream)) = queue {
+        cmd.env("CLINFLOW_QUEUE", url)
+            .env("CLINFLOW_QUEUE_STREAM", stream);
+    } else {
+        cmd.env_remove("CLINFLOW_QUEUE");
+    }
+    let child = cmd
         .arg("--database")
         .arg(db_url)
         .arg("--data-dir")
@@ -763,13 +811,19 @@ async fn start_worker(db_url: &str, data_dir: &Path, delay_ms: u64) -> Worker {
 }
 
 async fn a_worker_killed_mid_task_has_it_redelivered_and_one_report_results(app: TestApp) {
+    killed_worker(app, None).await
+}
+
+/// Two `clinflow serve` processes share the queue (embedded, or JetStream
+/// `(url, stream)`); the one running the task is killed with SIGKILL.
+async fn killed_worker(app: TestApp, queue: Option<(String, String)>) {
     app.load_reference_trial().await;
     let (subject, _) = subjects()[0].clone();
     let dir = tempfile::tempdir().expect("a directory");
     let sent = prepare(dir.path(), &[format!("CT_small.dcm:{subject}:a")]);
     let data = tempfile::tempdir().expect("a data directory");
     // A worker whose analyses take long: killed while it holds the task.
-    let mut first = start_worker(&app.db_url, data.path(), 60_000).await;
+    let mut first = start_worker(&app.db_url, data.path(), 60_000, &queue).await;
     let (ct, body) = stow_body(&[read(&sent[0].file)]);
     let r = app
         .client
@@ -785,10 +839,11 @@ async fn a_worker_killed_mid_task_has_it_redelivered_and_one_report_results(app:
         task_of(t, &sent[0].series).is_some_and(|t| t["status"] == "running")
     })
     .await;
+    // A second worker shares the queue; it takes the task over once the
+    // first is killed and its lease lapses.
+    let _second = start_worker(&app.db_url, data.path(), 0, &queue).await;
     first.child.start_kill().expect("SIGKILL");
     let _ = first.child.wait().await;
-    // A second worker takes it over once the lease lapses.
-    let _second = start_worker(&app.db_url, data.path(), 0).await;
     let tasks = wait_tasks(&app, "the task done by the second worker", |t| {
         task_of(t, &sent[0].series).is_some_and(|t| t["status"] == "done")
     })

@@ -228,11 +228,8 @@ pub async fn run_workers(imaging: Arc<Imaging>, stop: CancellationToken) -> anyh
         ),
         QueueBackend::Nats(url) => {
             let js = clinflow_queue::jetstream::connect(url).await?;
-            let jcfg = clinflow_queue::JetStreamConfig::named(
-                &cfg.queue_stream,
-                cfg.lease,
-                cfg.backoff,
-            );
+            let jcfg =
+                clinflow_queue::JetStreamConfig::named(&cfg.queue_stream, cfg.lease, cfg.backoff);
             let queue = clinflow_queue::JetStreamQueue::new(
                 js.clone(),
                 imaging.store.clone(),
