@@ -1,564 +1,973 @@
-//! Pixel analysis of one series, fed one instance at a time
-//! ([`SeriesAnalyser`]), so that only one frame's decoded pixels are held
-//! beyond a small per-series state.
+//! Pixel analysis of one series, fed an instance at a time: intensity histogram and
+//! moments, an automatic window, noise and SNR (CT and MR), slice spacing and its
+//! consistency, gaps in instance numbers, and a thumbnail.
 //!
-//! Per series: an exact intensity histogram (of modality-LUT values: CT in
-//! HU), mean and standard deviation, an automatic window (1st to 99th
-//! percentile), for CT and MR a noise estimate (Immerkær's fast noise
-//! variance, the median over frames) and a signal-to-noise ratio (the mean
-//! above the series mean, less the mean below it, over the noise), slice
-//! spacing along the slice normal and its consistency, missing instance
-//! numbers, and a thumbnail of the middle instance's middle frame.
+//! Memory: one instance's decoded frame is held at a time (frames are decoded one by
+//! one), plus per instance a few scalars and its thumbnail PNG (a few KiB), so a series
+//! of any length costs little beyond its largest frame. See [`decoded_bytes_estimate`].
 //!
-//! Invariant: a decoder panic is caught and becomes an [`AnalysisError`];
-//! a frame larger than [`MAX_DECODED_BYTES`] is refused before decoding.
-
-use std::collections::BTreeMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-
-use dicom_pixeldata::PixelDecoder;
+//! Values: monochrome samples are masked to Bits Stored, sign-extended when Pixel
+//! Representation is 1, then rescaled by Rescale Slope / Intercept (so CT is in HU).
+//! Colour images are analysed on their luminance (0.299 R + 0.587 G + 0.114 B) and
+//! keep their colour in the thumbnail. Palette colour images are analysed on their
+//! indices.
 
 use crate::error::AnalysisError;
 use crate::parse::{Instance, InstanceMeta};
+use crate::thumbnail::{downscale, encode_png, Image8};
+use crate::values::float;
+use dicom_core::DicomValue;
+use dicom_dictionary_std::tags;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_pixeldata::{DecodedPixelData, PixelDecoder, PixelRepresentation, PlanarConfiguration};
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
-/// Bins of [`Histogram`].
-pub const BINS: usize = 64;
-/// Largest decoded size of one instance the analyser decodes.
-pub const MAX_DECODED_BYTES: u64 = 1 << 30;
-/// Longest side of the thumbnail, px.
-pub const THUMBNAIL: u32 = 128;
-/// Distinct values tracked exactly before values are binned coarser.
-const MAX_DISTINCT: usize = 1 << 18;
-/// Missing instance numbers listed at most.
-const MAX_MISSING: usize = 1000;
+/// Bins of [`Histogram::bins`].
+pub const HISTOGRAM_BINS: usize = 64;
+/// Bins of the internal histogram percentiles are read from.
+const FINE_BINS: usize = 4096;
+/// Largest decoded frame accepted, bytes: bigger declared frames are refused before any
+/// decoder allocates for them.
+pub const MAX_FRAME_BYTES: u64 = 256 << 20;
+/// At most this many missing instance numbers are listed (the count is always exact).
+pub const MAX_LISTED_GAPS: usize = 10_000;
 
-/// Decoded pixel bytes analysing `meta`'s instance may hold at once: every
-/// frame in its stored sample size (some decoders decode all frames), plus
-/// one frame as `f64` values. 0 without pixel data.
+/// Upper bound of the memory decoding and analysing one instance needs, bytes, for the
+/// caller's semaphore weight; 0 without pixel data.
+///
+/// Frames are decoded one at a time, so the bound is per frame. With
+/// `n = rows * columns * samples_per_pixel`:
+/// `n * max(ceil(bits_allocated / 8), 2)` for the decoded frame, plus `n * 16` for its
+/// f64 values and the working copy percentiles and noise need. The encoded instance
+/// itself is the caller's to count.
 pub fn decoded_bytes_estimate(meta: &InstanceMeta) -> u64 {
     if !meta.has_pixel_data {
         return 0;
     }
-    let rows = u64::from(meta.rows.unwrap_or(0));
-    let cols = u64::from(meta.columns.unwrap_or(0));
-    let samples = u64::from(meta.samples_per_pixel.max(1));
-    let sample_bytes = u64::from(meta.bits_allocated.max(8)).div_ceil(8);
-    let frame = rows.saturating_mul(cols).saturating_mul(samples);
-    frame
-        .saturating_mul(u64::from(meta.frames.max(1)))
-        .saturating_mul(sample_bytes)
-        .saturating_add(frame.saturating_mul(8))
+    let n = u64::from(meta.rows.unwrap_or(0))
+        .saturating_mul(u64::from(meta.columns.unwrap_or(0)))
+        .saturating_mul(u64::from(meta.samples_per_pixel.max(1)));
+    let sample_bytes = u64::from(meta.bits_allocated.div_ceil(8).max(2));
+    n.saturating_mul(sample_bytes)
+        .saturating_add(n.saturating_mul(16))
 }
 
-/// An intensity histogram: `bins` equal bins over `[min, max]`.
+/// Intensity histogram: `bins.len()` equal bins over `[min, max]` of the analysed values.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Histogram {
+    /// Smallest value.
     pub min: f64,
+    /// Largest value.
     pub max: f64,
+    /// Sample counts per bin, lowest first.
     pub bins: Vec<u64>,
 }
 
-/// What the analysis of a series found.
+/// The analysis of one series.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SeriesAnalysis {
+    /// Series Instance UID.
     pub series_uid: String,
+    /// Modality of the series.
     pub modality: String,
+    /// Instances added (with or without pixel data).
     pub instances: u32,
+    /// Frames analysed.
     pub frames: u32,
+    /// Histogram of all analysed values.
     pub histogram: Histogram,
+    /// Mean of all analysed values.
     pub mean: f64,
+    /// Population standard deviation of all analysed values.
     pub std_dev: f64,
+    /// Automatic window centre: midpoint of the 1st and 99th percentiles.
     pub window_center: f64,
+    /// Automatic window width: 99th minus 1st percentile (1 when they coincide).
     pub window_width: f64,
+    /// CT and MR: noise standard deviation, Immerkaer's estimate on each instance's
+    /// middle frame, median over instances.
     pub noise: Option<f64>,
+    /// CT and MR: mean of the foreground (above the frame's Otsu threshold) over the
+    /// noise, per middle frame, median over instances.
     pub snr: Option<f64>,
+    /// Median distance between adjacent slices, mm: along the slice normal from Image
+    /// Position / Orientation (Patient), else from Slice Location.
     pub slice_spacing: Option<f64>,
+    /// Whether every slice distance is within 10% of the median (true when there is
+    /// nothing to compare).
     pub spacing_consistent: bool,
+    /// Instance numbers missing between the lowest and highest seen (at most
+    /// [`MAX_LISTED_GAPS`] listed).
     pub missing_instances: Vec<i64>,
+    /// How many instance numbers are missing (exact, even when the list is capped).
+    pub missing_instance_count: u64,
+    /// PNG of the middle instance's middle frame: monochrome windowed to that frame's
+    /// 1st..99th percentiles as 8-bit grey, colour as 8-bit RGB; longest side at most
+    /// 128 pixels.
     #[serde(skip)]
     pub thumbnail_png: Vec<u8>,
 }
 
-/// A downscaled frame kept for the thumbnail.
-#[derive(Debug, Clone)]
-struct Thumb {
-    width: u32,
-    height: u32,
-    /// Grey values (modality LUT applied), or RGB bytes.
-    grey: Vec<f32>,
-    rgb: Option<Vec<u8>>,
-}
-
-/// Accumulates a series' instances; see the module documentation.
-#[derive(Debug)]
+/// Accumulates a series' analysis one instance at a time.
 pub struct SeriesAnalyser {
     series_uid: String,
     modality: Option<String>,
-    colour: Option<bool>,
+    /// Samples per pixel of the first instance with pixels: colour and grey don't mix.
+    samples: Option<u32>,
     instances: u32,
     frames: u32,
-    /// Value (quantised by `step`) -> count.
-    values: BTreeMap<i64, u64>,
-    step: f64,
-    count: u64,
-    sum: f64,
-    sum_sq: f64,
-    noise: Vec<f64>,
-    /// (position along the normal or slice location) per instance.
-    positions: Vec<f64>,
-    numbers: Vec<i64>,
-    /// The instance whose frame becomes the thumbnail (0-based feed order).
-    thumb_at: usize,
-    thumb: Option<Thumb>,
-    /// Instances fed so far.
-    fed: usize,
+    histogram: FineHistogram,
+    moments: Moments,
+    slices: Vec<SliceGeometry>,
+    /// One per instance with pixel data, in arrival order.
+    pictures: Vec<Picture>,
+}
+
+/// Where an instance sits in the series.
+struct SliceGeometry {
+    instance_number: Option<i64>,
+    position: Option<[f64; 3]>,
+    orientation: Option<[f64; 6]>,
+    slice_location: Option<f64>,
+}
+
+/// What is kept of each instance with pixels.
+struct Picture {
+    instance_number: Option<i64>,
+    arrival: u32,
+    png: Vec<u8>,
+    noise: Option<f64>,
+    snr: Option<f64>,
 }
 
 impl SeriesAnalyser {
-    pub fn new(series_uid: &str) -> SeriesAnalyser {
+    /// An empty analysis of series `series_uid`.
+    pub fn new(series_uid: &str) -> Self {
         SeriesAnalyser {
             series_uid: series_uid.to_string(),
             modality: None,
-            colour: None,
+            samples: None,
             instances: 0,
             frames: 0,
-            values: BTreeMap::new(),
-            step: 1e-3,
-            count: 0,
-            sum: 0.0,
-            sum_sq: 0.0,
-            noise: Vec::new(),
-            positions: Vec::new(),
-            numbers: Vec::new(),
-            thumb_at: 0,
-            thumb: None,
-            fed: 0,
+            histogram: FineHistogram::default(),
+            moments: Moments::default(),
+            slices: Vec::new(),
+            pictures: Vec::new(),
         }
     }
 
-    /// Tells the analyser how many instances will be fed, so that the
-    /// middle one gives the thumbnail (without it, the first does).
+    /// A hint that about `n` instances will be added, so per-instance state is allocated
+    /// once. Purely an optimisation: adding more or fewer is fine.
     pub fn expect_instances(&mut self, n: usize) {
-        self.thumb_at = n / 2;
+        let n = n.min(1 << 16);
+        self.slices.reserve(n);
+        self.pictures.reserve(n);
     }
 
-    /// Decodes and accumulates one instance; an instance without pixel
-    /// data only counts towards the series geometry.
+    /// Adds one instance. On error the analysis is unchanged, so the caller may skip the
+    /// instance and go on, or give up.
     pub fn add(&mut self, instance: &Instance) -> Result<(), AnalysisError> {
         let meta = &instance.meta;
         if meta.series_uid != self.series_uid {
             return Err(AnalysisError::new(
                 AnalysisError::INCONSISTENT,
-                "the instance belongs to another series",
+                "instance belongs to another series",
             ));
         }
-        match &self.modality {
-            Some(m) if *m != meta.modality => {
+        if let Some(modality) = &self.modality {
+            if *modality != meta.modality {
                 return Err(AnalysisError::new(
                     AnalysisError::INCONSISTENT,
-                    format!("the series mixes modalities {m} and {}", meta.modality),
-                ))
-            }
-            _ => self.modality = Some(meta.modality.clone()),
-        }
-        let fed = self.fed;
-        self.fed += 1;
-        if let Some(n) = meta.instance_number {
-            self.numbers.push(n);
-        }
-        if let Some(p) = position(meta) {
-            self.positions.push(p);
-        }
-        if !meta.has_pixel_data {
-            return Ok(());
-        }
-        let estimate = decoded_bytes_estimate(meta);
-        if estimate > MAX_DECODED_BYTES {
-            return Err(AnalysisError::new(
-                AnalysisError::TOO_LARGE,
-                format!("the instance would decode to {estimate} bytes, more than the {MAX_DECODED_BYTES} allowed"),
-            ));
-        }
-        let (rows, cols) = (meta.rows.unwrap_or(0), meta.columns.unwrap_or(0));
-        if rows == 0 || cols == 0 {
-            return Err(AnalysisError::new(
-                AnalysisError::UNSUPPORTED_PIXELS,
-                "the instance has pixel data but no Rows or Columns",
-            ));
-        }
-        let samples = meta.samples_per_pixel.max(1);
-        let colour = samples == 3;
-        if samples != 1 && samples != 3 {
-            return Err(AnalysisError::new(
-                AnalysisError::UNSUPPORTED_PIXELS,
-                format!("{samples} samples per pixel are not analysed"),
-            ));
-        }
-        if *self.colour.get_or_insert(colour) != colour {
-            return Err(AnalysisError::new(
-                AnalysisError::INCONSISTENT,
-                "the series mixes colour and greyscale instances",
-            ));
-        }
-        let want_thumb = fed == self.thumb_at || self.thumb.is_none();
-        let frames = meta.frames.max(1);
-        let noisy = matches!(meta.modality.as_str(), "CT" | "MR");
-        for frame in 0..frames {
-            let values = decode_frame(instance, frame, &meta.transfer_syntax)?;
-            let expected = rows as usize * cols as usize * samples as usize;
-            if values.len() < expected {
-                return Err(AnalysisError::new(
-                    AnalysisError::DECODE,
                     format!(
-                        "frame {frame} decoded to {} samples, {expected} expected",
-                        values.len()
+                        "instance modality {} differs from the series' {modality}",
+                        meta.modality
                     ),
                 ));
             }
-            let grey: Vec<f64> = if colour {
-                values[..expected]
-                    .chunks_exact(3)
-                    .map(|p| 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2])
-                    .collect()
-            } else {
-                values[..expected].to_vec()
-            };
-            self.accumulate(&grey);
-            if noisy {
-                if let Some(n) = immerkaer(&grey, cols as usize, rows as usize) {
-                    self.noise.push(n);
+        }
+        let mut picture = None;
+        if meta.has_pixel_data {
+            if let Some(samples) = self.samples {
+                if samples != meta.samples_per_pixel {
+                    return Err(AnalysisError::new(
+                        AnalysisError::INCONSISTENT,
+                        "instance mixes colour and greyscale with the series",
+                    ));
                 }
             }
-            if want_thumb && frame == frames / 2 {
-                let rgb = colour.then(|| {
-                    values[..expected]
-                        .iter()
-                        .map(|v| v.clamp(0.0, 255.0) as u8)
-                        .collect::<Vec<u8>>()
-                });
-                self.thumb = Some(downscale(&grey, rgb.as_deref(), cols, rows));
-            }
+            let modality = meta.modality.clone();
+            let mut histogram = self.histogram.clone();
+            let mut moments = self.moments.clone();
+            let analysed = catch_unwind(AssertUnwindSafe(|| {
+                analyse_instance(instance, &modality, &mut histogram, &mut moments)
+            }))
+            .unwrap_or_else(|_| {
+                Err(AnalysisError::new(
+                    AnalysisError::DECODE,
+                    "the pixel decoder failed on malformed data",
+                ))
+            })?;
+            self.histogram = histogram;
+            self.moments = moments;
+            self.frames = self.frames.saturating_add(analysed.frames);
+            self.samples = Some(meta.samples_per_pixel);
+            picture = Some(Picture {
+                instance_number: meta.instance_number,
+                arrival: self.instances,
+                png: analysed.png,
+                noise: analysed.noise,
+                snr: analysed.snr,
+            });
         }
-        self.frames += frames;
-        self.instances += 1;
+        self.modality = Some(meta.modality.clone());
+        self.pictures.extend(picture);
+        self.slices.push(SliceGeometry {
+            instance_number: meta.instance_number,
+            position: meta.image_position,
+            orientation: meta.image_orientation,
+            slice_location: meta.slice_location,
+        });
+        self.instances = self.instances.saturating_add(1);
         Ok(())
     }
 
-    fn accumulate(&mut self, grey: &[f64]) {
-        for &v in grey {
-            if !v.is_finite() {
-                continue;
-            }
-            self.count += 1;
-            self.sum += v;
-            self.sum_sq += v * v;
-            *self
-                .values
-                .entry((v / self.step).round() as i64)
-                .or_insert(0) += 1;
-        }
-        while self.values.len() > MAX_DISTINCT {
-            // Coarser bins: each key's value is kept within one step.
-            self.step *= 2.0;
-            let old = std::mem::take(&mut self.values);
-            for (k, c) in old {
-                *self.values.entry(k.div_euclid(2)).or_insert(0) += c;
-            }
-        }
-    }
-
-    /// The value at quantile `q` (0..=1) of every pixel seen.
-    fn quantile(&self, q: f64) -> f64 {
-        let target = ((self.count as f64 - 1.0) * q).round() as u64;
-        let mut seen = 0;
-        for (&k, &c) in &self.values {
-            seen += c;
-            if seen > target {
-                return k as f64 * self.step;
-            }
-        }
-        self.values
-            .keys()
-            .next_back()
-            .map_or(0.0, |&k| k as f64 * self.step)
-    }
-
-    pub fn finish(self) -> Result<SeriesAnalysis, AnalysisError> {
-        if self.count == 0 {
+    /// The analysis; an error when no instance with pixel data was added.
+    pub fn finish(mut self) -> Result<SeriesAnalysis, AnalysisError> {
+        if self.pictures.is_empty() || self.moments.count == 0 {
             return Err(AnalysisError::new(
                 AnalysisError::NO_PIXELS,
-                "the series has no instance with pixel data",
+                "the series has no instance with analysable pixel data",
             ));
         }
-        let n = self.count as f64;
-        let mean = self.sum / n;
-        let std_dev = (self.sum_sq / n - mean * mean).max(0.0).sqrt();
-        let min = self
-            .values
-            .keys()
-            .next()
-            .map_or(0.0, |&k| k as f64 * self.step);
-        let max = self
-            .values
-            .keys()
-            .next_back()
-            .map_or(0.0, |&k| k as f64 * self.step);
-        let mut bins = vec![0u64; BINS];
-        let span = (max - min).max(f64::MIN_POSITIVE);
-        for (&k, &c) in &self.values {
-            let v = k as f64 * self.step;
-            let b = (((v - min) / span) * BINS as f64) as usize;
-            bins[b.min(BINS - 1)] += c;
-        }
-        let (p1, p99) = (self.quantile(0.01), self.quantile(0.99));
-        let window_center = (p1 + p99) / 2.0;
-        let window_width = (p99 - p1).max(1.0);
-        let noise = median(self.noise.clone());
-        let snr = noise.filter(|n| *n > 0.0).map(|noise| {
-            let (mut hi, mut hi_n, mut lo, mut lo_n) = (0.0, 0u64, 0.0, 0u64);
-            for (&k, &c) in &self.values {
-                let v = k as f64 * self.step;
-                if v >= mean {
-                    hi += v * c as f64;
-                    hi_n += c;
-                } else {
-                    lo += v * c as f64;
-                    lo_n += c;
-                }
-            }
-            let fg = if hi_n > 0 { hi / hi_n as f64 } else { mean };
-            let bg = if lo_n > 0 { lo / lo_n as f64 } else { mean };
-            (fg - bg) / noise
-        });
-        let (slice_spacing, spacing_consistent) = spacing(self.positions.clone());
-        let missing_instances = missing(self.numbers.clone());
-        let thumbnail_png = self
-            .thumb
-            .as_ref()
-            .map(|t| render(t, window_center, window_width))
-            .transpose()?
-            .unwrap_or_default();
+        let (min, max) = (self.moments.min, self.moments.max);
+        let p1 = self.histogram.quantile(0.01, min, max);
+        let p99 = self.histogram.quantile(0.99, min, max);
+        let width = p99 - p1;
+        self.pictures
+            .sort_by_key(|p| (p.instance_number.unwrap_or(i64::MAX), p.arrival));
+        let middle = self.pictures.len() / 2;
+        let thumbnail_png = std::mem::take(&mut self.pictures[middle].png);
+        let noise = median(self.pictures.iter().filter_map(|p| p.noise).collect());
+        let snr = median(self.pictures.iter().filter_map(|p| p.snr).collect());
+        let (slice_spacing, spacing_consistent) = slice_spacing(&self.slices);
+        let (missing_instances, missing_instance_count) = gaps(&self.slices);
         Ok(SeriesAnalysis {
             series_uid: self.series_uid,
-            modality: self.modality.unwrap_or_else(|| "OT".into()),
+            modality: self.modality.unwrap_or_else(|| "OT".to_string()),
             instances: self.instances,
             frames: self.frames,
-            histogram: Histogram { min, max, bins },
-            mean,
-            std_dev,
-            window_center,
-            window_width,
+            histogram: self.histogram.coarse(min, max),
+            mean: self.moments.mean,
+            std_dev: self.moments.std_dev(),
+            window_center: (p1 + p99) / 2.0,
+            window_width: if width > 0.0 { width } else { 1.0 },
             noise,
             snr,
             slice_spacing,
             spacing_consistent,
             missing_instances,
+            missing_instance_count,
             thumbnail_png,
         })
     }
 }
 
-/// The transfer syntaxes this build has no pixel decoder for.
-fn undecodable(ts: &str) -> bool {
-    matches!(
-        ts,
-        "1.2.840.10008.1.2.4.80" | "1.2.840.10008.1.2.4.81" // JPEG-LS
-            | "1.2.840.10008.1.2.4.110" | "1.2.840.10008.1.2.4.111" | "1.2.840.10008.1.2.4.112" // JPEG XL
-            | "1.2.840.10008.1.2.4.201" | "1.2.840.10008.1.2.4.202" | "1.2.840.10008.1.2.4.203" // HTJ2K
-            | "1.2.840.10008.1.2.4.100" | "1.2.840.10008.1.2.4.101" | "1.2.840.10008.1.2.4.102"
-            | "1.2.840.10008.1.2.4.103" | "1.2.840.10008.1.2.4.104" | "1.2.840.10008.1.2.4.105"
-            | "1.2.840.10008.1.2.4.106" | "1.2.840.10008.1.2.4.107" | "1.2.840.10008.1.2.4.108" // MPEG/HEVC
-    )
+struct InstanceResult {
+    frames: u32,
+    png: Vec<u8>,
+    noise: Option<f64>,
+    snr: Option<f64>,
 }
 
-/// One frame's samples with the modality LUT applied.
-fn decode_frame(instance: &Instance, frame: u32, ts: &str) -> Result<Vec<f64>, AnalysisError> {
-    if undecodable(ts) {
-        return Err(AnalysisError::new(
-            AnalysisError::UNSUPPORTED_TRANSFER_SYNTAX,
-            format!("no pixel decoder for transfer syntax {ts} in this build"),
-        ));
-    }
-    let object = &instance.object;
-    let result = catch_unwind(AssertUnwindSafe(|| {
-        let decoded = object.decode_pixel_data_frame(frame)?;
-        decoded.to_vec_frame::<f64>(0)
-    }));
-    match result {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => {
-            let text = e.to_string();
-            let kind = if text.contains("nsupported") || text.contains("not supported") {
-                AnalysisError::UNSUPPORTED_TRANSFER_SYNTAX
-            } else {
-                AnalysisError::DECODE
-            };
-            Err(AnalysisError::new(
-                kind,
-                format!("decoding frame {frame} failed: {text}"),
-            ))
+/// Decodes and analyses every frame of `instance` into `histogram` and `moments`.
+fn analyse_instance(
+    instance: &Instance,
+    modality: &str,
+    histogram: &mut FineHistogram,
+    moments: &mut Moments,
+) -> Result<InstanceResult, AnalysisError> {
+    let layout = Layout::check(instance)?;
+    let frames = instance.meta.frames;
+    let middle = frames / 2;
+    let mut result = InstanceResult {
+        frames,
+        png: Vec::new(),
+        noise: None,
+        snr: None,
+    };
+    for frame in 0..frames {
+        let decoded = instance
+            .object
+            .decode_pixel_data_frame(frame)
+            .map_err(|e| {
+                AnalysisError::new(
+                    AnalysisError::DECODE,
+                    format!("frame {frame} does not decode: {e}"),
+                )
+            })?;
+        let frame_values = layout.values(&decoded)?;
+        let luminance = frame_values.luminance();
+        moments.add(&luminance);
+        histogram.add(&luminance, moments.min, moments.max);
+        if frame == middle {
+            if modality == "CT" || modality == "MR" {
+                result.noise = immerkaer_noise(&luminance, layout.rows, layout.columns);
+                result.snr = result.noise.and_then(|noise| {
+                    let foreground = foreground_mean(&luminance)?;
+                    (noise > 0.0)
+                        .then(|| foreground.abs() / noise)
+                        .filter(|s| s.is_finite())
+                });
+            }
+            let image = downscale(frame_values.to_image8(&layout, &luminance));
+            result.png = encode_png(&image).map_err(|e| {
+                AnalysisError::new(AnalysisError::DECODE, format!("thumbnail: {e}"))
+            })?;
         }
-        Err(_) => Err(AnalysisError::new(
-            AnalysisError::DECODE,
-            format!("the pixel decoder panicked on frame {frame}"),
-        )),
+    }
+    Ok(result)
+}
+
+/// The pixel layout of an instance, checked before anything is decoded.
+struct Layout {
+    rows: usize,
+    columns: usize,
+    samples: usize,
+    bits_stored: u32,
+    high_bit: u32,
+    signed: bool,
+    slope: f64,
+    intercept: f64,
+    photometric: String,
+    /// 32-bit samples of a big endian dataset held as 16-bit words: the words of each
+    /// sample come out swapped.
+    swap_words: bool,
+}
+
+impl Layout {
+    fn check(instance: &Instance) -> Result<Layout, AnalysisError> {
+        let meta = &instance.meta;
+        let obj = &instance.object;
+        let unsupported = |why: String| AnalysisError::new(AnalysisError::UNSUPPORTED_PIXELS, why);
+        if obj.get(tags::PIXEL_DATA).is_none() {
+            return Err(unsupported("only integer Pixel Data is analysed".into()));
+        }
+        let (rows, columns) = match (meta.rows, meta.columns) {
+            (Some(r), Some(c)) if r > 0 && c > 0 => (r as usize, c as usize),
+            _ => return Err(unsupported("Rows or Columns is missing or zero".into())),
+        };
+        let samples = meta.samples_per_pixel as usize;
+        if samples != 1 && samples != 3 {
+            return Err(unsupported(format!("{samples} samples per pixel")));
+        }
+        let bits_allocated = meta.bits_allocated;
+        if !matches!(bits_allocated, 1 | 8 | 16 | 32) {
+            return Err(unsupported(format!("{bits_allocated} bits allocated")));
+        }
+        let frame_bytes = (rows as u64)
+            .saturating_mul(columns as u64)
+            .saturating_mul(samples as u64)
+            .saturating_mul(u64::from(bits_allocated.div_ceil(8)));
+        if frame_bytes > MAX_FRAME_BYTES {
+            return Err(AnalysisError::new(
+                AnalysisError::TOO_LARGE,
+                format!("a frame of {frame_bytes} bytes exceeds the {MAX_FRAME_BYTES}-byte limit"),
+            ));
+        }
+        let photometric = crate::values::first(obj, tags::PHOTOMETRIC_INTERPRETATION)
+            .unwrap_or_else(|| "MONOCHROME2".to_string())
+            .to_ascii_uppercase();
+        let ts = &meta.transfer_syntax;
+        let registered = TransferSyntaxRegistry.get(ts).ok_or_else(|| {
+            AnalysisError::new(
+                AnalysisError::UNSUPPORTED_TRANSFER_SYNTAX,
+                format!("unknown transfer syntax {ts}"),
+            )
+        })?;
+        match obj.get(tags::PIXEL_DATA).map(|e| e.value()) {
+            Some(DicomValue::Primitive(value)) => {
+                if photometric.starts_with("YBR") && photometric != "YBR_FULL" {
+                    return Err(unsupported(format!("uncompressed {photometric}")));
+                }
+                let needed = if bits_allocated == 1 {
+                    (rows * columns * samples).div_ceil(8) as u64
+                } else {
+                    frame_bytes
+                }
+                .saturating_mul(u64::from(meta.frames));
+                let have = value.calculate_byte_len() as u64;
+                if have < needed {
+                    return Err(AnalysisError::new(
+                        AnalysisError::DECODE,
+                        format!("pixel data has {have} bytes, the declared frames need {needed}"),
+                    ));
+                }
+            }
+            Some(DicomValue::PixelSequence(seq)) => {
+                if !registered.can_decode_all() {
+                    return Err(AnalysisError::new(
+                        AnalysisError::UNSUPPORTED_TRANSFER_SYNTAX,
+                        format!(
+                            "no decoder for transfer syntax {ts} ({})",
+                            registered.name()
+                        ),
+                    ));
+                }
+                for fragment in seq.fragments() {
+                    check_codestream(fragment, rows, columns)?;
+                }
+            }
+            _ => return Err(unsupported("Pixel Data is not a pixel value".into())),
+        }
+        let int = |tag| crate::values::int(obj, tag).and_then(|v| u32::try_from(v).ok());
+        let bits_stored = int(tags::BITS_STORED)
+            .filter(|&b| b >= 1 && b <= bits_allocated)
+            .unwrap_or(bits_allocated);
+        let high_bit = int(tags::HIGH_BIT)
+            .filter(|&h| h + 1 >= bits_stored && h < bits_allocated)
+            .unwrap_or(bits_stored - 1);
+        let monochrome = photometric.starts_with("MONOCHROME");
+        let slope = float(obj, tags::RESCALE_SLOPE).filter(|s| *s != 0.0);
+        Ok(Layout {
+            rows,
+            columns,
+            samples,
+            bits_stored,
+            high_bit,
+            signed: int(tags::PIXEL_REPRESENTATION) == Some(1),
+            slope: if monochrome {
+                slope.unwrap_or(1.0)
+            } else {
+                1.0
+            },
+            intercept: if monochrome {
+                float(obj, tags::RESCALE_INTERCEPT).unwrap_or(0.0)
+            } else {
+                0.0
+            },
+            photometric,
+            swap_words: bits_allocated == 32
+                && meta.transfer_syntax == "1.2.840.10008.1.2.2"
+                && matches!(
+                    obj.get(tags::PIXEL_DATA).map(|e| e.value()),
+                    Some(DicomValue::Primitive(dicom_core::PrimitiveValue::U16(_)))
+                ),
+        })
+    }
+
+    /// The values of one decoded frame.
+    fn values(&self, decoded: &DecodedPixelData) -> Result<FrameValues, AnalysisError> {
+        let n = self.rows * self.columns * self.samples;
+        let data = decoded.data();
+        let bits = u32::from(decoded.bits_allocated());
+        // 1-bit data comes out of the decoder as one byte (0 or 255) per sample.
+        let bytes_per = if bits == 1 {
+            1
+        } else {
+            bits.div_ceil(8) as usize
+        };
+        if data.len() < n * bytes_per
+            || decoded.rows() as usize != self.rows
+            || decoded.columns() as usize != self.columns
+        {
+            return Err(AnalysisError::new(
+                AnalysisError::DECODE,
+                format!(
+                    "decoded frame has {} bytes, {}x{}x{} samples need {}",
+                    data.len(),
+                    self.rows,
+                    self.columns,
+                    self.samples,
+                    n * bytes_per
+                ),
+            ));
+        }
+        let signed = decoded.pixel_representation() == PixelRepresentation::Signed || self.signed;
+        let (stored, shift) = if bits == 1 {
+            (8, 0)
+        } else {
+            (self.bits_stored, self.high_bit + 1 - self.bits_stored)
+        };
+        let mask: u64 = if stored >= 32 {
+            u64::from(u32::MAX)
+        } else {
+            (1u64 << stored) - 1
+        };
+        let mut values = Vec::with_capacity(n);
+        for i in 0..n {
+            let raw = match bytes_per {
+                1 => u64::from(data[i]),
+                2 => u64::from(u16::from_le_bytes([data[2 * i], data[2 * i + 1]])),
+                _ => {
+                    let b = &data[4 * i..4 * i + 4];
+                    let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    u64::from(if self.swap_words {
+                        v.rotate_left(16)
+                    } else {
+                        v
+                    })
+                }
+            };
+            let v = (raw >> shift) & mask;
+            let v = if signed && bits != 1 && (v >> (stored - 1)) & 1 == 1 {
+                v as i64 - (1i64 << stored)
+            } else {
+                v as i64
+            };
+            let v = if bits == 1 {
+                (v / 255) as f64
+            } else {
+                v as f64
+            };
+            values.push(v * self.slope + self.intercept);
+        }
+        let mut colour = self.samples == 3;
+        if colour && decoded.planar_configuration() != PlanarConfiguration::Standard {
+            let pixels = self.rows * self.columns;
+            let planar = std::mem::take(&mut values);
+            values = (0..n).map(|i| planar[(i % 3) * pixels + i / 3]).collect();
+        }
+        // Decoders hand colour back as RGB; only uncompressed YBR_FULL is left to convert.
+        let photometric = decoded
+            .photometric_interpretation()
+            .as_str()
+            .to_ascii_uppercase();
+        if colour && photometric == "YBR_FULL" {
+            let half = f64::from(1u32 << (self.bits_stored.min(31) - 1));
+            for px in values.chunks_exact_mut(3) {
+                let (y, cb, cr) = (px[0], px[1] - half, px[2] - half);
+                px[0] = y + 1.402 * cr;
+                px[1] = y - 0.344_136 * cb - 0.714_136 * cr;
+                px[2] = y + 1.772 * cb;
+            }
+        }
+        if self.samples == 1 {
+            colour = false;
+        }
+        Ok(FrameValues {
+            values,
+            colour,
+            inverted: self.photometric == "MONOCHROME1",
+            max_sample: mask as f64,
+        })
     }
 }
 
-/// Immerkær (1996): σ = √(π/2) / (6 (W−2)(H−2)) · Σ |I ∗ N|, with N the
-/// difference of two Laplacians; insensitive to smooth structure.
-fn immerkaer(img: &[f64], w: usize, h: usize) -> Option<f64> {
-    if w < 3 || h < 3 {
+/// Checks that a JPEG or JPEG 2000 codestream does not declare an image larger than the
+/// dataset's Rows and Columns, so a decoder never allocates for a bigger one.
+fn check_codestream(fragment: &[u8], rows: usize, columns: usize) -> Result<(), AnalysisError> {
+    let too_big = |h: usize, w: usize| {
+        Err(AnalysisError::new(
+            AnalysisError::DECODE,
+            format!("codestream declares {w}x{h}, larger than the {columns}x{rows} image"),
+        ))
+    };
+    let be16 = |b: &[u8], i: usize| {
+        b.get(i..i + 2)
+            .map(|s| usize::from(u16::from_be_bytes([s[0], s[1]])))
+    };
+    let be32 = |b: &[u8], i: usize| {
+        b.get(i..i + 4)
+            .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize)
+    };
+    if fragment.starts_with(&[0xFF, 0xD8]) {
+        // JPEG: walk marker segments to the first SOFn.
+        let mut i = 2;
+        while let (Some(&0xFF), Some(&marker)) = (fragment.get(i), fragment.get(i + 1)) {
+            let Some(len) = be16(fragment, i + 2) else {
+                break;
+            };
+            let is_sof = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
+            if is_sof {
+                if let (Some(h), Some(w)) = (be16(fragment, i + 5), be16(fragment, i + 7)) {
+                    if h > rows || w > columns {
+                        return too_big(h, w);
+                    }
+                }
+                break;
+            }
+            i += 2 + len;
+        }
+    } else if let Some(siz) = fragment
+        .windows(4)
+        .take(4096)
+        .position(|w| w == [0xFF, 0x4F, 0xFF, 0x51])
+    {
+        // JPEG 2000: SIZ follows SOC; Xsiz, Ysiz, XOsiz, YOsiz after Lsiz and Rsiz.
+        let at = siz + 4;
+        if let (Some(x), Some(y), Some(x0), Some(y0)) = (
+            be32(fragment, at + 4),
+            be32(fragment, at + 8),
+            be32(fragment, at + 12),
+            be32(fragment, at + 16),
+        ) {
+            let (w, h) = (x.saturating_sub(x0), y.saturating_sub(y0));
+            if h > rows || w > columns {
+                return too_big(h, w);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One frame's values: rescaled monochrome values, or interleaved RGB samples.
+struct FrameValues {
+    values: Vec<f64>,
+    colour: bool,
+    inverted: bool,
+    /// Largest possible stored sample (for scaling colour to 8 bits).
+    max_sample: f64,
+}
+
+impl FrameValues {
+    fn luminance(&self) -> Vec<f64> {
+        if self.colour {
+            self.values
+                .chunks_exact(3)
+                .map(|p| 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2])
+                .collect()
+        } else {
+            self.values.clone()
+        }
+    }
+
+    fn to_image8(&self, layout: &Layout, luminance: &[f64]) -> Image8 {
+        let (data, channels) = if self.colour {
+            let scale = 255.0 / self.max_sample.max(1.0);
+            let data = self
+                .values
+                .iter()
+                .map(|v| (v * scale).round().clamp(0.0, 255.0) as u8)
+                .collect();
+            (data, 3)
+        } else {
+            let mut sorted = luminance.to_vec();
+            sorted.sort_unstable_by(f64::total_cmp);
+            let lo = percentile_sorted(&sorted, 0.01);
+            let hi = percentile_sorted(&sorted, 0.99);
+            let span = if hi > lo { hi - lo } else { 1.0 };
+            let data = luminance
+                .iter()
+                .map(|v| {
+                    let g = ((v - lo) / span * 255.0).round().clamp(0.0, 255.0) as u8;
+                    if self.inverted {
+                        255 - g
+                    } else {
+                        g
+                    }
+                })
+                .collect();
+            (data, 1)
+        };
+        Image8 {
+            width: layout.columns,
+            height: layout.rows,
+            channels,
+            data,
+        }
+    }
+}
+
+fn percentile_sorted(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Immerkaer (1996), "Fast noise variance estimation": the mean absolute response to
+/// the Laplacian difference mask, which cancels image structure up to second order,
+/// scaled to a Gaussian standard deviation: sqrt(pi/2) / (6 (W-2)(H-2)) * sum |I * N|.
+fn immerkaer_noise(values: &[f64], rows: usize, columns: usize) -> Option<f64> {
+    if rows < 3 || columns < 3 {
         return None;
     }
-    let at = |x: usize, y: usize| img[y * w + x];
+    let at = |y: usize, x: usize| values[y * columns + x];
     let mut sum = 0.0;
-    for y in 1..h - 1 {
-        for x in 1..w - 1 {
-            let v = at(x - 1, y - 1) - 2.0 * at(x, y - 1) + at(x + 1, y - 1) - 2.0 * at(x - 1, y)
-                + 4.0 * at(x, y)
-                - 2.0 * at(x + 1, y)
-                + at(x - 1, y + 1)
-                - 2.0 * at(x, y + 1)
-                + at(x + 1, y + 1);
-            sum += v.abs();
+    for y in 1..rows - 1 {
+        for x in 1..columns - 1 {
+            let response = at(y - 1, x - 1) - 2.0 * at(y - 1, x) + at(y - 1, x + 1)
+                - 2.0 * at(y, x - 1)
+                + 4.0 * at(y, x)
+                - 2.0 * at(y, x + 1)
+                + at(y + 1, x - 1)
+                - 2.0 * at(y + 1, x)
+                + at(y + 1, x + 1);
+            sum += response.abs();
         }
     }
-    let sigma = (std::f64::consts::PI / 2.0).sqrt() * sum / (6.0 * (w - 2) as f64 * (h - 2) as f64);
+    let n = ((rows - 2) * (columns - 2)) as f64;
+    let sigma = (std::f64::consts::PI / 2.0).sqrt() * sum / (6.0 * n);
     sigma.is_finite().then_some(sigma)
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
+/// Mean of the values above the frame's Otsu threshold (256 bins over its range).
+fn foreground_mean(values: &[f64]) -> Option<f64> {
+    let (min, max) = values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    if max.partial_cmp(&min) != Some(std::cmp::Ordering::Greater) {
         return None;
     }
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    Some(if v.len().is_multiple_of(2) {
-        (v[m - 1] + v[m]) / 2.0
+    const BINS: usize = 256;
+    let bin = |v: f64| (((v - min) / (max - min) * BINS as f64) as usize).min(BINS - 1);
+    let mut counts = [0u64; BINS];
+    for &v in values {
+        counts[bin(v)] += 1;
+    }
+    let total = values.len() as f64;
+    let sum_all: f64 = counts
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| i as f64 * c as f64)
+        .sum();
+    let (mut weight_bg, mut sum_bg) = (0.0, 0.0);
+    let (mut best, mut threshold) = (-1.0, 0);
+    for (i, &c) in counts.iter().enumerate() {
+        weight_bg += c as f64;
+        sum_bg += i as f64 * c as f64;
+        let weight_fg = total - weight_bg;
+        if weight_bg == 0.0 || weight_fg == 0.0 {
+            continue;
+        }
+        let between =
+            weight_bg * weight_fg * (sum_bg / weight_bg - (sum_all - sum_bg) / weight_fg).powi(2);
+        if between > best {
+            best = between;
+            threshold = i;
+        }
+    }
+    let foreground: Vec<f64> = values
+        .iter()
+        .copied()
+        .filter(|&v| bin(v) > threshold)
+        .collect();
+    (!foreground.is_empty()).then(|| foreground.iter().sum::<f64>() / foreground.len() as f64)
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_unstable_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
     } else {
-        v[m]
+        values[mid]
     })
 }
 
-/// Where an instance lies along its slice normal (from Image Position and
-/// Orientation), else its Slice Location.
-fn position(meta: &InstanceMeta) -> Option<f64> {
-    if let (Some(p), Some(o)) = (meta.image_position, meta.image_orientation) {
+/// Median slice distance and whether all distances are within 10% of it.
+fn slice_spacing(slices: &[SliceGeometry]) -> (Option<f64>, bool) {
+    let normal = slices.iter().find_map(|s| s.orientation).and_then(|o| {
         let n = [
             o[1] * o[5] - o[2] * o[4],
             o[2] * o[3] - o[0] * o[5],
             o[0] * o[4] - o[1] * o[3],
         ];
-        let d = p[0] * n[0] + p[1] * n[1] + p[2] * n[2];
-        if d.is_finite() && n.iter().any(|c| *c != 0.0) {
-            return Some(d);
-        }
-    }
-    meta.slice_location.filter(|s| s.is_finite())
-}
-
-/// The median spacing between distinct positions and whether every
-/// spacing is within 10% of it.
-fn spacing(mut positions: Vec<f64>) -> (Option<f64>, bool) {
-    positions.sort_by(f64::total_cmp);
-    positions.dedup_by(|a, b| (*a - *b).abs() < 1e-6);
-    let gaps: Vec<f64> = positions.windows(2).map(|w| w[1] - w[0]).collect();
-    let Some(m) = median(gaps.clone()) else {
-        return (None, true);
+        let len = (n[0] * n[0] + n[1] * n[1] + n[2] * n[2]).sqrt();
+        (len > 1e-6).then(|| n.map(|c| c / len))
+    });
+    let mut along: Vec<f64> = match normal {
+        Some(n) => slices
+            .iter()
+            .filter_map(|s| s.position)
+            .map(|p| p[0] * n[0] + p[1] * n[1] + p[2] * n[2])
+            .collect(),
+        None => Vec::new(),
     };
-    let consistent = gaps.iter().all(|g| (g - m).abs() <= 0.1 * m.abs());
-    (Some(m), consistent)
+    if along.len() < 2 {
+        along = slices.iter().filter_map(|s| s.slice_location).collect();
+    }
+    if along.len() < 2 {
+        return (None, true);
+    }
+    along.sort_unstable_by(f64::total_cmp);
+    let steps: Vec<f64> = along.windows(2).map(|w| w[1] - w[0]).collect();
+    match median(steps.clone()) {
+        Some(m) if m > 1e-6 => {
+            let consistent = steps.iter().all(|s| (s - m).abs() <= 0.1 * m);
+            (Some(m), consistent)
+        }
+        _ => (None, false),
+    }
 }
 
-/// Instance numbers absent between the smallest and the largest.
-fn missing(mut numbers: Vec<i64>) -> Vec<i64> {
+/// Instance numbers missing between the lowest and highest seen, listed up to
+/// [`MAX_LISTED_GAPS`], and their exact count.
+fn gaps(slices: &[SliceGeometry]) -> (Vec<i64>, u64) {
+    let mut numbers: Vec<i64> = slices.iter().filter_map(|s| s.instance_number).collect();
     numbers.sort_unstable();
     numbers.dedup();
-    let mut out = Vec::new();
-    for w in numbers.windows(2) {
-        let mut n = w[0] + 1;
-        while n < w[1] && out.len() < MAX_MISSING {
-            out.push(n);
+    let mut listed = Vec::new();
+    let mut count: u64 = 0;
+    for pair in numbers.windows(2) {
+        let missing = pair[1].abs_diff(pair[0]).saturating_sub(1);
+        count = count.saturating_add(missing);
+        let mut n = pair[0];
+        while listed.len() < MAX_LISTED_GAPS && n < pair[1] - 1 {
             n += 1;
+            listed.push(n);
         }
     }
-    out
+    (listed, count)
 }
 
-/// Box-averages a frame to at most [`THUMBNAIL`] px on its longer side.
-fn downscale(grey: &[f64], rgb: Option<&[u8]>, w: u32, h: u32) -> Thumb {
-    let scale = (w.max(h) as f64 / THUMBNAIL as f64).max(1.0);
-    let tw = ((w as f64 / scale).round() as u32).max(1);
-    let th = ((h as f64 / scale).round() as u32).max(1);
-    let mut out = Vec::with_capacity((tw * th) as usize);
-    let mut out_rgb = rgb.map(|_| Vec::with_capacity((tw * th * 3) as usize));
-    for ty in 0..th {
-        let (y0, y1) = span(ty, th, h);
-        for tx in 0..tw {
-            let (x0, x1) = span(tx, tw, w);
-            let (mut s, mut c, mut rs) = (0.0, 0.0, [0.0f64; 3]);
-            for y in y0..y1 {
-                for x in x0..x1 {
-                    let i = (y * w + x) as usize;
-                    s += grey[i];
-                    c += 1.0;
-                    if let Some(rgb) = rgb {
-                        for (k, acc) in rs.iter_mut().enumerate() {
-                            *acc += f64::from(rgb[i * 3 + k]);
-                        }
-                    }
-                }
+/// Count, mean and variance (Welford, merged frame by frame), min and max.
+#[derive(Clone)]
+struct Moments {
+    count: u64,
+    mean: f64,
+    m2: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Default for Moments {
+    fn default() -> Self {
+        Moments {
+            count: 0,
+            mean: 0.0,
+            m2: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
+    }
+}
+
+impl Moments {
+    fn add(&mut self, values: &[f64]) {
+        if values.is_empty() {
+            return;
+        }
+        // Moments of the frame, then Chan et al.'s merge: stable for large counts.
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let m2: f64 = values.iter().map(|v| (v - mean).powi(2)).sum();
+        let total = self.count as f64 + n;
+        let delta = mean - self.mean;
+        self.mean += delta * n / total;
+        self.m2 += m2 + delta * delta * self.count as f64 * n / total;
+        self.count += values.len() as u64;
+        for &v in values {
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
+    }
+
+    fn std_dev(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            (self.m2 / self.count as f64).max(0.0).sqrt()
+        }
+    }
+}
+
+/// A fine histogram whose range grows by doubling (merging bin pairs) to take any
+/// value, so it can be filled before the series' range is known. Integer data whose
+/// range fits gets one bin per integer, which makes it exact.
+#[derive(Clone, Default)]
+struct FineHistogram {
+    lo: f64,
+    width: f64,
+    counts: Vec<u64>,
+}
+
+impl FineHistogram {
+    /// Adds values; `min`/`max` bound them (and size the first range).
+    fn add(&mut self, values: &[f64], min: f64, max: f64) {
+        if values.is_empty() {
+            return;
+        }
+        if self.counts.is_empty() {
+            self.counts = vec![0; FINE_BINS];
+            let integral = values.iter().all(|v| v.fract() == 0.0);
+            if integral && max - min < FINE_BINS as f64 - 1.0 {
+                self.width = 1.0;
+                self.lo = min - 0.5;
+            } else if max > min {
+                self.width = (max - min) / (FINE_BINS as f64 - 1.0);
+                self.lo = min - self.width / 2.0;
+            } else {
+                self.width = (min.abs() * 1e-6).max(1e-9);
+                self.lo = min - self.width * (FINE_BINS / 2) as f64;
             }
-            out.push((s / c) as f32);
-            if let Some(o) = out_rgb.as_mut() {
-                o.extend(rs.iter().map(|v| (v / c).round() as u8));
+        }
+        self.grow_to(min);
+        self.grow_to(max);
+        for &v in values {
+            let i = ((v - self.lo) / self.width) as usize;
+            self.counts[i.min(FINE_BINS - 1)] += 1;
+        }
+    }
+
+    fn hi(&self) -> f64 {
+        self.lo + self.width * FINE_BINS as f64
+    }
+
+    fn grow_to(&mut self, v: f64) {
+        while v < self.lo || v >= self.hi() {
+            let mut merged = vec![0u64; FINE_BINS];
+            let offset = if v < self.lo { FINE_BINS / 2 } else { 0 };
+            for (i, &c) in self.counts.iter().enumerate() {
+                merged[offset + i / 2] += c;
+            }
+            if v < self.lo {
+                self.lo -= self.width * FINE_BINS as f64;
+            }
+            self.width *= 2.0;
+            self.counts = merged;
+            if !self.width.is_finite() {
+                break;
             }
         }
     }
-    Thumb {
-        width: tw,
-        height: th,
-        grey: out,
-        rgb: out_rgb,
-    }
-}
 
-/// The source pixels `[start, end)` target pixel `t` of `n` covers.
-fn span(t: u32, n: u32, size: u32) -> (u32, u32) {
-    let start = (u64::from(t) * u64::from(size) / u64::from(n)) as u32;
-    let end = ((u64::from(t) + 1) * u64::from(size) / u64::from(n)) as u32;
-    (start, end.max(start + 1).min(size))
-}
-
-/// The thumbnail as PNG: grey values windowed to 8 bits, or RGB as is.
-fn render(t: &Thumb, center: f64, width: f64) -> Result<Vec<u8>, AnalysisError> {
-    let mut png_bytes = Vec::new();
-    let err = |e: png::EncodingError| {
-        AnalysisError::new(AnalysisError::DECODE, format!("writing the thumbnail: {e}"))
-    };
-    {
-        let mut enc = png::Encoder::new(&mut png_bytes, t.width, t.height);
-        enc.set_depth(png::BitDepth::Eight);
-        let data: Vec<u8> = match &t.rgb {
-            Some(rgb) => {
-                enc.set_color(png::ColorType::Rgb);
-                rgb.clone()
-            }
-            None => {
-                enc.set_color(png::ColorType::Grayscale);
-                let lo = center - width / 2.0;
-                t.grey
-                    .iter()
-                    .map(|&v| (((f64::from(v) - lo) / width) * 255.0).clamp(0.0, 255.0) as u8)
-                    .collect()
-            }
-        };
-        let mut w = enc.write_header().map_err(err)?;
-        w.write_image_data(&data).map_err(err)?;
+    fn centre(&self, i: usize) -> f64 {
+        self.lo + (i as f64 + 0.5) * self.width
     }
-    Ok(png_bytes)
+
+    /// The `q` quantile, by linear interpolation inside its bin, within `[min, max]`.
+    fn quantile(&self, q: f64, min: f64, max: f64) -> f64 {
+        let total: u64 = self.counts.iter().sum();
+        let target = q * total as f64;
+        let mut seen = 0.0;
+        for (i, &c) in self.counts.iter().enumerate() {
+            let c = c as f64;
+            if c > 0.0 && seen + c >= target {
+                let within = ((target - seen) / c).clamp(0.0, 1.0);
+                let v = self.lo + (i as f64 + within) * self.width;
+                return v.clamp(min, max);
+            }
+            seen += c;
+        }
+        max
+    }
+
+    /// [`HISTOGRAM_BINS`] equal bins over `[min, max]`, each fine bin counted at its centre.
+    fn coarse(&self, min: f64, max: f64) -> Histogram {
+        let mut bins = vec![0u64; HISTOGRAM_BINS];
+        let span = max - min;
+        for (i, &c) in self.counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let x = self.centre(i).clamp(min, max);
+            let b = if span > 0.0 {
+                (((x - min) / span) * HISTOGRAM_BINS as f64) as usize
+            } else {
+                0
+            };
+            bins[b.min(HISTOGRAM_BINS - 1)] += c;
+        }
+        Histogram { min, max, bins }
+    }
 }
 
 #[cfg(test)]
@@ -566,88 +975,61 @@ mod tests {
     use super::*;
 
     #[test]
-    fn noise_of_a_flat_image_is_zero_and_grows_with_noise() {
-        let flat = vec![100.0; 32 * 32];
-        assert_eq!(immerkaer(&flat, 32, 32), Some(0.0));
-        // A ramp is smooth: the Laplacian difference ignores it.
-        let ramp: Vec<f64> = (0..32 * 32).map(|i| (i % 32) as f64 * 3.0).collect();
-        assert!(immerkaer(&ramp, 32, 32).unwrap() < 1e-9);
-        let checker: Vec<f64> = (0..32 * 32)
-            .map(|i| {
-                if (i % 32 + i / 32) % 2 == 0 {
-                    10.0
-                } else {
-                    -10.0
-                }
+    fn histogram_growth_keeps_every_count() {
+        let mut h = FineHistogram::default();
+        let first: Vec<f64> = (0..100).map(f64::from).collect();
+        h.add(&first, 0.0, 99.0);
+        let second = [-50_000.0, 70_000.5];
+        h.add(&second, -50_000.0, 70_000.5);
+        assert_eq!(h.counts.iter().sum::<u64>(), 102);
+        let coarse = h.coarse(-50_000.0, 70_000.5);
+        assert_eq!(coarse.bins.iter().sum::<u64>(), 102);
+        assert_eq!(coarse.bins[0], 1);
+        assert_eq!(coarse.bins[HISTOGRAM_BINS - 1], 1);
+    }
+
+    #[test]
+    fn quantiles_of_integers_are_exact() {
+        let mut h = FineHistogram::default();
+        let values: Vec<f64> = (1..=1000).map(f64::from).collect();
+        h.add(&values, 1.0, 1000.0);
+        let median = h.quantile(0.5, 1.0, 1000.0);
+        assert!((median - 500.0).abs() <= 1.0, "{median}");
+    }
+
+    #[test]
+    fn immerkaer_sees_noise_not_a_ramp() {
+        let (rows, cols) = (64, 64);
+        let ramp: Vec<f64> = (0..rows * cols).map(|i| (i % cols) as f64 * 3.0).collect();
+        assert!(immerkaer_noise(&ramp, rows, cols).unwrap() < 1e-9);
+        // Deterministic pseudo-noise of known spread (+-1 in a checkerboard-free pattern).
+        let mut state = 12345u64;
+        let noisy: Vec<f64> = ramp
+            .iter()
+            .map(|v| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                v + if (state >> 33) & 1 == 1 { 1.0 } else { -1.0 }
             })
             .collect();
-        assert!(immerkaer(&checker, 32, 32).unwrap() > 1.0);
-        assert_eq!(immerkaer(&[1.0, 2.0], 2, 1), None);
+        let sigma = immerkaer_noise(&noisy, rows, cols).unwrap();
+        assert!((0.7..1.3).contains(&sigma), "{sigma}");
     }
 
     #[test]
-    fn spacing_and_missing_numbers() {
-        assert_eq!(spacing(vec![10.0, 0.0, 5.0]), (Some(5.0), true));
-        assert!(!spacing(vec![0.0, 5.0, 20.0]).1);
-        assert_eq!(spacing(vec![3.0]), (None, true));
-        assert_eq!(missing(vec![1, 2, 4, 7]), vec![3, 5, 6]);
-        assert!(missing(vec![]).is_empty());
-    }
-
-    #[test]
-    fn downscaling_keeps_the_aspect_and_bounds_the_size() {
-        let grey = vec![0.0; 512 * 256];
-        let t = downscale(&grey, None, 512, 256);
-        assert_eq!((t.width, t.height), (128, 64));
-        let t = downscale(&[1.0; 4], None, 2, 2);
-        assert_eq!((t.width, t.height), (2, 2));
-        let png = render(&t, 0.0, 1.0).unwrap();
-        assert!(png.starts_with(b"\x89PNG"));
-    }
-
-    #[test]
-    fn estimates_scale_with_the_geometry() {
-        let meta = InstanceMeta {
-            sop_class_uid: String::new(),
-            sop_instance_uid: String::new(),
-            study_uid: String::new(),
-            series_uid: String::new(),
-            patient_id: String::new(),
-            study_date: None,
-            study_time: None,
-            accession: None,
-            modality: "CT".into(),
-            series_number: None,
-            instance_number: None,
-            study_description: None,
-            series_description: None,
-            transfer_syntax: String::new(),
-            rows: Some(512),
-            columns: Some(512),
-            frames: 1,
-            samples_per_pixel: 1,
-            bits_allocated: 16,
-            has_pixel_data: true,
-            image_position: None,
-            image_orientation: None,
+    fn gaps_are_listed_and_counted() {
+        let slice = |n| SliceGeometry {
+            instance_number: Some(n),
+            position: None,
+            orientation: None,
             slice_location: None,
-            pixel_spacing: None,
-            slice_thickness: None,
-            body_part: None,
         };
-        let one = decoded_bytes_estimate(&meta);
-        assert_eq!(one, 512 * 512 * 2 + 512 * 512 * 8);
-        let ten = decoded_bytes_estimate(&InstanceMeta {
-            frames: 10,
-            ..meta.clone()
-        });
-        assert!(ten > one);
-        assert_eq!(
-            decoded_bytes_estimate(&InstanceMeta {
-                has_pixel_data: false,
-                ..meta
-            }),
-            0
-        );
+        let (listed, count) = gaps(&[slice(1), slice(2), slice(4), slice(7)]);
+        assert_eq!(listed, vec![3, 5, 6]);
+        assert_eq!(count, 3);
+        let (listed, count) = gaps(&[slice(0), slice(i64::MAX)]);
+        assert_eq!(listed.len(), MAX_LISTED_GAPS);
+        assert_eq!(count, (i64::MAX - 1) as u64);
     }
 }

@@ -1,265 +1,334 @@
-//! The FHIR R4 forms of imaging: an ImagingStudy per study, and per
-//! analysed series a DiagnosticReport with one Observation per metric.
+//! FHIR R4 resources from DICOM: the DiagnosticReport and Observations of a series
+//! analysis, and the ImagingStudy of a study.
 //!
-//! Invariant: ids derive from UIDs (and [`ANALYSER_VERSION`] for results)
-//! through SHA-256, so they are stable, valid FHIR ids (`[A-Za-z0-9-.]`,
-//! at most 64) and reveal nothing a UID's root might say about a site.
-
-use serde_json::{json, Value};
-use sha2::Digest;
+//! Ids are derived from DICOM UIDs (and, for analysis results, [`ANALYSER_VERSION`]) by
+//! SHA-256, so writing the same result twice updates the same resources: re-running an
+//! analysis task is idempotent, and a new analyser version makes new resources.
 
 use crate::analysis::SeriesAnalysis;
 use crate::parse::InstanceMeta;
 use crate::ANALYSER_VERSION;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 
-/// The identifier system of analysis results; values are
-/// `SERIES_UID|ANALYSER_VERSION` (and `|METRIC` for Observations).
-pub const RESULT_SYSTEM: &str = "urn:clinflow:imaging-analysis";
-/// The code system of the metrics clinflow computes.
-pub const METRIC_SYSTEM: &str = "urn:clinflow:imaging-metric";
+/// Identifier system of analysis results.
+pub const ANALYSIS_SYSTEM: &str = "urn:clinflow:imaging-analysis";
+/// Code system of the analysis metrics (Observation.code).
+pub const METRIC_SYSTEM: &str = "urn:clinflow:imaging-analysis:metric";
 const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
 const UCUM: &str = "http://unitsofmeasure.org";
 
-fn hashed(prefix: &str, input: &str) -> String {
-    let h = hex::encode(sha2::Sha256::digest(input.as_bytes()));
-    format!("{prefix}{}", &h[..40])
+/// A FHIR id (`[A-Za-z0-9-.]{1,64}`): `prefix` and 32 hex digits of SHA-256 of `parts`.
+fn derived_id(prefix: &str, parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
+    format!("{prefix}-{}", hex::encode(&digest[..16]))
 }
 
-/// The DiagnosticReport id of a series' analysis by this analyser version.
+/// Id of the DiagnosticReport of `series_uid`'s analysis by this [`ANALYSER_VERSION`].
 pub fn report_id(series_uid: &str) -> String {
-    hashed("ia-", &format!("{series_uid}|{ANALYSER_VERSION}"))
+    derived_id("ia", &["report", series_uid, ANALYSER_VERSION])
 }
 
 fn observation_id(series_uid: &str, metric: &str) -> String {
-    hashed("im-", &format!("{series_uid}|{ANALYSER_VERSION}|{metric}"))
+    derived_id(
+        "iao",
+        &["observation", series_uid, ANALYSER_VERSION, metric],
+    )
 }
 
-/// The ImagingStudy id of a study.
+/// Id of the ImagingStudy of `study_uid` (independent of the analyser version).
 pub fn imaging_study_id(study_uid: &str) -> String {
-    hashed("is-", study_uid)
+    derived_id("is", &["imaging-study", study_uid])
 }
 
-/// Three decimals: enough for every metric, and stable text.
-fn round(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
+/// One metric's value.
+enum MetricValue {
+    /// A quantity with its UCUM code and display unit.
+    Quantity(f64, &'static str, &'static str),
+    Integer(u64),
+    Boolean(bool),
 }
 
-/// `YYYYMMDD` as a FHIR date.
-fn fhir_date(d: &str) -> Option<String> {
-    (d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| format!("{}-{}-{}", &d[..4], &d[4..6], &d[6..]))
-}
-
-/// The analysis as a DiagnosticReport and its Observations (each with its
-/// `id`), linked to the patient and the ImagingStudy.
+/// The analysis as a DiagnosticReport and its Observations (separate resources, each
+/// with `id` set, referenced from `result`). `patient_ref` is e.g. `"Patient/xyz"`,
+/// `imaging_study_ref` e.g. `"ImagingStudy/abc"`, `issued` an RFC 3339 instant.
 pub fn diagnostic_report(
     a: &SeriesAnalysis,
     patient_ref: Option<&str>,
     imaging_study_ref: &str,
     issued: &str,
 ) -> (Value, Vec<Value>) {
-    let intensity_unit = if a.modality == "CT" {
+    // CT values are Hounsfield units; other modalities' values have no physical unit.
+    let (unit_code, unit) = if a.modality == "CT" {
         ("[hnsf'U]", "HU")
     } else {
         ("1", "1")
     };
-    let mut metrics: Vec<(&str, &str, f64, (&str, &str))> = vec![
+    let mut metrics: Vec<(&str, &str, MetricValue)> = vec![
         (
             "window-center",
             "Automatic window centre",
-            a.window_center,
-            intensity_unit,
+            MetricValue::Quantity(a.window_center, unit_code, unit),
         ),
         (
             "window-width",
             "Automatic window width",
-            a.window_width,
-            intensity_unit,
+            MetricValue::Quantity(a.window_width, unit_code, unit),
         ),
-        ("mean", "Mean intensity", a.mean, intensity_unit),
+        (
+            "mean",
+            "Mean intensity",
+            MetricValue::Quantity(a.mean, unit_code, unit),
+        ),
         (
             "std-dev",
-            "Intensity standard deviation",
-            a.std_dev,
-            intensity_unit,
-        ),
-        (
-            "instance-count",
-            "Instances analysed",
-            f64::from(a.instances),
-            ("1", "1"),
-        ),
-        (
-            "missing-instances",
-            "Missing instance numbers",
-            a.missing_instances.len() as f64,
-            ("1", "1"),
+            "Standard deviation of intensity",
+            MetricValue::Quantity(a.std_dev, unit_code, unit),
         ),
     ];
-    if let Some(n) = a.noise {
-        metrics.push(("noise", "Noise (Immerkaer)", n, intensity_unit));
+    if let Some(noise) = a.noise {
+        metrics.push((
+            "noise",
+            "Noise standard deviation",
+            MetricValue::Quantity(noise, unit_code, unit),
+        ));
     }
-    if let Some(s) = a.snr {
-        metrics.push(("snr", "Signal-to-noise ratio", s, ("1", "1")));
+    if let Some(snr) = a.snr {
+        metrics.push((
+            "snr",
+            "Signal-to-noise ratio",
+            MetricValue::Quantity(snr, "1", "1"),
+        ));
     }
-    if let Some(s) = a.slice_spacing {
-        metrics.push(("slice-spacing", "Slice spacing", s, ("mm", "mm")));
+    if let Some(spacing) = a.slice_spacing {
+        metrics.push((
+            "slice-spacing",
+            "Slice spacing",
+            MetricValue::Quantity(spacing, "mm", "mm"),
+        ));
     }
+    metrics.push((
+        "spacing-consistent",
+        "Slice spacing consistent",
+        MetricValue::Boolean(a.spacing_consistent),
+    ));
+    metrics.push((
+        "instance-count",
+        "Number of instances",
+        MetricValue::Integer(u64::from(a.instances)),
+    ));
+    metrics.push((
+        "missing-instance-count",
+        "Number of missing instance numbers",
+        MetricValue::Integer(a.missing_instance_count),
+    ));
+
     let mut observations = Vec::new();
-    for (code, display, value, (ucum, unit)) in metrics {
-        if !value.is_finite() {
-            continue;
-        }
-        let id = observation_id(&a.series_uid, code);
-        let mut o = json!({
+    for (metric, display, value) in metrics {
+        let value_field = match value {
+            MetricValue::Quantity(v, _, _) if !v.is_finite() => continue,
+            MetricValue::Quantity(v, code, unit) => (
+                "valueQuantity",
+                json!({ "value": v, "unit": unit, "system": UCUM, "code": code }),
+            ),
+            MetricValue::Integer(n) => ("valueInteger", json!(n.min(i32::MAX as u64))),
+            MetricValue::Boolean(b) => ("valueBoolean", json!(b)),
+        };
+        let mut obs = json!({
             "resourceType": "Observation",
-            "id": id,
-            "identifier": [{"system": RESULT_SYSTEM, "value": format!("{}|{ANALYSER_VERSION}|{code}", a.series_uid)}],
+            "id": observation_id(&a.series_uid, metric),
+            "identifier": [{
+                "system": ANALYSIS_SYSTEM,
+                "value": format!("{}|{ANALYSER_VERSION}|{metric}", a.series_uid),
+            }],
             "status": "final",
-            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "imaging", "display": "Imaging"}]}],
-            "code": {"coding": [{"system": METRIC_SYSTEM, "code": code, "display": display}], "text": display},
+            "category": [{ "coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                "code": "imaging",
+                "display": "Imaging",
+            }]}],
+            "code": {
+                "coding": [{ "system": METRIC_SYSTEM, "code": metric, "display": display }],
+                "text": display,
+            },
             "issued": issued,
-            "valueQuantity": {"value": round(value), "unit": unit, "system": UCUM, "code": ucum},
-            "derivedFrom": [{"reference": imaging_study_ref}],
-            "method": {"text": ANALYSER_VERSION},
+            "derivedFrom": [{ "reference": imaging_study_ref }],
+            "method": { "text": ANALYSER_VERSION },
         });
-        if let Some(p) = patient_ref {
-            o["subject"] = json!({"reference": p});
+        if let Some(map) = obs.as_object_mut() {
+            map.insert(value_field.0.into(), value_field.1);
+            if let Some(patient) = patient_ref {
+                map.insert("subject".into(), json!({ "reference": patient }));
+            }
         }
-        observations.push(o);
+        observations.push(obs);
     }
-    let conclusion = format!(
-        "{} series of {} instance(s), {} frame(s): window {}/{}{}{}{}",
-        a.modality,
-        a.instances,
-        a.frames,
-        round(a.window_center),
-        round(a.window_width),
-        a.noise
-            .map(|n| format!(", noise {}", round(n)))
-            .unwrap_or_default(),
-        a.slice_spacing
-            .map(|s| format!(
-                ", slice spacing {} mm{}",
-                round(s),
-                if a.spacing_consistent {
-                    ""
-                } else {
-                    " (inconsistent)"
-                }
-            ))
-            .unwrap_or_default(),
-        if a.missing_instances.is_empty() {
-            String::new()
-        } else {
-            format!(", {} instance number(s) missing", a.missing_instances.len())
-        },
+
+    let results: Vec<Value> = observations
+        .iter()
+        .map(|o| json!({ "reference": format!("Observation/{}", o["id"].as_str().unwrap_or_default()) }))
+        .collect();
+    let mut conclusion = format!(
+        "{} series: {} instance(s), {} frame(s)",
+        a.modality, a.instances, a.frames
     );
+    if a.missing_instance_count > 0 {
+        conclusion.push_str(&format!(
+            "; {} missing instance number(s)",
+            a.missing_instance_count
+        ));
+    }
+    if let Some(spacing) = a.slice_spacing {
+        conclusion.push_str(&format!(
+            "; slice spacing {spacing:.2} mm ({})",
+            if a.spacing_consistent {
+                "consistent"
+            } else {
+                "inconsistent"
+            }
+        ));
+    }
     let mut report = json!({
         "resourceType": "DiagnosticReport",
         "id": report_id(&a.series_uid),
-        "identifier": [{"system": RESULT_SYSTEM, "value": format!("{}|{ANALYSER_VERSION}", a.series_uid)}],
+        "identifier": [{
+            "system": ANALYSIS_SYSTEM,
+            "value": format!("{}|{ANALYSER_VERSION}", a.series_uid),
+        }],
         "status": "final",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}]}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}], "text": "Automated image quality analysis"},
+        "category": [{ "coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+            "code": "RAD",
+            "display": "Radiology",
+        }]}],
+        "code": {
+            "coding": [{
+                "system": "http://loinc.org",
+                "code": "18748-4",
+                "display": "Diagnostic imaging study",
+            }],
+            "text": "Automated image quality analysis",
+        },
         "issued": issued,
-        "imagingStudy": [{"reference": imaging_study_ref}],
-        "result": observations.iter().map(|o| json!({"reference": format!("Observation/{}", o["id"].as_str().unwrap_or_default())})).collect::<Vec<_>>(),
+        "imagingStudy": [{ "reference": imaging_study_ref }],
+        "result": results,
         "conclusion": conclusion,
     });
-    if let Some(p) = patient_ref {
-        report["subject"] = json!({"reference": p});
+    if let (Some(patient), Some(map)) = (patient_ref, report.as_object_mut()) {
+        map.insert("subject".into(), json!({ "reference": patient }));
     }
     (report, observations)
 }
 
-/// A study's ImagingStudy from its instances' index fields (any order;
-/// series and instances are listed by number, then UID).
+/// FHIR `date` from a DICOM DA (YYYYMMDD) with a plausible month and day.
+///
+/// Only the date goes into `started`: FHIR requires a time zone on a dateTime with a
+/// time, and Study Time carries none.
+fn fhir_date(da: &str) -> Option<String> {
+    let month: u32 = da.get(4..6)?.parse().ok()?;
+    let day: u32 = da.get(6..8)?.parse().ok()?;
+    ((1..=12).contains(&month) && (1..=31).contains(&day))
+        .then(|| format!("{}-{}-{}", &da[..4], &da[4..6], &da[6..8]))
+}
+
+fn modality_coding(code: &str) -> Value {
+    json!({ "system": DCM, "code": code })
+}
+
+/// The ImagingStudy of `study_uid` from its instances' index fields (instances of other
+/// studies are ignored, duplicates counted once). Series and instances are ordered by
+/// number, then UID, so the resource is the same whatever order `instances` come in.
 pub fn imaging_study(study_uid: &str, instances: &[InstanceMeta], patient_ref: &str) -> Value {
-    let mut metas: Vec<&InstanceMeta> = instances
-        .iter()
-        .filter(|m| m.study_uid == study_uid)
-        .collect();
-    metas.sort_by(|a, b| {
-        (
-            a.series_number,
-            &a.series_uid,
-            a.instance_number,
-            &a.sop_instance_uid,
-        )
-            .cmp(&(
-                b.series_number,
-                &b.series_uid,
-                b.instance_number,
-                &b.sop_instance_uid,
-            ))
-    });
-    let mut series: Vec<(String, Vec<&InstanceMeta>)> = Vec::new();
-    for m in metas.iter().copied() {
-        match series.iter_mut().find(|(uid, _)| *uid == m.series_uid) {
-            Some((_, list)) => list.push(m),
-            None => series.push((m.series_uid.clone(), vec![m])),
-        }
+    let mut series: BTreeMap<&str, BTreeMap<&str, &InstanceMeta>> = BTreeMap::new();
+    for meta in instances.iter().filter(|m| m.study_uid == study_uid) {
+        series
+            .entry(meta.series_uid.as_str())
+            .or_default()
+            .entry(meta.sop_instance_uid.as_str())
+            .or_insert(meta);
     }
-    let mut modalities: Vec<String> = metas.iter().map(|m| m.modality.clone()).collect();
-    modalities.sort();
-    modalities.dedup();
-    let series_json: Vec<Value> = series
+    let all: Vec<&InstanceMeta> = series.values().flat_map(|s| s.values().copied()).collect();
+    let first = |f: &dyn Fn(&InstanceMeta) -> Option<String>| all.iter().find_map(|m| f(m));
+
+    let mut series_json: Vec<(Option<i64>, &str, Value)> = series
         .iter()
-        .map(|(uid, list)| {
-            let first = list[0];
-            let mut s = json!({
-                "uid": uid,
-                "modality": {"system": DCM, "code": first.modality},
-                "numberOfInstances": list.len(),
-                "instance": list.iter().map(|m| {
-                    let mut i = json!({
-                        "uid": m.sop_instance_uid,
-                        "sopClass": {"system": "urn:ietf:rfc:3986", "code": format!("urn:oid:{}", m.sop_class_uid)},
-                    });
-                    if let Some(n) = m.instance_number.filter(|n| *n >= 0) {
-                        i["number"] = json!(n);
-                    }
-                    i
-                }).collect::<Vec<_>>(),
+        .map(|(series_uid, members)| {
+            let mut members: Vec<&InstanceMeta> = members.values().copied().collect();
+            members.sort_by(|a, b| {
+                (a.instance_number.unwrap_or(i64::MAX), &a.sop_instance_uid)
+                    .cmp(&(b.instance_number.unwrap_or(i64::MAX), &b.sop_instance_uid))
             });
-            if let Some(n) = first.series_number.filter(|n| *n >= 0) {
-                s["number"] = json!(n);
+            let head = members[0];
+            let instances: Vec<Value> = members
+                .iter()
+                .map(|m| {
+                    let mut inst = Map::new();
+                    inst.insert("uid".into(), json!(m.sop_instance_uid));
+                    inst.insert(
+                        "sopClass".into(),
+                        json!({ "system": "urn:ietf:rfc:3986", "code": format!("urn:oid:{}", m.sop_class_uid) }),
+                    );
+                    if let Some(n) = m.instance_number.filter(|n| (0..=i64::from(i32::MAX)).contains(n)) {
+                        inst.insert("number".into(), json!(n));
+                    }
+                    Value::Object(inst)
+                })
+                .collect();
+            let mut s = Map::new();
+            s.insert("uid".into(), json!(series_uid));
+            if let Some(n) = head.series_number.filter(|n| (0..=i64::from(i32::MAX)).contains(n)) {
+                s.insert("number".into(), json!(n));
             }
-            if let Some(d) = first.series_description.as_ref().filter(|d| !d.is_empty()) {
-                s["description"] = json!(d);
+            s.insert("modality".into(), modality_coding(&head.modality));
+            if let Some(d) = members.iter().find_map(|m| m.series_description.clone()) {
+                s.insert("description".into(), json!(d));
             }
-            if let Some(b) = first.body_part.as_ref().filter(|b| !b.is_empty()) {
-                s["bodySite"] = json!({"display": b});
-            }
-            s
+            s.insert("numberOfInstances".into(), json!(members.len()));
+            s.insert("instance".into(), Value::Array(instances));
+            (head.series_number, *series_uid, Value::Object(s))
         })
         .collect();
+    series_json.sort_by(|a, b| (a.0.unwrap_or(i64::MAX), a.1).cmp(&(b.0.unwrap_or(i64::MAX), b.1)));
+
+    let mut modalities: Vec<&str> = all.iter().map(|m| m.modality.as_str()).collect();
+    modalities.sort_unstable();
+    modalities.dedup();
+
+    let mut identifiers =
+        vec![json!({ "system": "urn:dicom:uid", "value": format!("urn:oid:{study_uid}") })];
+    if let Some(accession) = first(&|m| m.accession.clone()) {
+        identifiers.push(json!({
+            "type": { "coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                "code": "ACSN",
+            }]},
+            "value": accession,
+        }));
+    }
     let mut study = json!({
         "resourceType": "ImagingStudy",
         "id": imaging_study_id(study_uid),
-        "identifier": [{"system": "urn:dicom:uid", "value": format!("urn:oid:{study_uid}")}],
+        "identifier": identifiers,
         "status": "available",
-        "subject": {"reference": patient_ref},
-        "modality": modalities.iter().map(|m| json!({"system": DCM, "code": m})).collect::<Vec<_>>(),
-        "numberOfSeries": series.len(),
-        "numberOfInstances": metas.len(),
-        "series": series_json,
+        "modality": modalities.iter().map(|m| modality_coding(m)).collect::<Vec<_>>(),
+        "subject": { "reference": patient_ref },
+        "numberOfSeries": series_json.len(),
+        "numberOfInstances": all.len(),
+        "series": series_json.into_iter().map(|(_, _, v)| v).collect::<Vec<_>>(),
     });
-    if let Some(first) = metas.first() {
-        if let Some(d) = first.study_date.as_deref().and_then(fhir_date) {
-            study["started"] = json!(d);
+    if let Some(map) = study.as_object_mut() {
+        if let Some(started) = first(&|m| m.study_date.as_deref().and_then(fhir_date)) {
+            map.insert("started".into(), json!(started));
         }
-        if let Some(d) = first.study_description.as_ref().filter(|d| !d.is_empty()) {
-            study["description"] = json!(d);
-        }
-        if let Some(a) = first.accession.as_ref().filter(|a| !a.is_empty()) {
-            if let Some(ids) = study["identifier"].as_array_mut() {
-                ids.push(json!({
-                    "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
-                    "value": a,
-                }));
-            }
+        if let Some(description) = first(&|m| m.study_description.clone()) {
+            map.insert("description".into(), json!(description));
         }
     }
     study
@@ -270,22 +339,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_stable_valid_and_distinct() {
-        let a = report_id("1.2.3");
-        assert_eq!(a, report_id("1.2.3"));
-        assert_ne!(a, report_id("1.2.4"));
-        assert_ne!(imaging_study_id("1.2.3"), a);
-        for id in [a, imaging_study_id("1.2"), observation_id("1.2", "snr")] {
-            assert!(id.len() <= 64);
-            assert!(id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+    fn ids_are_valid_fhir_ids_and_distinct() {
+        let ids = [
+            report_id("1.2.3"),
+            report_id("1.2.4"),
+            imaging_study_id("1.2.3"),
+        ];
+        for id in &ids {
+            assert!(
+                id.len() <= 64
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'),
+                "{id}"
+            );
         }
+        assert_ne!(ids[0], ids[1]);
+        assert_ne!(ids[0], ids[2]);
+        assert_eq!(report_id("1.2.3"), ids[0]);
     }
 
     #[test]
-    fn dates_become_fhir_dates() {
-        assert_eq!(fhir_date("20040119").as_deref(), Some("2004-01-19"));
-        assert_eq!(fhir_date("2004011"), None);
+    fn dates_are_checked() {
+        assert_eq!(fhir_date("20240131").as_deref(), Some("2024-01-31"));
+        assert_eq!(fhir_date("20241331"), None);
     }
 }

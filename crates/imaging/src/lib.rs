@@ -26,12 +26,12 @@ pub mod fhir;
 pub mod json;
 pub mod parse;
 pub mod scan;
+mod thumbnail;
 mod values;
 
 pub use analysis::{decoded_bytes_estimate, Histogram, SeriesAnalyser, SeriesAnalysis};
 pub use error::{AnalysisError, ParseError};
 pub use fhir::{diagnostic_report, imaging_study, imaging_study_id, report_id};
-
 pub use json::{qido_instance, qido_series, qido_study, SeriesSummary, StudySummary};
 pub use parse::{parse_dataset, parse_part10, part10_from_dataset, Instance, InstanceMeta};
 

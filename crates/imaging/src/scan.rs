@@ -72,7 +72,14 @@ pub fn part10_layout(bytes: &[u8]) -> Result<(usize, String), ParseError> {
     let scanner = Scanner { buf: bytes };
     let mut pos = 132;
     let mut ts = None;
-    while bytes.len() - pos >= 8 && scanner.u16(pos, false) == 0x0002 {
+    // Like dicom-rs, trust File Meta Information Group Length (0002,0000) for where the
+    // group ends when it comes first; otherwise the group runs while tags are 0002.
+    let mut group_end = bytes.len();
+    if bytes.len() >= 144 && bytes[132..140] == [0x02, 0x00, 0x00, 0x00, b'U', b'L', 0x04, 0x00] {
+        let len = scanner.u32(140, false) as usize;
+        group_end = 144usize.saturating_add(len).min(bytes.len());
+    }
+    while group_end.saturating_sub(pos) >= 8 && scanner.u16(pos, false) == 0x0002 {
         let elem = scanner.u16(pos + 2, false);
         let (hdr, len) = scanner.explicit_header(pos, false)?;
         let len = match len {

@@ -138,7 +138,7 @@ print("{}")
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(32))]
+    #![proptest_config(ProptestConfig::with_cases(12))]
     /// Bit flips and truncations of CT_small never panic, in parsing or analysis.
     #[test]
     fn corrupt_ct_small_never_panics(flips in proptest::collection::vec((0usize..40_000, any::<u8>()), 1..8), cut in 0usize..40_000) {
