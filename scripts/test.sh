@@ -6,7 +6,9 @@
 # Needs: PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`; each test
 # uses its own schema), npm (for the R4 examples corpus, CC0, and
 # playwright-core), python3 with venv (for python-hl7's mllp_send, the MLLP
-# tests' client, and aiosmtpd, the campaign tests' SMTP server), Debian's chromium (the web page's test; installed when
+# tests' client, and aiosmtpd, the campaign tests' SMTP server; pydicom, the
+# imaging tests' samples), dcmtk (storescu), NATS with JetStream on
+# 127.0.0.1:4222 (the imaging queue tests), Debian's chromium (the web page's test; installed when
 # missing and running as root).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -100,6 +102,16 @@ if ! command -v storescu >/dev/null 2>&1 || ! command -v echoscu >/dev/null 2>&1
   echo "error: dcmtk's storescu/echoscu are missing; the DIMSE tests need them (Debian package dcmtk)" >&2
   exit 1
 fi
+
+# 3c. NATS with JetStream on 127.0.0.1:4222 (CI runs it): the imaging queue
+#     tests run on it as well as on the embedded queue.
+nats_url="${CLINFLOW_TEST_NATS:-nats://127.0.0.1:4222}"
+nats_hostport="${nats_url#nats://}"
+if ! (exec 3<>"/dev/tcp/${nats_hostport%:*}/${nats_hostport##*:}") 2>/dev/null; then
+  echo "error: NATS is not reachable at $nats_url; the JetStream queue tests need it (nats-server -js)" >&2
+  exit 1
+fi
+export CLINFLOW_TEST_NATS="$nats_url"
 
 # 4. A real browser for the web page's test: Debian's chromium, driven by
 #    playwright-core (npm, pinned in tests/ui/package-lock.json).
