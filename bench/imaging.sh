@@ -213,9 +213,14 @@ drain() {
     stop_pid "${STARTED_PIDS[-1]}"
     mv "$WORK/data" "$data"
     ln -s "$data" "$WORK/data"
-    SERVE_EXTRA=(--imaging-workers "$workers" --imaging-pixel-memory-mib "${PIXEL_MIB:-64}")
     log "[analysis] draining $BACKLOG series with $workers worker(s) (load $(loadavg))"
-    start_clinflow "sqlite://$db" "$CF_PORT" "$WORK/clinflow-drain-$workers.log"
+    # The same database again, without --demo (the trial is loaded).
+    CLINFLOW_ADMIN_TOKEN=$TOKEN "$CLINFLOW" --database "sqlite://$db" --data-dir "$WORK/data" \
+        serve --listen "127.0.0.1:$CF_PORT" --imaging-workers "$workers" \
+        --imaging-pixel-memory-mib "${PIXEL_MIB:-64}" >"$WORK/clinflow-drain-$workers.log" 2>&1 &
+    STARTED_PIDS+=($!)
+    wait_http "http://127.0.0.1:$CF_PORT/healthz" 60 \
+        || { tail -20 "$WORK/clinflow-drain-$workers.log" >&2; die "clinflow did not start"; }
     local pid=${STARTED_PIDS[-1]} start end done=0 first=""
     start=$(date +%s.%N)
     local deadline=$((SECONDS + 1800))

@@ -1,7 +1,12 @@
-//! clinflow's imaging task queue: one trait ([`TaskQueue`]), the embedded
-//! backend over the store's task table with leases ([`EmbeddedQueue`]),
-//! exponential backoff with jitter ([`Backoff`]) and a bounded worker pool
-//! ([`WorkerPool`]).
+//! clinflow's imaging task queue: one trait ([`TaskQueue`]), two backends
+//! (the embedded [`EmbeddedQueue`] over the store's task table with
+//! leases; [`JetStreamQueue`], NATS JetStream deliveries over the same
+//! table, see [`jetstream`]), exponential backoff with jitter
+//! ([`Backoff`]) and a bounded worker pool ([`WorkerPool`]).
+//!
+//! On both backends the store's task row is the record of a task's status,
+//! attempts and error; a handler sees the same [`Task`], the same retries
+//! and the same dead end after `max_attempts`.
 //!
 //! Invariant: a lease is the only way to change a task; a worker whose
 //! lease expired (it died or stalled) cannot complete or fail the task its
