@@ -209,7 +209,7 @@ drain() {
     local save_work=$WORK
     start_clinflow "sqlite://$db" "$CF_PORT" "$WORK/clinflow-backlog-$workers.log"
     # start_clinflow's data dir is $WORK/data: keep one per run.
-    send_all "$CF_DICOM" CLINFLOW "$WORK"/blist.* >/dev/null
+    send_all "$CF_DICOM" CLINFLOW "${BLISTS[@]}" >/dev/null
     stop_pid "${STARTED_PIDS[-1]}"
     mv "$WORK/data" "$data"
     ln -s "$data" "$WORK/data"
@@ -268,6 +268,8 @@ for i, m in enumerate(manifest):
 for i, l in enumerate(lists):
     open(f"{prefix}.{i}", "w").write("\n".join(l))
 EOF
+    BLISTS=()
+    for ((i = 0; i < ASSOCIATIONS; i++)); do BLISTS+=("$WORK/blist.$i"); done
     drain 1
     drain 2
 }
