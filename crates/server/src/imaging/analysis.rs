@@ -224,6 +224,9 @@ pub async fn run_workers(imaging: Arc<Imaging>, stop: CancellationToken) -> anyh
                 cfg.lease,
                 cfg.backoff,
             )
+            // Tasks stored here wake the workers at once; another node's
+            // are found within the poll.
+            .poll_every(Duration::from_millis(500))
             .wake_on(imaging.wake.clone()),
         ),
         QueueBackend::Nats(url) => {
