@@ -574,6 +574,14 @@ pub fn sample(text: &str, name: &str) -> f64 {
 }
 
 /// The `clinflow` binary of this build.
+/// A port nothing listens on now (for a `clinflow serve` process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 pub fn clinflow_bin() -> &'static str {
     env!("CARGO_BIN_EXE_clinflow")
 }

@@ -750,13 +750,6 @@ struct Worker {
     http: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 const WORKER_TOKEN: &str = "imaging-worker-test-admin-token";
 
 async fn start_worker(
@@ -765,7 +758,7 @@ async fn start_worker(
     delay_ms: u64,
     queue: &Option<(String, String)>,
 ) -> Worker {
-    let port = free_port();
+    let port = crate::helpers::free_port();
     let mut cmd = tokio::process::Command::new(crate::helpers::clinflow_bin());
     if let Some((url, stream)) = queue {
         cmd.env("CLINFLOW_QUEUE", url)

@@ -681,13 +681,6 @@ async fn a_stop_finishes_the_message_in_flight_and_closes_the_listener(mut app: 
 }
 
 /// A free local port (bound, read, released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// A `clinflow serve` process on `db_url`, with HTTP and MLLP listeners.
 struct ServerProcess {
     child: tokio::process::Child,
@@ -698,7 +691,7 @@ struct ServerProcess {
 const CRASH_TOKEN: &str = "crash-test-admin-token";
 
 async fn start_server(db_url: &str, data_dir: &std::path::Path) -> ServerProcess {
-    let (http_port, mllp_port) = (free_port(), free_port());
+    let (http_port, mllp_port) = (crate::helpers::free_port(), crate::helpers::free_port());
     let child = tokio::process::Command::new(crate::helpers::clinflow_bin())
         .arg("--database")
         .arg(db_url)
