@@ -173,13 +173,24 @@ pub fn format_instant(millis: i64) -> String {
     let days = millis.div_euclid(MS_PER_DAY);
     let in_day = millis.rem_euclid(MS_PER_DAY);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        in_day / MS_PER_HOUR,
-        in_day % MS_PER_HOUR / MS_PER_MINUTE,
-        in_day % MS_PER_MINUTE / MS_PER_SECOND,
-        in_day % MS_PER_SECOND
-    )
+    // Fixed width (the clamp keeps the year in 1..=9999), written digit by
+    // digit: every stored version and every Bundle entry's lastModified
+    // goes through here, and `format!` was a visible share of a write.
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: i64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, y);
+    put(5, 2, m);
+    put(8, 2, d);
+    put(11, 2, in_day / MS_PER_HOUR);
+    put(14, 2, in_day % MS_PER_HOUR / MS_PER_MINUTE);
+    put(17, 2, in_day % MS_PER_MINUTE / MS_PER_SECOND);
+    put(20, 3, in_day % MS_PER_SECOND);
+    out.iter().map(|&b| b as char).collect()
 }
 
 /// Whether `year` is a Gregorian leap year.

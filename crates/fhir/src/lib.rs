@@ -16,6 +16,8 @@
 //! - [`datetime`]: FHIR `date`/`dateTime`/`instant` values as the range of
 //!   instants they cover.
 //! - [`outcome`]: `OperationOutcome` building.
+//! - `shapes` (private): acceptance of the common Observation shapes without
+//!   `fhirkit`'s decoder; it never rejects, so every error is `fhirkit`'s.
 //! - `bindings` (private): the one table of required code bindings and
 //!   calendar-checked date elements that validation adds to `fhirkit`'s checks.
 //!
@@ -28,6 +30,7 @@ pub mod index;
 pub mod outcome;
 pub mod resource;
 pub mod search;
+mod shapes;
 pub mod validate;
 
 pub use fhirkit::Json;

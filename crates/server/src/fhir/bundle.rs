@@ -15,7 +15,7 @@ use axum::response::Response;
 use clinflow_fhir::{IssueCode, Json, OperationOutcome, OutcomeIssue};
 use clinflow_store::{Expect, WriteOp, WriteRequest};
 
-use super::write::{build_op, check_writable_type, conflict_error, invalid, stored_of};
+use super::write::{build_op, check_writable_type, conflict_error, invalid};
 use super::{
     base_url, body_text, bundle_response, check_may_write, check_write_scope, in_scope, json_str,
     parse_etag, read_scope, BundleWriter, FhirBody,
@@ -599,22 +599,19 @@ async fn transaction(
     }
     let results: Vec<EntryResult> = ops
         .iter()
-        .map(|op| {
-            let s = stored_of(op);
-            EntryResult {
-                status: match (op.body.is_none(), op.new_version) {
-                    (true, _) => "204 No Content",
-                    (false, 1) => "201 Created",
-                    _ => "200 OK",
-                },
-                location: Some(format!(
-                    "{}/{}/_history/{}",
-                    s.resource_type, s.id, s.version
-                )),
-                version: Some(s.version),
-                last_updated: Some(s.last_updated),
-                resource: None,
-            }
+        .map(|op| EntryResult {
+            status: match (op.body.is_none(), op.new_version) {
+                (true, _) => "204 No Content",
+                (false, 1) => "201 Created",
+                _ => "200 OK",
+            },
+            location: Some(format!(
+                "{}/{}/_history/{}",
+                op.resource_type, op.id, op.new_version
+            )),
+            version: Some(op.new_version),
+            last_updated: Some(op.last_updated),
+            resource: None,
         })
         .collect();
     let n = ops.len() as u64;

@@ -1,0 +1,465 @@
+//! Acceptance of the common Observation shapes without `fhirkit`'s decoder.
+//!
+//! Every stored Observation is validated, and `fhirkit` decodes into typed
+//! models that validation then throws away: per element it formats the
+//! `_key` twin's name and scans the object for each of the ~30 elements of
+//! Observation and the 11 types of `value[x]`. That was the largest share
+//! of a write's request-side CPU (profiled under `bench/write-throughput.sh`).
+//!
+//! [`accepts_observation`] walks the JSON once against a closed table of the
+//! elements lab, wearable and diary Observations use, applying `fhirkit`'s
+//! own primitive rules ([`Kind::check`], [`Decimal::parse`]). Its contract is
+//! one-sided: `true` only when `fhirkit` would report no error for the same
+//! JSON. Anything outside the table (another element, a `_key` twin, an
+//! `id` or `extension` inside a datatype, `meta`, `contained`, a type it
+//! does not know) answers `false`, and the caller runs `fhirkit` as before:
+//! so every rejection, and every message, still comes from `fhirkit`.
+//! The tests below check the contract against `fhirkit` on Observations
+//! generated from the table itself, valid and mutated.
+
+use fhirkit::primitive::{Decimal, Kind};
+use fhirkit::Json;
+
+/// What one element may hold.
+#[derive(Clone, Copy)]
+enum Value {
+    /// A JSON string that passes `fhirkit`'s rule for the kind.
+    Text(Kind),
+    /// A JSON number that is a FHIR decimal.
+    Decimal,
+    /// `true` or `false`.
+    Boolean,
+    /// A JSON object of the given datatype.
+    Complex(&'static [Element]),
+}
+
+/// One element of a datatype: its JSON key, whether it repeats (a
+/// non-empty array), whether it is required (minimum cardinality 1), and
+/// what each value is.
+struct Element {
+    key: &'static str,
+    many: bool,
+    required: bool,
+    value: Value,
+}
+
+const fn one(key: &'static str, value: Value) -> Element {
+    Element {
+        key,
+        many: false,
+        required: false,
+        value,
+    }
+}
+
+const fn many(key: &'static str, value: Value) -> Element {
+    Element {
+        key,
+        many: true,
+        required: false,
+        value,
+    }
+}
+
+const fn required(key: &'static str, value: Value) -> Element {
+    Element {
+        key,
+        many: false,
+        required: true,
+        value,
+    }
+}
+
+const CODING: &[Element] = &[
+    one("system", Value::Text(Kind::Uri)),
+    one("version", Value::Text(Kind::String)),
+    one("code", Value::Text(Kind::Code)),
+    one("display", Value::Text(Kind::String)),
+    one("userSelected", Value::Boolean),
+];
+
+const CODEABLE_CONCEPT: &[Element] = &[
+    many("coding", Value::Complex(CODING)),
+    one("text", Value::Text(Kind::String)),
+];
+
+/// A literal reference: `identifier` (a reference by identifier) is left
+/// to `fhirkit`.
+const REFERENCE: &[Element] = &[
+    one("reference", Value::Text(Kind::String)),
+    one("type", Value::Text(Kind::Uri)),
+    one("display", Value::Text(Kind::String)),
+];
+
+/// Without `comparator` (a coded element with a required binding).
+const QUANTITY: &[Element] = &[
+    one("value", Value::Decimal),
+    one("unit", Value::Text(Kind::String)),
+    one("system", Value::Text(Kind::Uri)),
+    one("code", Value::Text(Kind::Code)),
+];
+
+/// Without `use` (a coded element with a required binding).
+const IDENTIFIER: &[Element] = &[
+    one("system", Value::Text(Kind::Uri)),
+    one("value", Value::Text(Kind::String)),
+];
+
+const PERIOD: &[Element] = &[
+    one("start", Value::Text(Kind::DateTime)),
+    one("end", Value::Text(Kind::DateTime)),
+];
+
+const REFERENCE_RANGE: &[Element] = &[
+    one("low", Value::Complex(QUANTITY)),
+    one("high", Value::Complex(QUANTITY)),
+    one("type", Value::Complex(CODEABLE_CONCEPT)),
+    many("appliesTo", Value::Complex(CODEABLE_CONCEPT)),
+    one("text", Value::Text(Kind::String)),
+];
+
+const ANNOTATION: &[Element] = &[
+    required("text", Value::Text(Kind::Markdown)),
+    one("time", Value::Text(Kind::DateTime)),
+    one("authorString", Value::Text(Kind::String)),
+];
+
+/// The Observation elements checked here; `resourceType` is checked by
+/// the caller. `Observation.status` is also a required binding, which
+/// `bindings` checks after validation either way.
+const OBSERVATION: &[Element] = &[
+    one("id", Value::Text(Kind::String)),
+    one("language", Value::Text(Kind::Code)),
+    many("identifier", Value::Complex(IDENTIFIER)),
+    many("basedOn", Value::Complex(REFERENCE)),
+    many("partOf", Value::Complex(REFERENCE)),
+    required("status", Value::Text(Kind::Code)),
+    many("category", Value::Complex(CODEABLE_CONCEPT)),
+    required("code", Value::Complex(CODEABLE_CONCEPT)),
+    one("subject", Value::Complex(REFERENCE)),
+    many("focus", Value::Complex(REFERENCE)),
+    one("encounter", Value::Complex(REFERENCE)),
+    one("effectiveDateTime", Value::Text(Kind::DateTime)),
+    one("effectivePeriod", Value::Complex(PERIOD)),
+    one("effectiveInstant", Value::Text(Kind::Instant)),
+    one("issued", Value::Text(Kind::Instant)),
+    many("performer", Value::Complex(REFERENCE)),
+    one("valueQuantity", Value::Complex(QUANTITY)),
+    one("valueCodeableConcept", Value::Complex(CODEABLE_CONCEPT)),
+    one("valueString", Value::Text(Kind::String)),
+    one("valueBoolean", Value::Boolean),
+    one("valueDateTime", Value::Text(Kind::DateTime)),
+    one("valuePeriod", Value::Complex(PERIOD)),
+    one("dataAbsentReason", Value::Complex(CODEABLE_CONCEPT)),
+    many("interpretation", Value::Complex(CODEABLE_CONCEPT)),
+    many("note", Value::Complex(ANNOTATION)),
+    one("bodySite", Value::Complex(CODEABLE_CONCEPT)),
+    one("method", Value::Complex(CODEABLE_CONCEPT)),
+    one("specimen", Value::Complex(REFERENCE)),
+    one("device", Value::Complex(REFERENCE)),
+    many("referenceRange", Value::Complex(REFERENCE_RANGE)),
+    many("hasMember", Value::Complex(REFERENCE)),
+    many("derivedFrom", Value::Complex(REFERENCE)),
+];
+
+/// Whether `fhirkit` is known to accept `json`, an Observation whose own
+/// `extension` the caller has already taken out: `true` only then (see the
+/// module's contract); `false` means "ask fhirkit", not "invalid".
+pub(crate) fn accepts_observation(json: &Json) -> bool {
+    let Json::Object(members) = json else {
+        return false;
+    };
+    let Some(((rt, Json::String(t)), rest)) = members.split_first() else {
+        return false;
+    };
+    if rt != "resourceType" || t != "Observation" || rest.iter().any(|(k, _)| k == rt) {
+        return false;
+    }
+    // At most one type of each choice element (fhirkit reports two).
+    let choices = |prefix: &str| rest.iter().filter(|(k, _)| k.starts_with(prefix)).count();
+    members_ok(OBSERVATION, rest) && choices("effective") <= 1 && choices("value") <= 1
+}
+
+/// Every member is an element of `elements`, once, holding what it may;
+/// every required element is there.
+fn members_ok(elements: &[Element], members: &[(String, Json)]) -> bool {
+    members.iter().enumerate().all(|(i, (key, v))| {
+        !members[..i].iter().any(|(k, _)| k == key)
+            && elements
+                .iter()
+                .find(|e| e.key == key)
+                .is_some_and(|e| element_ok(e, v))
+    }) && elements
+        .iter()
+        .filter(|e| e.required)
+        .all(|e| members.iter().any(|(k, _)| k == e.key))
+}
+
+fn element_ok(element: &Element, v: &Json) -> bool {
+    if element.many {
+        matches!(v, Json::Array(items) if !items.is_empty() && items.iter().all(|x| value_ok(element.value, x)))
+    } else {
+        value_ok(element.value, v)
+    }
+}
+
+fn value_ok(value: Value, v: &Json) -> bool {
+    match (value, v) {
+        (Value::Text(kind), Json::String(s)) => kind.check(s).is_ok(),
+        (Value::Decimal, Json::Number(n)) => Decimal::parse(n).is_ok(),
+        (Value::Boolean, Json::Bool(_)) => true,
+        (Value::Complex(elements), Json::Object(members)) => members_ok(elements, members),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(extra: &str) -> Json {
+        Json::parse(&format!(
+            r#"{{"resourceType":"Observation","status":"final","code":{{"coding":[{{"system":"http://loinc.org","code":"8867-4"}}]}}{extra}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_plain_vital_sign_is_accepted() {
+        assert!(accepts_observation(&obs(
+            r#","subject":{"reference":"Patient/p1"},"effectiveDateTime":"2026-03-01T08:00:00+01:00","valueQuantity":{"value":72.0,"unit":"/min","system":"http://unitsofmeasure.org","code":"/min"}"#
+        )));
+    }
+
+    #[test]
+    fn anything_outside_the_table_is_left_to_fhirkit() {
+        for extra in [
+            r#","meta":{"versionId":"1"}"#,
+            r#","_status":{"id":"s"}"#,
+            r#","code":{"text":"again"}"#,
+            r#","valueQuantity":{"value":1},"valueString":"x""#,
+            r#","valueQuantity":{"value":1,"comparator":"<"}"#,
+            r#","subject":{"identifier":{"value":"x"}}"#,
+            r#","subject":[{"reference":"Patient/p1"}]"#,
+            r#","category":[]"#,
+            r#","effectiveDateTime":"2026-3-1""#,
+            r#","valueQuantity":{"value":"1"}"#,
+            r#","issued":"2026-03-01""#,
+            r#","note":[{"text":""}]"#,
+        ] {
+            assert!(!accepts_observation(&obs(extra)), "{extra}");
+        }
+        let no_code = Json::parse(r#"{"resourceType":"Observation","status":"final"}"#).unwrap();
+        assert!(!accepts_observation(&no_code));
+    }
+    /// Draws choices from proptest's byte tape (so failures shrink).
+    struct Tape<'a>(std::slice::Iter<'a, u8>);
+
+    impl Tape<'_> {
+        fn pick(&mut self, n: usize) -> usize {
+            self.0.next().map_or(0, |b| usize::from(*b) % n)
+        }
+        fn chance(&mut self, percent: usize) -> bool {
+            self.pick(100) < percent
+        }
+    }
+
+    /// Text that passes `kind`'s rule, so a tree built from these alone is
+    /// valid.
+    fn valid_text(kind: Kind, t: &mut Tape) -> &'static str {
+        let pool: &[&str] = match kind {
+            Kind::Code => &["final", "8867-4", "vital-signs", "mm[Hg]", "a b"],
+            Kind::Uri => &["http://loinc.org", "urn:oid:1.2.3", "Patient"],
+            Kind::DateTime => &["2026-03-01", "2026-03", "2026", "2026-03-01T08:00:00+01:00"],
+            Kind::Instant => &["2026-03-01T08:00:00.120Z", "2026-03-01T08:00:00+01:00"],
+            _ => &["x", "Patient/p1", " padded ", "héllo"],
+        };
+        pool[t.pick(pool.len())]
+    }
+
+    /// Any text, valid for some kind or none.
+    const ANY_TEXT: &[&str] = &[
+        "",
+        " ",
+        "final",
+        " final",
+        "a  b",
+        "http://loinc.org",
+        "has space",
+        "2026-03-01",
+        "2026-3-1",
+        "2026-03-01T08:00:00Z",
+        "2026-03-01T08:00",
+        "2026-02-30",
+        "24:00:00",
+        "Patient/p1",
+        "\u{0}",
+        "\t",
+        "x",
+    ];
+    const ANY_NUMBER: &[&str] = &["1", "01", "-0", "1.50", "1e5", "1.", "-", "0.0", "1E-3"];
+
+    fn gen_value(value: Value, t: &mut Tape, mutate: bool, depth: usize) -> Json {
+        if mutate && t.chance(2) {
+            return match t.pick(6) {
+                0 => Json::Null,
+                1 => Json::Bool(true),
+                2 => Json::Number(ANY_NUMBER[t.pick(ANY_NUMBER.len())].to_string()),
+                3 => Json::String(ANY_TEXT[t.pick(ANY_TEXT.len())].to_string()),
+                4 => Json::Array(Vec::new()),
+                _ => Json::Object(Vec::new()),
+            };
+        }
+        match value {
+            Value::Text(_) if mutate && t.chance(6) => {
+                Json::String(ANY_TEXT[t.pick(ANY_TEXT.len())].to_string())
+            }
+            Value::Text(kind) => Json::String(valid_text(kind, t).to_string()),
+            Value::Decimal if mutate && t.chance(20) => {
+                Json::Number(ANY_NUMBER[t.pick(ANY_NUMBER.len())].to_string())
+            }
+            Value::Decimal => {
+                Json::Number(["72.0", "1.50", "-3", "0", "1e2"][t.pick(5)].to_string())
+            }
+            Value::Boolean => Json::Bool(t.chance(50)),
+            Value::Complex(elements) => Json::Object(gen_members(elements, t, mutate, depth + 1)),
+        }
+    }
+
+    fn gen_element(e: &Element, t: &mut Tape, mutate: bool, depth: usize) -> Json {
+        if e.many && !(mutate && t.chance(2)) {
+            let n = if mutate && t.chance(2) {
+                0
+            } else {
+                1 + t.pick(2)
+            };
+            Json::Array(
+                (0..n)
+                    .map(|_| gen_value(e.value, t, mutate, depth))
+                    .collect(),
+            )
+        } else if !e.many && mutate && t.chance(2) {
+            Json::Array(vec![gen_value(e.value, t, mutate, depth)])
+        } else {
+            gen_value(e.value, t, mutate, depth)
+        }
+    }
+
+    fn gen_members(
+        elements: &[Element],
+        t: &mut Tape,
+        mutate: bool,
+        depth: usize,
+    ) -> Vec<(String, Json)> {
+        let mut members = Vec::new();
+        for e in elements {
+            if e.required && !(mutate && t.chance(5)) || depth < 3 && t.chance(25) {
+                members.push((e.key.to_string(), gen_element(e, t, mutate, depth)));
+            }
+        }
+        if mutate && t.chance(4) {
+            let odd = [
+                "extension",
+                "id",
+                "_status",
+                "_value",
+                "fhir_comments",
+                "foo",
+                "resourceType",
+            ];
+            let key = odd[t.pick(odd.len())];
+            members.insert(
+                t.pick(members.len() + 1),
+                (key.to_string(), Json::String("x".into())),
+            );
+        }
+        if mutate && !members.is_empty() && t.chance(2) {
+            let dup = members[t.pick(members.len())].clone();
+            members.push(dup);
+        }
+        members
+    }
+
+    /// An Observation from the table, `resourceType` first; without
+    /// `mutate`, valid (at most one type of each choice; with it, now and
+    /// then two).
+    fn gen_observation(tape: &[u8], mutate: bool) -> Json {
+        let mut t = Tape(tape.iter());
+        let mut members = vec![(
+            "resourceType".to_string(),
+            Json::String("Observation".into()),
+        )];
+        members.extend(gen_members(OBSERVATION, &mut t, mutate, 0));
+        if !(mutate && t.chance(10)) {
+            let (mut effective, mut value) = (false, false);
+            members.retain(|(k, _)| {
+                let (e, v) = (k.starts_with("effective"), k.starts_with("value"));
+                let keep = !(e && effective || v && value);
+                effective |= e;
+                value |= v;
+                keep
+            });
+        }
+        Json::Object(members)
+    }
+
+    fn fhirkit_errors(json: &Json) -> Vec<String> {
+        let (decoded, issues) = fhirkit::decode_json::<fhirkit::r4::Resource>(json);
+        let mut errors: Vec<String> = issues
+            .into_iter()
+            .filter(|i| i.severity == fhirkit::Severity::Error)
+            .map(|i| format!("{}: {}", i.path, i.message))
+            .collect();
+        if decoded.is_none() {
+            errors.push("not decoded".into());
+        }
+        errors
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// The contract: accepted here means fhirkit reports no error.
+        #[test]
+        fn what_is_accepted_fhirkit_accepts(tape in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let json = gen_observation(&tape, true);
+            if accepts_observation(&json) {
+                let errors = fhirkit_errors(&json);
+                proptest::prop_assert!(errors.is_empty(), "{}\n{:?}", json.to_compact(), errors);
+            }
+        }
+
+        /// And the shortcut is taken: every Observation built from the table
+        /// with valid values is accepted (fhirkit agrees, as above).
+        #[test]
+        fn valid_observations_of_the_table_are_accepted(tape in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let json = gen_observation(&tape, false);
+            proptest::prop_assert!(accepts_observation(&json), "{}", json.to_compact());
+            let errors = fhirkit_errors(&json);
+            proptest::prop_assert!(errors.is_empty(), "{}\n{:?}", json.to_compact(), errors);
+        }
+    }
+
+    #[test]
+    fn mutated_observations_are_both_accepted_and_refused() {
+        // The contract test above is only as good as its mix: both answers
+        // must come up often among the generated Observations.
+        let (mut yes, mut no) = (0, 0);
+        for seed in 0..2000u32 {
+            let tape: Vec<u8> = (0..400u32)
+                .map(|i| {
+                    (seed
+                        .wrapping_mul(2_654_435_761)
+                        .wrapping_add(i.wrapping_mul(40_503))
+                        >> 7) as u8
+                })
+                .collect();
+            if accepts_observation(&gen_observation(&tape, true)) {
+                yes += 1;
+            } else {
+                no += 1;
+            }
+        }
+        assert!(yes > 100 && no > 100, "accepted {yes}, refused {no}");
+    }
+}
