@@ -177,6 +177,7 @@ suite!(
     a_replaced_version_leaves_no_index_rows_behind,
     an_ingest_batch_is_its_format_content_and_scope,
     compartment_pages_walk_a_patients_resources_and_stop_at_the_deadline,
+    a_large_request_indexes_every_row_of_every_resource,
 );
 
 // ---- data ----
@@ -2089,6 +2090,56 @@ async fn a_replaced_version_leaves_no_index_rows_behind(engine: Engine) {
     write(recoded(0, 4, HEART_RATE)).await;
     assert_eq!(found(HEART_RATE).await, (one.clone(), one.clone()));
     assert_eq!(found(DIASTOLIC).await, (none.clone(), none));
+}
+
+/// More rows per table than the writer puts in one multi-row insert (32),
+/// and not a multiple of it; then a create and an update of one resource in
+/// one request, whose update must replace the create's rows.
+async fn a_large_request_indexes_every_row_of_every_resource(engine: Engine) {
+    let db = TestDb::open(engine).await;
+    let s = &db.store;
+    const N: usize = 101;
+    let write = |ops: Vec<WriteOp>| async move {
+        s.write(WriteRequest {
+            queries: Vec::new(),
+            ops,
+            audit: vec![],
+        })
+        .await
+        .expect("write")
+    };
+    write((100..100 + N).map(observation).collect()).await;
+    let obs = |clauses| query("Observation", clauses);
+    let of = |pred: &dyn Fn(usize) -> bool| -> BTreeSet<String> {
+        (100..100 + N).filter(|i| pred(*i)).map(obs_id).collect()
+    };
+    assert_eq!(id_set(s, obs(vec![loinc(SYSTOLIC)])).await, of(&|i| i % 2 == 0));
+    assert_eq!(id_set(s, obs(vec![loinc(DIASTOLIC)])).await, of(&|i| i % 2 == 1));
+    let subject = clause(
+        "subject",
+        vec![Predicate::Reference {
+            target_type: Some("Patient".into()),
+            target_id: "pb".into(),
+        }],
+    );
+    assert_eq!(id_set(s, obs(vec![subject])).await, of(&|i| i % 3 == 1));
+    assert_eq!(
+        id_set(s, obs(vec![quantity(Prefix::Ge, 150.0, None)])).await,
+        of(&|i| i >= 150)
+    );
+    let (lo, hi) = (T0 + 60 * DAY, T0 + 61 * DAY - 1);
+    assert_eq!(
+        id_set(s, obs(vec![date(Prefix::Eq, lo, hi)])).await,
+        of(&|i| i / 2 == 60)
+    );
+
+    let mut updated = recoded(7, 2, HEART_RATE);
+    updated.expect = Expect::Version(1);
+    write(vec![recoded(7, 1, SYSTOLIC), updated]).await;
+    let one = set(&[&obs_id(7)]);
+    let code_search = |code: &str| obs(vec![loinc(code)]);
+    assert_eq!(id_set(s, code_search(HEART_RATE)).await, one);
+    assert!(!id_set(s, code_search(SYSTOLIC)).await.contains(&obs_id(7)));
 }
 
 async fn an_ingest_batch_is_its_format_content_and_scope(engine: Engine) {
