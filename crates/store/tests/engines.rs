@@ -2113,8 +2113,14 @@ async fn a_large_request_indexes_every_row_of_every_resource(engine: Engine) {
     let of = |pred: &dyn Fn(usize) -> bool| -> BTreeSet<String> {
         (100..100 + N).filter(|i| pred(*i)).map(obs_id).collect()
     };
-    assert_eq!(id_set(s, obs(vec![loinc(SYSTOLIC)])).await, of(&|i| i % 2 == 0));
-    assert_eq!(id_set(s, obs(vec![loinc(DIASTOLIC)])).await, of(&|i| i % 2 == 1));
+    assert_eq!(
+        id_set(s, obs(vec![loinc(SYSTOLIC)])).await,
+        of(&|i| i % 2 == 0)
+    );
+    assert_eq!(
+        id_set(s, obs(vec![loinc(DIASTOLIC)])).await,
+        of(&|i| i % 2 == 1)
+    );
     let subject = clause(
         "subject",
         vec![Predicate::Reference {
