@@ -124,12 +124,29 @@ const ANNOTATION: &[Element] = &[
     one("authorString", Value::Text(Kind::String)),
 ];
 
+/// Without `id` and `extension`, as everywhere here.
+const META: &[Element] = &[
+    one("versionId", Value::Text(Kind::Id)),
+    one("lastUpdated", Value::Text(Kind::Instant)),
+    one("source", Value::Text(Kind::Uri)),
+    many("profile", Value::Text(Kind::Canonical)),
+    many("security", Value::Complex(CODING)),
+    many("tag", Value::Complex(CODING)),
+];
+
+const NARRATIVE: &[Element] = &[
+    required("status", Value::Text(Kind::Code)),
+    required("div", Value::Text(Kind::Xhtml)),
+];
+
 /// The Observation elements checked here; `resourceType` is checked by
 /// the caller. `Observation.status` is also a required binding, which
 /// `bindings` checks after validation either way.
 const OBSERVATION: &[Element] = &[
     one("id", Value::Text(Kind::String)),
+    one("meta", Value::Complex(META)),
     one("language", Value::Text(Kind::Code)),
+    one("text", Value::Complex(NARRATIVE)),
     many("identifier", Value::Complex(IDENTIFIER)),
     many("basedOn", Value::Complex(REFERENCE)),
     many("partOf", Value::Complex(REFERENCE)),
@@ -169,26 +186,33 @@ pub(crate) fn accepts_observation(json: &Json) -> bool {
     let Json::Object(members) = json else {
         return false;
     };
-    let Some(((rt, Json::String(t)), rest)) = members.split_first() else {
-        return false;
-    };
-    if rt != "resourceType" || t != "Observation" || rest.iter().any(|(k, _)| k == rt) {
+    let mut types = members.iter().filter(|(k, _)| k == "resourceType");
+    if !matches!((types.next(), types.next()), (Some((_, Json::String(t))), None) if t == "Observation")
+    {
         return false;
     }
     // At most one type of each choice element (fhirkit reports two).
-    let choices = |prefix: &str| rest.iter().filter(|(k, _)| k.starts_with(prefix)).count();
-    members_ok(OBSERVATION, rest) && choices("effective") <= 1 && choices("value") <= 1
+    let choices = |prefix: &str| {
+        members
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .count()
+    };
+    members_ok(OBSERVATION, members, Some("resourceType"))
+        && choices("effective") <= 1
+        && choices("value") <= 1
 }
 
-/// Every member is an element of `elements`, once, holding what it may;
-/// every required element is there.
-fn members_ok(elements: &[Element], members: &[(String, Json)]) -> bool {
+/// Every member (but `skip`) is an element of `elements`, once, holding
+/// what it may; every required element is there.
+fn members_ok(elements: &[Element], members: &[(String, Json)], skip: Option<&str>) -> bool {
     members.iter().enumerate().all(|(i, (key, v))| {
-        !members[..i].iter().any(|(k, _)| k == key)
-            && elements
-                .iter()
-                .find(|e| e.key == key)
-                .is_some_and(|e| element_ok(e, v))
+        Some(key.as_str()) == skip
+            || !members[..i].iter().any(|(k, _)| k == key)
+                && elements
+                    .iter()
+                    .find(|e| e.key == key)
+                    .is_some_and(|e| element_ok(e, v))
     }) && elements
         .iter()
         .filter(|e| e.required)
@@ -208,7 +232,7 @@ fn value_ok(value: Value, v: &Json) -> bool {
         (Value::Text(kind), Json::String(s)) => kind.check(s).is_ok(),
         (Value::Decimal, Json::Number(n)) => Decimal::parse(n).is_ok(),
         (Value::Boolean, Json::Bool(_)) => true,
-        (Value::Complex(elements), Json::Object(members)) => members_ok(elements, members),
+        (Value::Complex(elements), Json::Object(members)) => members_ok(elements, members, None),
         _ => false,
     }
 }
@@ -232,9 +256,25 @@ mod tests {
     }
 
     #[test]
+    fn a_lab_result_with_meta_and_narrative_is_accepted_keys_in_any_order() {
+        let json = Json::parse(
+            r#"{"category":[{"coding":[{"code":"laboratory","system":"http://terminology.hl7.org/CodeSystem/observation-category"}],"text":"Laboratory"}],
+            "code":{"coding":[{"code":"2951-2","display":"Sodium","system":"http://loinc.org"}]},
+            "effectiveDateTime":"2026-01-01T09:00:00Z","encounter":{"reference":"Encounter/e1"},"id":"d23f",
+            "meta":{"profile":["http://hl7.org/fhir/us/core/StructureDefinition/us-core-observation-lab"],"security":[{"code":"HTEST","system":"http://terminology.hl7.org/CodeSystem/v3-ActReason"}]},
+            "performer":[{"reference":"Practitioner/p1"}],"resourceType":"Observation","status":"final","subject":{"reference":"Patient/p1"},
+            "text":{"div":"<div xmlns=\"http://www.w3.org/1999/xhtml\"><p>140 mmol/L</p></div>","status":"generated"},
+            "valueQuantity":{"code":"mmol/L","system":"http://unitsofmeasure.org","unit":"mmol/L","value":140}}"#,
+        )
+        .unwrap();
+        assert!(accepts_observation(&json));
+    }
+
+    #[test]
     fn anything_outside_the_table_is_left_to_fhirkit() {
         for extra in [
-            r#","meta":{"versionId":"1"}"#,
+            r#","meta":{"id":"m"}"#,
+            r#","text":{"status":"generated"}"#,
             r#","_status":{"id":"s"}"#,
             r#","code":{"text":"again"}"#,
             r#","valueQuantity":{"value":1},"valueString":"x""#,
@@ -272,6 +312,12 @@ mod tests {
             Kind::Uri => &["http://loinc.org", "urn:oid:1.2.3", "Patient"],
             Kind::DateTime => &["2026-03-01", "2026-03", "2026", "2026-03-01T08:00:00+01:00"],
             Kind::Instant => &["2026-03-01T08:00:00.120Z", "2026-03-01T08:00:00+01:00"],
+            Kind::Id => &["a1", "x-y.z"],
+            Kind::Canonical => &[
+                "http://hl7.org/fhir/StructureDefinition/vitalsigns",
+                "urn:x|1",
+            ],
+            Kind::Xhtml => &["<div xmlns=\"http://www.w3.org/1999/xhtml\">x</div>"],
             _ => &["x", "Patient/p1", " padded ", "héllo"],
         };
         pool[t.pick(pool.len())]
@@ -380,7 +426,7 @@ mod tests {
         members
     }
 
-    /// An Observation from the table, `resourceType` first; without
+    /// An Observation from the table, `resourceType` anywhere; without
     /// `mutate`, valid (at most one type of each choice; with it, now and
     /// then two).
     fn gen_observation(tape: &[u8], mutate: bool) -> Json {
