@@ -101,6 +101,7 @@ const QUANTITY: &[Element] = &[
 
 /// Without `use` (a coded element with a required binding).
 const IDENTIFIER: &[Element] = &[
+    one("type", Value::Complex(CODEABLE_CONCEPT)),
     one("system", Value::Text(Kind::Uri)),
     one("value", Value::Text(Kind::String)),
 ];
