@@ -181,7 +181,11 @@ fn take_simple_extensions(rtype: &str, json: &mut Json) -> Option<(usize, Json)>
         return None;
     };
     let at = members.iter().position(|(k, _)| k == "extension")?;
-    if !simple_extensions(&members[at].1, 0) {
+    // A second `extension` key is fhirkit's to report (a repeated key):
+    // taking one out would hide it.
+    if members.iter().filter(|(k, _)| k == "extension").count() > 1
+        || !simple_extensions(&members[at].1, 0)
+    {
         return None;
     }
     Some((at, members.remove(at).1))
@@ -291,6 +295,20 @@ fn reroot(issue_path: &str, rtype: &str, prefix: &str) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_repeated_extension_key_is_rejected_as_fhirkit_rejects_it() {
+        let ext = r#"[{"url":"urn:x","valueString":"a"}]"#;
+        let text = format!(
+            r#"{{"resourceType":"Observation","status":"final","code":{{"text":"x"}},"extension":{ext},"extension":{ext}}}"#
+        );
+        let (_, issues) =
+            fhirkit::decode_json::<fhirkit::r4::Resource>(&Json::parse(&text).unwrap());
+        assert!(issues
+            .iter()
+            .any(|i| i.severity == fhirkit::Severity::Error));
+        assert!(parse_resource(&text, None).is_err());
+    }
 
     /// The fast path for simple extensions decides exactly as fhirkit does:
     /// for each extension array, an Observation carrying it is accepted by
