@@ -43,7 +43,11 @@ engine_tests!(
         c.ingest_queue = 1;
         c.ingest_mapped_queue = 1;
     },
-    a_graceful_shutdown_drains_the_stages,
+    // The drain's budget is the production default's business; this test
+    // asserts that a stop drains, on two cores shared with the whole suite.
+    a_graceful_shutdown_drains_the_stages with |c: &mut clinflow_server::Config| {
+        c.ingest_drain_timeout = std::time::Duration::from_secs(300);
+    },
     a_retried_item_is_stored_once_and_the_batch_counts_follow,
     a_full_pipeline_answers_429 with |c: &mut clinflow_server::Config| {
         c.ingest_map_workers = 0;
