@@ -72,7 +72,7 @@ impl Prepared {
 }
 
 enum Job {
-    Write(Box<Prepared>, oneshot::Sender<Result<(), WriteError>>),
+    Write(Prepared, oneshot::Sender<Result<(), WriteError>>),
     /// Read-audit records: group-committed, nobody waits for them.
     Audit(Vec<AuditRecord>),
     /// Any other write (tokens, trials), with its audit records.
@@ -279,7 +279,7 @@ impl SqliteStore {
     pub async fn write(&self, req: WriteRequest) -> Result<(), WriteError> {
         let (tx, rx) = oneshot::channel();
         self.writer
-            .send(Job::Write(Box::new(Prepared::new(req)), tx))
+            .send(Job::Write(Prepared::new(req), tx))
             .await
             .map_err(|_| WriteError::Closed)?;
         rx.await.map_err(|_| WriteError::Closed)?
