@@ -1,4 +1,5 @@
-//! Acceptance of the common Observation shapes without `fhirkit`'s decoder.
+//! Acceptance of the common Observation and DiagnosticReport shapes
+//! without `fhirkit`'s decoder.
 //!
 //! Every stored Observation is validated, and `fhirkit` decodes into typed
 //! models that validation then throws away: per element it formats the
@@ -6,16 +7,16 @@
 //! Observation and the 11 types of `value[x]`. That was the largest share
 //! of a write's request-side CPU (profiled under `bench/write-throughput.sh`).
 //!
-//! [`accepts_observation`] walks the JSON once against a closed table of the
-//! elements lab, wearable and diary Observations use, applying `fhirkit`'s
+//! [`accepts`] walks the JSON once against a closed table of the elements
+//! lab, wearable and diary Observations (and lab DiagnosticReports) use, applying `fhirkit`'s
 //! own primitive rules ([`Kind::check`], [`Decimal::parse`]). Its contract is
 //! one-sided: `true` only when `fhirkit` would report no error for the same
 //! JSON. Anything outside the table (another element, a `_key` twin, an
 //! `id` or `extension` inside a datatype, `meta`, `contained`, a type it
 //! does not know) answers `false`, and the caller runs `fhirkit` as before:
 //! so every rejection, and every message, still comes from `fhirkit`.
-//! The tests below check the contract against `fhirkit` on Observations
-//! generated from the table itself, valid and mutated.
+//! The tests below check the contract against `fhirkit` on resources
+//! generated from the tables themselves, valid and mutated.
 
 use fhirkit::primitive::{Decimal, Kind};
 use fhirkit::Json;
@@ -83,11 +84,12 @@ const CODEABLE_CONCEPT: &[Element] = &[
     one("text", Value::Text(Kind::String)),
 ];
 
-/// A literal reference: `identifier` (a reference by identifier) is left
-/// to `fhirkit`.
+/// A literal reference, a logical one (`identifier`), or both (as the
+/// ingest pipeline writes `subject`: the Patient and its trial identifier).
 const REFERENCE: &[Element] = &[
     one("reference", Value::Text(Kind::String)),
     one("type", Value::Text(Kind::Uri)),
+    one("identifier", Value::Complex(IDENTIFIER)),
     one("display", Value::Text(Kind::String)),
 ];
 
@@ -180,15 +182,83 @@ const OBSERVATION: &[Element] = &[
     many("derivedFrom", Value::Complex(REFERENCE)),
 ];
 
-/// Whether `fhirkit` is known to accept `json`, an Observation whose own
-/// `extension` the caller has already taken out: `true` only then (see the
-/// module's contract); `false` means "ask fhirkit", not "invalid".
-pub(crate) fn accepts_observation(json: &Json) -> bool {
+/// The DiagnosticReport elements checked here (a lab report as the HL7 v2
+/// mapping writes it, and the like); `media` and `presentedForm` are left
+/// to `fhirkit`. `status` is a required binding `bindings` checks.
+const DIAGNOSTIC_REPORT: &[Element] = &[
+    one("id", Value::Text(Kind::String)),
+    one("meta", Value::Complex(META)),
+    one("language", Value::Text(Kind::Code)),
+    one("text", Value::Complex(NARRATIVE)),
+    many("identifier", Value::Complex(IDENTIFIER)),
+    many("basedOn", Value::Complex(REFERENCE)),
+    required("status", Value::Text(Kind::Code)),
+    many("category", Value::Complex(CODEABLE_CONCEPT)),
+    required("code", Value::Complex(CODEABLE_CONCEPT)),
+    one("subject", Value::Complex(REFERENCE)),
+    one("encounter", Value::Complex(REFERENCE)),
+    one("effectiveDateTime", Value::Text(Kind::DateTime)),
+    one("effectivePeriod", Value::Complex(PERIOD)),
+    one("issued", Value::Text(Kind::Instant)),
+    many("performer", Value::Complex(REFERENCE)),
+    many("resultsInterpreter", Value::Complex(REFERENCE)),
+    many("specimen", Value::Complex(REFERENCE)),
+    many("result", Value::Complex(REFERENCE)),
+    many("imagingStudy", Value::Complex(REFERENCE)),
+    one("conclusion", Value::Text(Kind::String)),
+    many("conclusionCode", Value::Complex(CODEABLE_CONCEPT)),
+];
+
+/// A resource type this module has a table for, with its choice elements
+/// (at most one type of each may be given).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shape {
+    Observation,
+    DiagnosticReport,
+}
+
+impl Shape {
+    /// The table for `rtype`, if there is one.
+    pub(crate) fn of(rtype: &str) -> Option<Shape> {
+        match rtype {
+            "Observation" => Some(Shape::Observation),
+            "DiagnosticReport" => Some(Shape::DiagnosticReport),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Observation => "Observation",
+            Shape::DiagnosticReport => "DiagnosticReport",
+        }
+    }
+
+    fn elements(self) -> &'static [Element] {
+        match self {
+            Shape::Observation => OBSERVATION,
+            Shape::DiagnosticReport => DIAGNOSTIC_REPORT,
+        }
+    }
+
+    fn choices(self) -> &'static [&'static str] {
+        match self {
+            Shape::Observation => &["effective", "value"],
+            Shape::DiagnosticReport => &["effective"],
+        }
+    }
+}
+
+/// Whether `fhirkit` is known to accept `json`, a resource of `shape`
+/// whose own `extension` the caller has already taken out: `true` only
+/// then (see the module's contract); `false` means "ask fhirkit", not
+/// "invalid".
+pub(crate) fn accepts(shape: Shape, json: &Json) -> bool {
     let Json::Object(members) = json else {
         return false;
     };
     let mut types = members.iter().filter(|(k, _)| k == "resourceType");
-    if !matches!((types.next(), types.next()), (Some((_, Json::String(t))), None) if t == "Observation")
+    if !matches!((types.next(), types.next()), (Some((_, Json::String(t))), None) if t == shape.name())
     {
         return false;
     }
@@ -199,9 +269,14 @@ pub(crate) fn accepts_observation(json: &Json) -> bool {
             .filter(|(k, _)| k.starts_with(prefix))
             .count()
     };
-    members_ok(OBSERVATION, members, Some("resourceType"))
-        && choices("effective") <= 1
-        && choices("value") <= 1
+    members_ok(shape.elements(), members, Some("resourceType"))
+        && shape.choices().iter().all(|c| choices(c) <= 1)
+}
+
+/// Whether `fhirkit` is known to accept `json` as a Quantity without
+/// `comparator` (an extension's `valueQuantity`).
+pub(crate) fn accepts_quantity(json: &Json) -> bool {
+    value_ok(Value::Complex(QUANTITY), json)
 }
 
 /// Every member (but `skip`) is an element of `elements`, once, holding
@@ -251,9 +326,12 @@ mod tests {
 
     #[test]
     fn a_plain_vital_sign_is_accepted() {
-        assert!(accepts_observation(&obs(
-            r#","subject":{"reference":"Patient/p1"},"effectiveDateTime":"2026-03-01T08:00:00+01:00","valueQuantity":{"value":72.0,"unit":"/min","system":"http://unitsofmeasure.org","code":"/min"}"#
-        )));
+        assert!(accepts(
+            Shape::Observation,
+            &obs(
+                r#","subject":{"reference":"Patient/p1"},"effectiveDateTime":"2026-03-01T08:00:00+01:00","valueQuantity":{"value":72.0,"unit":"/min","system":"http://unitsofmeasure.org","code":"/min"}"#
+            )
+        ));
     }
 
     #[test]
@@ -268,7 +346,7 @@ mod tests {
             "valueQuantity":{"code":"mmol/L","system":"http://unitsofmeasure.org","unit":"mmol/L","value":140}}"#,
         )
         .unwrap();
-        assert!(accepts_observation(&json));
+        assert!(accepts(Shape::Observation, &json));
     }
 
     #[test]
@@ -280,7 +358,7 @@ mod tests {
             r#","code":{"text":"again"}"#,
             r#","valueQuantity":{"value":1},"valueString":"x""#,
             r#","valueQuantity":{"value":1,"comparator":"<"}"#,
-            r#","subject":{"identifier":{"value":"x"}}"#,
+            r#","subject":{"identifier":{"value":"x","use":"official"}}"#,
             r#","subject":[{"reference":"Patient/p1"}]"#,
             r#","category":[]"#,
             r#","effectiveDateTime":"2026-3-1""#,
@@ -288,10 +366,10 @@ mod tests {
             r#","issued":"2026-03-01""#,
             r#","note":[{"text":""}]"#,
         ] {
-            assert!(!accepts_observation(&obs(extra)), "{extra}");
+            assert!(!accepts(Shape::Observation, &obs(extra)), "{extra}");
         }
         let no_code = Json::parse(r#"{"resourceType":"Observation","status":"final"}"#).unwrap();
-        assert!(!accepts_observation(&no_code));
+        assert!(!accepts(Shape::Observation, &no_code));
     }
     /// Draws choices from proptest's byte tape (so failures shrink).
     struct Tape<'a>(std::slice::Iter<'a, u8>);
@@ -427,27 +505,27 @@ mod tests {
         members
     }
 
-    /// An Observation from the table, `resourceType` anywhere; without
-    /// `mutate`, valid (at most one type of each choice; with it, now and
-    /// then two).
-    fn gen_observation(tape: &[u8], mutate: bool) -> Json {
+    /// A resource from a table (the tape's first draw picks which),
+    /// `resourceType` anywhere; without `mutate`, valid (at most one type
+    /// of each choice; with it, now and then two).
+    fn gen_resource(tape: &[u8], mutate: bool) -> (Shape, Json) {
         let mut t = Tape(tape.iter());
+        let shape = [Shape::Observation, Shape::DiagnosticReport][t.pick(2)];
         let mut members = vec![(
             "resourceType".to_string(),
-            Json::String("Observation".into()),
+            Json::String(shape.name().into()),
         )];
-        members.extend(gen_members(OBSERVATION, &mut t, mutate, 0));
+        members.extend(gen_members(shape.elements(), &mut t, mutate, 0));
         if !(mutate && t.chance(10)) {
-            let (mut effective, mut value) = (false, false);
+            let mut seen = [false; 2];
             members.retain(|(k, _)| {
-                let (e, v) = (k.starts_with("effective"), k.starts_with("value"));
-                let keep = !(e && effective || v && value);
-                effective |= e;
-                value |= v;
-                keep
+                let Some(c) = shape.choices().iter().position(|c| k.starts_with(c)) else {
+                    return true;
+                };
+                !std::mem::replace(&mut seen[c], true)
             });
         }
-        Json::Object(members)
+        (shape, Json::Object(members))
     }
 
     fn fhirkit_errors(json: &Json) -> Vec<String> {
@@ -469,30 +547,30 @@ mod tests {
         /// The contract: accepted here means fhirkit reports no error.
         #[test]
         fn what_is_accepted_fhirkit_accepts(tape in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
-            let json = gen_observation(&tape, true);
-            if accepts_observation(&json) {
+            let (shape, json) = gen_resource(&tape, true);
+            if accepts(shape, &json) {
                 let errors = fhirkit_errors(&json);
                 proptest::prop_assert!(errors.is_empty(), "{}\n{:?}", json.to_compact(), errors);
             }
         }
 
-        /// And the shortcut is taken: every Observation built from the table
+        /// And the shortcut is taken: every resource built from a table
         /// with valid values is accepted (fhirkit agrees, as above).
         #[test]
-        fn valid_observations_of_the_table_are_accepted(tape in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
-            let json = gen_observation(&tape, false);
-            proptest::prop_assert!(accepts_observation(&json), "{}", json.to_compact());
+        fn valid_resources_of_the_tables_are_accepted(tape in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let (shape, json) = gen_resource(&tape, false);
+            proptest::prop_assert!(accepts(shape, &json), "{}", json.to_compact());
             let errors = fhirkit_errors(&json);
             proptest::prop_assert!(errors.is_empty(), "{}\n{:?}", json.to_compact(), errors);
         }
     }
 
     #[test]
-    fn mutated_observations_are_both_accepted_and_refused() {
+    fn mutated_resources_are_both_accepted_and_refused() {
         // The contract test above is only as good as its mix: both answers
-        // must come up often among the generated Observations.
-        let (mut yes, mut no) = (0, 0);
-        for seed in 0..2000u32 {
+        // must come up often among the generated resources of each table.
+        let (mut yes, mut no) = ([0; 2], [0; 2]);
+        for seed in 0..4000u32 {
             let tape: Vec<u8> = (0..400u32)
                 .map(|i| {
                     (seed
@@ -501,12 +579,17 @@ mod tests {
                         >> 7) as u8
                 })
                 .collect();
-            if accepts_observation(&gen_observation(&tape, true)) {
-                yes += 1;
+            let (shape, json) = gen_resource(&tape, true);
+            let i = usize::from(shape == Shape::DiagnosticReport);
+            if accepts(shape, &json) {
+                yes[i] += 1;
             } else {
-                no += 1;
+                no[i] += 1;
             }
         }
-        assert!(yes > 100 && no > 100, "accepted {yes}, refused {no}");
+        assert!(
+            yes.iter().chain(&no).all(|n| *n > 100),
+            "accepted {yes:?}, refused {no:?} (Observation, DiagnosticReport)"
+        );
     }
 }

@@ -102,9 +102,9 @@ pub fn validate_json(
     // checks itself exactly are taken out while fhirkit decodes the rest.
     let mut json = json;
     let taken = take_simple_extensions(&rtype, &mut json);
-    // The common Observation shapes are checked without fhirkit's decoder
-    // (`shapes`: it only ever answers "fhirkit accepts this").
-    let (decoded, found) = if rtype == "Observation" && shapes::accepts_observation(&json) {
+    // The common Observation and DiagnosticReport shapes are checked without
+    // fhirkit's decoder (`shapes`: it only ever answers "fhirkit accepts this").
+    let (decoded, found) = if shapes::Shape::of(&rtype).is_some_and(|t| shapes::accepts(t, &json)) {
         (Some(()), Vec::new())
     } else {
         let (decoded, found) = fhirkit::decode_json::<fhirkit::r4::Resource>(&json);
@@ -192,7 +192,8 @@ fn take_simple_extensions(rtype: &str, json: &mut Json) -> Option<(usize, Json)>
 }
 
 /// Whether `v` is a non-empty array of extensions each of which is either
-/// `{"url", one of valueString|valueCode|valueUri|valueInteger|valueBoolean}`
+/// `{"url", one of valueString|valueCode|valueUri|valueInteger|valueBoolean|
+/// valueQuantity}` (a Quantity of [`crate::shapes`]' table)
 /// or `{"url", "extension": [...]}` of the same shapes (one level deep),
 /// every value valid by fhirkit's own primitive rules: what fhirkit accepts
 /// for such an Extension. Anything else (an `id`, `_value` siblings, other
@@ -222,6 +223,7 @@ fn simple_extensions(v: &Json, depth: u8) -> bool {
                 ("valueUri", Json::String(s)) => Kind::Uri.check(s).is_ok(),
                 ("valueInteger", Json::Number(n)) => is_integer(n) && n.parse::<i32>().is_ok(),
                 ("valueBoolean", Json::Bool(_)) => true,
+                ("valueQuantity", q) => crate::shapes::accepts_quantity(q),
                 _ => false,
             }
         })
