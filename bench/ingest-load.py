@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Closed-loop load on /ingest/hl7v2 (issue 3, benchmark 2).
+"""Closed-loop load on /ingest/hl7v2, and with --wearable on /ingest/wearable
+too (issue 3, benchmark 2).
 
 Reads HL7 v2 messages, one a line (as `parse_bench --write` writes them),
 splits them into bodies of --per-post messages, and posts them from
@@ -7,13 +8,16 @@ splits them into bodies of --per-post messages, and posts them from
 503 is retried after its Retry-After. When everything is accepted, polls
 every batch until it is done. Prints one JSON object: messages and
 Observations accepted, seconds from the first post to the last batch done,
-post latencies (p50/p99), and the batch counts summed.
+post latencies (p50/p99), and the batch counts summed (items: messages and
+CSV rows). With --wearable FILE, the file's rows are posted too, as CSV
+bodies of --rows-per-post rows under its header, interleaved with the lab
+bodies.
 
 With --rate R (posts per second), the load is open-loop instead: post i is
 sent at i/R seconds from the start (up to 64 in flight), a 429/503 is
 counted as refused and not retried (a burst beyond what the server takes),
 and only the accepted posts are waited for. "accepted_messages" then says
-how many messages were acknowledged.
+how many items (messages and CSV rows) were acknowledged.
 
 Standard library only.
 """
@@ -45,11 +49,29 @@ def main():
     ap.add_argument("--per-post", type=int, default=100)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--rate", type=float, default=0, help="open loop: posts per second")
+    ap.add_argument("--wearable", help="also post this wearable CSV (header + rows) to /ingest/wearable")
+    ap.add_argument("--rows-per-post", type=int, default=1000, help="CSV rows per wearable post")
     a = ap.parse_args()
 
     with open(a.messages, "rb") as f:
         msgs = [line for line in f.read().split(b"\n") if line.strip()]
-    bodies = [b"\n".join(msgs[i:i + a.per_post]) + b"\n" for i in range(0, len(msgs), a.per_post)]
+    hl7 = ("/ingest/hl7v2", "application/hl7-v2")
+    bodies = [(hl7, b"\n".join(msgs[i:i + a.per_post]) + b"\n", len(msgs[i:i + a.per_post]))
+              for i in range(0, len(msgs), a.per_post)]
+    if a.wearable:
+        # Interleaved with the lab messages: both kinds arrive at once.
+        with open(a.wearable, "rb") as f:
+            header, *rows = [line for line in f.read().split(b"\n") if line.strip()]
+        csv = ("/ingest/wearable", "text/csv")
+        chunks = [(csv, b"\n".join([header] + rows[i:i + a.rows_per_post]) + b"\n", len(rows[i:i + a.rows_per_post]))
+                  for i in range(0, len(rows), a.rows_per_post)]
+        every = max(1, len(bodies) // max(1, len(chunks)))
+        mixed = []
+        for i, b in enumerate(bodies):
+            mixed.append(b)
+            if i % every == every - 1 and chunks:
+                mixed.append(chunks.pop(0))
+        bodies = mixed + chunks
     u = urllib.parse.urlparse(a.base)
     lock = threading.Lock()
     next_body = [0]
@@ -66,8 +88,8 @@ def main():
             while True:
                 t0 = time.perf_counter()
                 try:
-                    status, retry_after, data = request(
-                        conn, "POST", "/ingest/hl7v2", a.token, bodies[i], "application/hl7-v2")
+                    (path, ctype), body, _ = bodies[i]
+                    status, retry_after, data = request(conn, "POST", path, a.token, body, ctype)
                 except (OSError, http.client.HTTPException) as e:
                     conn.close()
                     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
@@ -98,7 +120,8 @@ def main():
             threading.current_thread().conn = local
         t0 = time.perf_counter()
         try:
-            status, _, data = request(local, "POST", "/ingest/hl7v2", a.token, bodies[i], "application/hl7-v2")
+            (path, ctype), body, _ = bodies[i]
+            status, _, data = request(local, "POST", path, a.token, body, ctype)
         except (OSError, http.client.HTTPException) as e:
             local.close()
             threading.current_thread().conn = None
@@ -111,7 +134,7 @@ def main():
             elif status == 202:
                 latencies.append((time.perf_counter() - t0) * 1000)
                 batches.append(json.loads(data)["batch"])
-                accepted_messages[0] += bodies[i].count(b"MSH|")
+                accepted_messages[0] += bodies[i][2]
             else:
                 errors.append(f"{status}: {data[:200]!r}")
 
@@ -125,7 +148,7 @@ def main():
                     time.sleep(delay)
                 pool.submit(post_once, i)
     else:
-        accepted_messages[0] = len(msgs)
+        accepted_messages[0] = sum(n for _, _, n in bodies)
         threads = [threading.Thread(target=client) for _ in range(a.clients)]
         for t in threads:
             t.start()
@@ -151,7 +174,7 @@ def main():
     latencies.sort()
     pct = lambda p: round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 1) if latencies else None
     print(json.dumps({
-        "messages": len(msgs), "posts": len(bodies), "batches": len(batches),
+        "messages": len(msgs), "items": sum(n for _, _, n in bodies), "posts": len(bodies), "batches": len(batches),
         "retries_429": retries[0], "refused_429": refused[0], "accepted_messages": accepted_messages[0],
         "errors": len(errors), "first_errors": errors[:3],
         "accepted_seconds": round(accepted_s, 2), "done_seconds": round(done_s, 2),

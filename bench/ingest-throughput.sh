@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Issue 3, benchmark 2: end-to-end ingest over HTTP.
 #
-#   bench/ingest-throughput.sh [sqlite|postgres|all] [--messages N] [--clients N] [--per-post N]
+#   bench/ingest-throughput.sh [sqlite|postgres|all] [--messages N] [--rows N]
+#                              [--clients N] [--per-post N]
 #
 # 1. Writes N ORU^R01 messages with 10 OBX each (parse_bench --write: the
-#    reference trial's first lab message, each copy with its own MSH-10).
+#    reference trial's first lab message, each copy with its own MSH-10),
+#    and a wearable CSV of --rows heart-rate readings (default 50,000: one
+#    Observation each, subject CARDIO-01-0003, 5 s apart from 2026-03-02).
 # 2. Starts `clinflow serve --demo` on a fresh database and posts them to
 #    /ingest/hl7v2 from concurrent clients (bench/ingest-load.py: bodies of
 #    --per-post messages, 429s retried after Retry-After), then waits until
@@ -24,12 +27,14 @@ trap cleanup EXIT
 
 ENGINES=sqlite
 MESSAGES=20000
+ROWS=50000
 CLIENTS=8
 PER_POST=100
 while (($#)); do
     case $1 in
     sqlite | postgres | all) ENGINES=$1 ;;
     --messages) MESSAGES=${2:?}; shift ;;
+    --rows) ROWS=${2:?}; shift ;;
     --clients) CLIENTS=${2:?}; shift ;;
     --per-post) PER_POST=${2:?}; shift ;;
     *) die "unknown argument $1" ;;
@@ -49,6 +54,15 @@ fi
 MSGS=$WORK/messages.hl7
 "$ROOT/target/release/examples/parse_bench" --count "$MESSAGES" --write "$MSGS" \
     || die "writing the messages failed"
+CSV=$WORK/wearable.csv
+python3 - "$ROWS" >"$CSV" <<'EOF'
+import datetime, sys
+t0 = datetime.datetime(2026, 3, 2, 0, 0, tzinfo=datetime.timezone(datetime.timedelta(hours=1)))
+print("subject,device,time,metric,value,unit")
+for i in range(int(sys.argv[1])):
+    t = (t0 + datetime.timedelta(seconds=5 * i)).isoformat()
+    print(f"CARDIO-01-0003,band-2210,{t},heart-rate,{60 + i % 40},/min")
+EOF
 
 
 # clinflow_run ENGINE DATABASE_URL: sets STORED.
@@ -61,7 +75,7 @@ clinflow_run() {
     local rss_before
     rss_before=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
     python3 "$ROOT/bench/ingest-load.py" "http://127.0.0.1:$CF_PORT" "$MSGS" --token "$TOKEN" \
-        --clients "$CLIENTS" --per-post "$PER_POST" >"$out" || die "[$engine] the load failed"
+        --wearable "$CSV" --clients "$CLIENTS" --per-post "$PER_POST" >"$out" || die "[$engine] the load failed"
     log "  load: $(cat "$out")"
     after=$(count_observations "$CF_PORT")
     local peak
@@ -75,7 +89,7 @@ if r["errors"]:
     raise SystemExit(f"{r['errors']} posts failed: {r['first_errors']}")
 print(json.dumps({"engine": engine, "system": "clinflow ingest", "per_s": int(stored) / r["done_seconds"],
                   "p50": r["post_p50_ms"], "p99": r["post_p99_ms"], "load": load,
-                  "note": f"{r['stored']} of {r['received']} messages stored, {r['rejected']} rejected, "
+                  "note": f"{r['stored']} of {r['received']} items (messages and CSV rows) stored, {r['rejected']} rejected, "
                           f"{r['duplicates']} duplicates, {r['retries_429']} 429s, peak RSS {int(peak)//1024} MiB"}))
 EOF
     stop_pid "$pid"
@@ -110,11 +124,11 @@ if [[ $ENGINES == postgres || $ENGINES == all ]]; then
     limit_run postgres "$PG_URL?schema=$s3" "$STORED" 800
 fi
 
-python3 - "$RESULTS" "$MESSAGES" "$CLIENTS" "$PER_POST" <<'EOF'
+python3 - "$RESULTS" "$MESSAGES" "$CLIENTS" "$PER_POST" "$ROWS" <<'EOF'
 import json, sys
-path, messages, clients, per_post = sys.argv[1:5]
+path, messages, clients, per_post, rows_csv = sys.argv[1:6]
 rows = [json.loads(l) for l in open(path)]
-print(f"\ningest over HTTP: {messages} ORU^R01 messages (10 OBX each), {clients} clients, {per_post} messages per post")
+print(f"\ningest over HTTP: {messages} ORU^R01 messages (10 OBX each, {per_post} a post) and {rows_csv} wearable CSV rows (1,000 a post), {clients} clients")
 print(f"{'engine':9} {'system':18} {'obs/s':>8} {'p50 ms':>8} {'p99 ms':>8}  load avg / note")
 for r in rows:
     print(f"{r['engine']:9} {r['system']:18} {r['per_s']:8.0f} {r['p50'] or 0:8.1f} {r['p99'] or 0:8.1f}  {r['load']}  {r.get('note', '')}")

@@ -9,7 +9,7 @@
 //! - OBR -> `DiagnosticReport` (code OBR-4, effective OBR-7, issued OBR-22,
 //!   status OBR-25, identifiers OBR-2/OBR-3, conclusion from the OBR's
 //!   NTEs) whose `result` lists the order's stored Observations by their
-//!   `urn:uuid:` fullUrl. It is produced when at least one result is, and
+//!   fullUrl (the item key). It is produced when at least one result is, and
 //!   takes the visit of its first stored result.
 //! - OBX -> `Observation`: `value[x]` by OBX-2 ([`value_x`]), code from
 //!   every coding triplet of OBX-3 (`LN` -> `http://loinc.org`), OBX-6 as

@@ -22,7 +22,7 @@
 //!   [`Rejection`], [`Reason`], [`DataQuery`].
 //! - [`provenance`]: where a resource came from ([`Provenance`]), the
 //!   extension URLs every produced resource carries, and the deterministic
-//!   item keys (identifier and `urn:uuid:` fullUrl).
+//!   item keys (identifier and fullUrl).
 //! - [`checks`]: the protocol's edit checks shared by all formats (unit and
 //!   conversion, hard and soft ranges, trial period, visit window).
 //! - [`hl7`]: ORU^R01 -> DiagnosticReport + Observations (HL7 V2-to-FHIR IG).

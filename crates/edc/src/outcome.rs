@@ -13,7 +13,7 @@ use clinflow_protocol::{Range, SiteId};
 /// A resource to store, with its key within the item.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Produced {
-    /// `urn:uuid:...`, derived from the item's key (see
+    /// The item key, `urn:clinflow:ingest:...` (see
     /// [`crate::provenance`]): stable across reprocessing. References
     /// between resources of one item use it (`DiagnosticReport.result`), as
     /// in a FHIR transaction Bundle, so the caller can store the item as one

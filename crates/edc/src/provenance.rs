@@ -13,12 +13,20 @@
 //! - [`VISIT_URL`] (valueString): the visit id assigned by window, or
 //!   `unscheduled`.
 //!
-//! and one `identifier` with system [`ITEM_KEY_SYSTEM`] whose value is a
-//! `urn:uuid:` derived from the item key: for HL7 `sender`, MSH-10 and the
-//! segment (so the same message sent twice, even re-encoded, has the same
-//! keys: idempotency by sender + MSH-10); for CSV and diaries the input's
-//! SHA-256 and the line (the same file content sent twice has the same
-//! keys). Meta is left alone: the store owns `meta`.
+//! and one `identifier` with system [`ITEM_KEY_SYSTEM`] whose value is the
+//! item key, `urn:clinflow:ingest:` then the format and: for HL7 `sender`,
+//! MSH-10 and the segment (so the same message sent twice, even
+//! re-encoded, has the same keys: idempotency by sender + MSH-10); for CSV,
+//! diaries and FHIR the input's SHA-256 and the line (the same file content
+//! sent twice has the same keys). Each part is written with only
+//! `A-Z a-z 0-9 - . _` and `~XX` (the byte's hex) for any other byte, so
+//! parts are joined by `:` unambiguously and the key needs no escaping in
+//! a URL or a FHIR token search. The key is readable and in input order,
+//! not hashed: the keys of one message, one file, and of a sender's
+//! successive control ids sort together, so the store's identifier index
+//! takes them as near-appends instead of one random B-tree page each (a
+//! hashed key cost the SQLite writer a page split and a WAL frame per
+//! resource). Meta is left alone: the store owns `meta`.
 
 use clinflow_fhir::Json;
 use sha2::{Digest, Sha256};
@@ -40,7 +48,7 @@ pub const UNSCHEDULED: &str = "unscheduled";
 /// in another unit; `valueQuantity` keeps the value as sent.
 pub const CANONICAL_QUANTITY_URL: &str =
     "https://clinflow.dev/fhir/StructureDefinition/canonical-quantity";
-/// `Identifier.system` of the item key (a `urn:uuid:`).
+/// `Identifier.system` of the item key (`urn:clinflow:ingest:...`).
 pub const ITEM_KEY_SYSTEM: &str = "https://clinflow.dev/fhir/ingest-key";
 /// `Identifier.system` of wearable devices (`Observation.device.identifier`).
 pub const DEVICE_SYSTEM: &str = "https://clinflow.dev/fhir/device";
@@ -94,15 +102,24 @@ impl Provenance {
         }
     }
 
-    /// The item key of the resource at `location`, as a `urn:uuid:`.
+    /// The item key of the resource at `location` (see the module docs).
     pub fn key(&self, location: &str) -> String {
-        let basis = match (&self.sender, &self.control_id) {
-            (Some(sender), Some(id)) => {
-                format!("{}\n{sender}\n{id}\n{location}", self.format.code())
-            }
-            _ => format!("{}\n{}\n{location}", self.format.code(), self.sha256),
+        let mut key = String::with_capacity(96);
+        key.push_str("urn:clinflow:ingest:");
+        key.push_str(self.format.code());
+        let parts: [&str; 2] = match (&self.sender, &self.control_id) {
+            (Some(sender), Some(id)) => [sender, id],
+            _ => [&self.sha256, ""],
         };
-        urn_uuid(basis.as_bytes())
+        for part in parts
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .chain([location])
+        {
+            key.push(':');
+            push_key_part(&mut key, part);
+        }
+        key
     }
 
     /// The extensions of a produced resource (provenance, protocol version,
@@ -144,22 +161,18 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// A name-based UUID (RFC 9562 version 8, from SHA-256) as `urn:uuid:...`.
-fn urn_uuid(basis: &[u8]) -> String {
-    let d = Sha256::digest(basis);
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&d[..16]);
-    b[6] = (b[6] & 0x0f) | 0x80;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "urn:uuid:{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+/// `part` with every byte but `A-Z a-z 0-9 - . _` as `~XX`.
+fn push_key_part(key: &mut String, part: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for b in part.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_') {
+            key.push(char::from(b));
+        } else {
+            key.push('~');
+            key.push(char::from(HEX[usize::from(b >> 4)]));
+            key.push(char::from(HEX[usize::from(b & 15)]));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -167,7 +180,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_are_stable_uuids() {
+    fn keys_are_stable_readable_and_in_input_order() {
         let p = Provenance {
             format: InputFormat::Hl7v2,
             sender: Some("LIS|LAB".into()),
@@ -175,15 +188,53 @@ mod tests {
             sha256: sha256_hex(b"x"),
         };
         let k = p.key("OBX[1]");
+        assert_eq!(k, "urn:clinflow:ingest:hl7v2:LIS~7CLAB:C-1:OBX~5B1~5D");
         assert_eq!(k, p.key("OBX[1]"));
         assert_ne!(k, p.key("OBX[2]"));
-        assert_eq!(k.len(), "urn:uuid:".len() + 36);
-        assert_eq!(&k[9 + 14..9 + 15], "8", "version 8");
         // Another encoding of the same message (other sha) keeps the keys.
         let q = Provenance {
             sha256: sha256_hex(b"y"),
             ..p.clone()
         };
         assert_eq!(q.key("OBX[1]"), k);
+        // A sender's successive control ids sort together, in order.
+        let next = Provenance {
+            control_id: Some("C-2".into()),
+            ..p.clone()
+        };
+        assert!(p.key("PID[1]") < next.key("OBX[1]"));
+        // Without an HL7 header: the input's hash and the line.
+        let csv = Provenance::of_input(InputFormat::WearableCsv, b"x");
+        assert_eq!(
+            csv.key("line 4"),
+            format!(
+                "urn:clinflow:ingest:wearable-csv:{}:line~204",
+                sha256_hex(b"x")
+            )
+        );
+    }
+
+    #[test]
+    fn key_parts_cannot_run_into_each_other() {
+        // `:` inside a part is escaped, so two splits of the same text differ.
+        let a = Provenance {
+            format: InputFormat::Hl7v2,
+            sender: Some("A:B".into()),
+            control_id: Some("C".into()),
+            sha256: String::new(),
+        };
+        let b = Provenance {
+            sender: Some("A".into()),
+            control_id: Some("B:C".into()),
+            ..a.clone()
+        };
+        assert_ne!(a.key("OBX[1]"), b.key("OBX[1]"));
+        for k in [a.key("OBX[1]"), b.key("x y,z$|\\é")] {
+            assert!(
+                k.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-._~:".contains(&c)),
+                "{k}"
+            );
+        }
     }
 }

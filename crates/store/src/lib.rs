@@ -169,16 +169,16 @@ impl Store {
         dispatch!(self.find_by_identifier(rtype, system, value))
     }
 
-    /// The first of `keys` (resource type, identifier value in `system`)
-    /// that names a live resource: its index in `keys` and the resource's
-    /// id. One round trip for all of them (ingest checks every resource of
-    /// an item this way).
-    pub async fn find_first_by_identifier(
+    /// For each group of `keys` (resource type, identifier value in
+    /// `system`), the first key that names a live resource: its index in
+    /// the group and the resource's id. One round trip for every group
+    /// (ingest checks every resource of every item of a batch this way).
+    pub async fn find_first_by_identifier_each(
         &self,
         system: &str,
-        keys: Vec<(String, String)>,
-    ) -> anyhow::Result<Option<(usize, String)>> {
-        dispatch!(self.find_first_by_identifier(system, keys))
+        groups: Vec<Vec<(String, String)>>,
+    ) -> anyhow::Result<Vec<Option<(usize, String)>>> {
+        dispatch!(self.find_first_by_identifier_each(system, groups))
     }
 
     /// Every current `rtype` resource the scope allows (of `patient` only,

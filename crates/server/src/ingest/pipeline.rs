@@ -29,8 +29,7 @@ use clinflow_store::{
     AuditRecord, BatchCounts, BatchRecord, BatchRejection, BatchStatus, Expect, IngestScope,
     NewDataQuery, RetriedFate, Store, WriteOp, WriteRequest,
 };
-use futures::stream::FuturesOrdered;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -43,11 +42,14 @@ use crate::fhir::bundle::{
 use crate::fhir::write::{build_op, new_id};
 use crate::metrics::{IngestItemLabels, Metrics, RejectionLabels, StageMetrics};
 
-/// Items of one batch written at once: their writes join the store's group
-/// commits instead of waiting for one commit each. Each waits for a commit
-/// (milliseconds), so this many per worker is what keeps a group full (the
-/// SQLite writer takes up to 64 requests a commit).
-const ITEMS_IN_FLIGHT: usize = 64;
+/// A batch's items are written as few store requests of about this many
+/// resources each (an item is never split, so each stays atomic): one
+/// request per item made commits of a dozen small requests, and the
+/// commits, not the rows, were most of the SQLite writer's time.
+const RESOURCES_PER_WRITE: usize = 512;
+/// Write requests of one batch waiting for their commit at once, so that
+/// the next one is queued while one commits.
+const WRITES_IN_FLIGHT: usize = 4;
 /// Waits between attempts at a failing batch (the last entry is unused:
 /// after the last attempt it is left for the next start).
 const RETRY_BACKOFF: [std::time::Duration; 3] = [
@@ -180,8 +182,16 @@ impl IngestQueue {
             ..AuditRecord::default()
         };
         let fate = match w
-            .store_item(&mapped.ctx, item, false, &source, &create)
+            .store_items(
+                &mapped.ctx,
+                std::slice::from_ref(item),
+                &[false],
+                &source,
+                &create,
+            )
             .await?
+            .pop()
+            .expect("one fate per item")
         {
             Fate::Stored {
                 queries,
@@ -660,34 +670,25 @@ impl Worker {
             ..AuditRecord::default()
         };
         // An item repeated inside the batch is a duplicate of its first
-        // occurrence, whatever order the writes below finish in.
+        // occurrence.
         let mut seen = HashSet::new();
-        let mut repeated = vec![false; items.len()];
-        for (i, item) in items.iter().enumerate() {
-            if let Some(first) = item.stored.first() {
-                repeated[i] = !seen.insert(first.full_url.clone());
-            }
-        }
-        let mut fates: Vec<anyhow::Result<Fate>> = Vec::with_capacity(items.len());
-        let mut in_flight = FuturesOrdered::new();
-        for (item, repeated) in items.iter().zip(repeated) {
-            if in_flight.len() >= ITEMS_IN_FLIGHT {
-                if let Some(fate) = in_flight.next().await {
-                    fates.push(fate);
-                }
-            }
-            in_flight.push_back(self.store_item(ctx, item, repeated, &source, &audit));
-        }
-        while let Some(fate) = in_flight.next().await {
-            fates.push(fate);
-        }
+        let repeated: Vec<bool> = items
+            .iter()
+            .map(|item| {
+                item.stored
+                    .first()
+                    .is_some_and(|first| !seen.insert(first.full_url.as_str()))
+            })
+            .collect();
+        let fates = self
+            .store_items(ctx, items, &repeated, &source, &audit)
+            .await?;
 
         let mut counts = BatchCounts {
             received: items.len() as u64,
             ..BatchCounts::default()
         };
         let mut rejections = Vec::new();
-        let fates: Vec<Fate> = fates.into_iter().collect::<anyhow::Result<_>>()?;
         for (item, fate) in items.iter().zip(&fates) {
             match fate {
                 Fate::Duplicate => {
@@ -746,84 +747,141 @@ impl Worker {
         Ok(())
     }
 
-    /// Stores one item's resources in one write, unless they are stored
-    /// already.
-    async fn store_item(
+    /// Stores each item's resources, unless they are stored already: the
+    /// items are claimed and looked up together (one store call), and the
+    /// new ones written as requests of about [`RESOURCES_PER_WRITE`]
+    /// resources, each item whole in one request. `repeated[i]`: item `i`
+    /// repeats an earlier one of its batch (a duplicate without a look).
+    async fn store_items(
         &self,
         ctx: &TrialContext,
-        item: &ItemOutcome,
-        repeated: bool,
+        items: &[ItemOutcome],
+        repeated: &[bool],
         source: &str,
         audit: &AuditRecord,
-    ) -> anyhow::Result<Fate> {
-        if !item.is_stored() {
-            return Ok(Fate::Rejected);
-        }
-        if repeated {
-            return Ok(Fate::Duplicate);
-        }
-        let keys: Vec<String> = item.stored.iter().map(|p| p.full_url.clone()).collect();
-        let _claim = self.claims.claim(keys).await;
-        // Any resource of the item already stored (one round trip for all).
-        let keys = item
-            .stored
+    ) -> anyhow::Result<Vec<Fate>> {
+        let mut fates: Vec<Option<Fate>> = items
             .iter()
-            .map(|p| (p.resource.resource_type().to_string(), p.full_url.clone()))
-            .collect();
-        if let Some((i, existing)) = self
-            .store
-            .find_first_by_identifier(ITEM_KEY_SYSTEM, keys)
-            .await?
-        {
-            let p = &item.stored[i];
-            let ours = self
-                .store
-                .read_current(p.resource.resource_type(), &existing)
-                .await?
-                .and_then(|r| r.body)
-                .and_then(|b| Json::parse(&b).ok())
-                .is_some_and(|j| {
-                    j.get("meta")
-                        .and_then(|m| m.get("source"))
-                        .and_then(Json::as_str)
-                        == Some(source)
-                });
-            return Ok(if ours {
-                Fate::Stored {
-                    queries: item.queries.len(),
-                    written: false,
+            .zip(repeated)
+            .map(|(item, repeated)| {
+                if !item.is_stored() {
+                    Some(Fate::Rejected)
+                } else if *repeated {
+                    Some(Fate::Duplicate)
+                } else {
+                    None
                 }
-            } else {
-                Fate::Duplicate
-            });
-        }
-        let now = clinflow_store::now_millis();
-        let ops = item_ops(item, source, now);
-        let queries = item_queries(ctx, item, &ops, &audit.actor, now);
-        let records = ops
+            })
+            .collect();
+        let todo: Vec<&ItemOutcome> = items
             .iter()
-            .map(|op| AuditRecord {
+            .zip(&fates)
+            .filter(|(_, f)| f.is_none())
+            .map(|(item, _)| item)
+            .collect();
+        let keys = todo
+            .iter()
+            .flat_map(|item| item.stored.iter().map(|p| p.full_url.clone()))
+            .collect();
+        let _claim = self.claims.claim(keys).await;
+        // Any resource of each item already stored (one round trip for all).
+        let lookups = todo
+            .iter()
+            .map(|item| {
+                item.stored
+                    .iter()
+                    .map(|p| (p.resource.resource_type().to_string(), p.full_url.clone()))
+                    .collect()
+            })
+            .collect();
+        let found = self
+            .store
+            .find_first_by_identifier_each(ITEM_KEY_SYSTEM, lookups)
+            .await?;
+
+        let now = clinflow_store::now_millis();
+        let mut found = found.into_iter();
+        let mut request = WriteRequest::default();
+        let mut requests = Vec::new();
+        for (item, fate) in items.iter().zip(fates.iter_mut()) {
+            if fate.is_some() {
+                continue;
+            }
+            if let Some((i, existing)) = found.next().flatten() {
+                *fate = Some(self.stored_before(item, i, &existing, source).await?);
+                continue;
+            }
+            let ops = item_ops(item, source, now);
+            let queries = item_queries(ctx, item, &ops, &audit.actor, now);
+            // What the batch status counts is what is stored.
+            *fate = Some(Fate::Stored {
+                queries: queries.len(),
+                written: true,
+            });
+            request.audit.extend(ops.iter().map(|op| AuditRecord {
                 time: now,
                 resource_type: Some(op.resource_type.clone()),
                 resource_id: Some(op.id.clone()),
                 version: Some(op.new_version),
                 ..audit.clone()
-            })
-            .collect();
-        let n = ops.len() as u64;
-        // What the batch status counts is what is stored.
-        let opened = queries.len();
-        self.store
-            .write(WriteRequest {
-                queries,
-                ops,
-                audit: records,
-            })
+            }));
+            request.queries.extend(queries);
+            request.ops.extend(ops);
+            if request.ops.len() >= RESOURCES_PER_WRITE {
+                requests.push(std::mem::take(&mut request));
+            }
+        }
+        if !request.ops.is_empty() {
+            requests.push(request);
+        }
+        futures::stream::iter(requests)
+            .map(|r| self.write(r))
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .try_collect::<()>()
             .await?;
+        Ok(fates
+            .into_iter()
+            .map(|f| f.expect("every item has a fate"))
+            .collect())
+    }
+
+    /// One store write of items' resources.
+    async fn write(&self, request: WriteRequest) -> anyhow::Result<()> {
+        let n = request.ops.len() as u64;
+        self.store.write(request).await?;
         self.metrics.resources_written.inc_by(n);
-        Ok(Fate::Stored {
-            queries: opened,
-            written: true,
+        Ok(())
+    }
+
+    /// The fate of an item whose resource `index` is stored as `existing`:
+    /// stored, if by this very batch (a run cut short), else a duplicate.
+    async fn stored_before(
+        &self,
+        item: &ItemOutcome,
+        index: usize,
+        existing: &str,
+        source: &str,
+    ) -> anyhow::Result<Fate> {
+        let p = &item.stored[index];
+        let ours = self
+            .store
+            .read_current(p.resource.resource_type(), existing)
+            .await?
+            .and_then(|r| r.body)
+            .and_then(|b| Json::parse(&b).ok())
+            .is_some_and(|j| {
+                j.get("meta")
+                    .and_then(|m| m.get("source"))
+                    .and_then(Json::as_str)
+                    == Some(source)
+            });
+        Ok(if ours {
+            Fate::Stored {
+                queries: item.queries.len(),
+                written: false,
+            }
+        } else {
+            Fate::Duplicate
         })
     }
 }
@@ -973,7 +1031,7 @@ fn batch_source(batch: &str) -> String {
 }
 
 /// The item's resources as writes: server ids (UUIDv7), the item's
-/// `urn:uuid:` references rewritten to them, `meta.source` naming the batch.
+/// references to their fullUrls (item keys) rewritten to them, `meta.source` naming the batch.
 fn item_ops(item: &ItemOutcome, source: &str, now: i64) -> Vec<WriteOp> {
     let ids: Vec<(String, String)> = item
         .stored

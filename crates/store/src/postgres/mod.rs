@@ -537,27 +537,38 @@ impl PgStore {
             .collect()
     }
 
-    pub async fn find_first_by_identifier(
+    pub async fn find_first_by_identifier_each(
         &self,
         system: &str,
-        keys: Vec<(String, String)>,
-    ) -> anyhow::Result<Option<(usize, String)>> {
-        let (rtypes, values): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+        groups: Vec<Vec<(String, String)>>,
+    ) -> anyhow::Result<Vec<Option<(usize, String)>>> {
+        let n = groups.len();
+        let (mut group, mut index) = (Vec::new(), Vec::new());
+        let (mut rtypes, mut values) = (Vec::new(), Vec::new());
+        for (g, keys) in groups.into_iter().enumerate() {
+            for (i, (rtype, value)) in keys.into_iter().enumerate() {
+                group.push(i64::try_from(g)?);
+                index.push(i64::try_from(i)?);
+                rtypes.push(rtype);
+                values.push(value);
+            }
+        }
         let c = self.client().await?;
         let st = c
             .prepare_cached(
-                "SELECT k.i, x.id FROM UNNEST($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS k(rtype, code, i) JOIN idx_token x ON x.rtype = k.rtype AND x.param = 'identifier' AND x.code = k.code AND x.system = $3 JOIN resources r ON r.rtype = x.rtype AND r.id = x.id AND r.deleted = 0 ORDER BY k.i LIMIT 1",
+                "SELECT DISTINCT ON (k.g) k.g, k.i, x.id FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[]) AS k(g, i, rtype, code) JOIN idx_token x ON x.rtype = k.rtype AND x.param = 'identifier' AND x.code = k.code AND x.system = $5 JOIN resources r ON r.rtype = x.rtype AND r.id = x.id AND r.deleted = 0 ORDER BY k.g, k.i",
             )
             .await?;
-        Ok(
-            match c.query_opt(&st, &[&rtypes, &values, &system]).await? {
-                Some(row) => {
-                    let i: i64 = row.try_get(0)?;
-                    Some((usize::try_from(i - 1)?, row.try_get(1)?))
-                }
-                None => None,
-            },
-        )
+        let mut found = vec![None; n];
+        for row in c
+            .query(&st, &[&group, &index, &rtypes, &values, &system])
+            .await?
+        {
+            let g: i64 = row.try_get(0)?;
+            let i: i64 = row.try_get(1)?;
+            found[usize::try_from(g)?] = Some((usize::try_from(i)?, row.try_get(2)?));
+        }
+        Ok(found)
     }
 
     /// The site a patient is enrolled at.

@@ -414,25 +414,31 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn find_first_by_identifier(
+    pub async fn find_first_by_identifier_each(
         &self,
         system: &str,
-        keys: Vec<(String, String)>,
-    ) -> anyhow::Result<Option<(usize, String)>> {
+        groups: Vec<Vec<(String, String)>>,
+    ) -> anyhow::Result<Vec<Option<(usize, String)>>> {
         let system = system.to_string();
         self.read(move |c| {
             let mut st = c.prepare_cached(
                 "SELECT x.id FROM idx_token x JOIN resources r ON r.rtype = x.rtype AND r.id = x.id AND r.deleted = 0 WHERE x.rtype = ? AND x.param = 'identifier' AND x.code = ? AND x.system = ? LIMIT 1",
             )?;
-            for (i, (rtype, value)) in keys.iter().enumerate() {
-                let id: Option<String> = st
-                    .query_row(params![rtype, value, system], |r| r.get(0))
-                    .optional()?;
-                if let Some(id) = id {
-                    return Ok(Some((i, id)));
+            let mut found = Vec::with_capacity(groups.len());
+            for keys in &groups {
+                let mut first = None;
+                for (i, (rtype, value)) in keys.iter().enumerate() {
+                    let id: Option<String> = st
+                        .query_row(params![rtype, value, system], |r| r.get(0))
+                        .optional()?;
+                    if let Some(id) = id {
+                        first = Some((i, id));
+                        break;
+                    }
                 }
+                found.push(first);
             }
-            Ok(None)
+            Ok(found)
         })
         .await
     }
