@@ -1327,6 +1327,35 @@ async fn identifiers_and_patient_sites(engine: Engine) {
         .await
         .unwrap()
         .is_empty());
+    // The first live key of each group, in one call: a deleted resource
+    // (pa, MRN-A), another type, another system and no key at all are
+    // passed over.
+    let key = |rtype: &str, value: &str| (rtype.to_string(), value.to_string());
+    assert_eq!(
+        s.find_first_by_identifier_each(
+            MRN,
+            vec![
+                vec![key("Patient", "MRN-A"), key("Patient", "MRN-C")],
+                vec![key("Observation", "MRN-C"), key("Patient", "MRN-X")],
+                vec![],
+                vec![key("Patient", "MRN-C")],
+            ],
+        )
+        .await
+        .unwrap(),
+        vec![
+            Some((1, "pc".to_string())),
+            None,
+            None,
+            Some((0, "pc".to_string()))
+        ]
+    );
+    assert_eq!(
+        s.find_first_by_identifier_each("urn:x", vec![vec![key("Patient", "MRN-C")]])
+            .await
+            .unwrap(),
+        vec![None]
+    );
 
     assert_eq!(s.patient_site("pa").await.unwrap().as_deref(), Some("s1"));
     assert_eq!(s.patient_site("pb").await.unwrap().as_deref(), Some("s2"));
