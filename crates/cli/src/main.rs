@@ -117,8 +117,9 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         ingest_map_workers: usize,
         /// Ingest `persist` stage workers: store a mapped batch's items,
-        /// one batch at a time each.
-        #[arg(long, default_value_t = 2)]
+        /// one batch at a time each (mostly waiting for the store, so more
+        /// than the cores).
+        #[arg(long, default_value_t = 4)]
         ingest_persist_workers: usize,
         /// Accepted ingest batches that may wait for a `map` worker before
         /// the ingest endpoints answer 429 (0 counts as 1).
