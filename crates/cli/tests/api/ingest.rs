@@ -388,7 +388,14 @@ async fn invalid_wearable_rows_are_rejected_with_reason_and_location(app: TestAp
             sample(&metrics, &at("clinflow_ingest_stage_queue_depth")),
             0.0
         );
-        assert_eq!(sample(&metrics, &at("clinflow_ingest_stage_workers")), 2.0);
+        let workers = match stage {
+            "map" => app.config.ingest_map_workers,
+            _ => app.config.ingest_persist_workers,
+        };
+        assert_eq!(
+            sample(&metrics, &at("clinflow_ingest_stage_workers")),
+            workers as f64
+        );
     }
     let metrics = app.get("/metrics", &app.admin).await.text;
     assert!(
