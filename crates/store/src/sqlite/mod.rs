@@ -36,6 +36,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (7, include_str!("0007_batch_scope.sql")),
     (8, include_str!("0008_campaigns.sql")),
     (9, include_str!("0009_imaging.sql")),
+    (10, include_str!("0010_versions_rowid.sql")),
 ];
 
 /// How many queued write requests one group commit takes at most.
@@ -91,21 +92,23 @@ pub struct SqliteStore {
     writer: mpsc::Sender<Job>,
     readers: Arc<ReaderPool>,
     path: PathBuf,
-    /// Alive while any clone of the store is; the checkpointer thread stops
-    /// when it cannot upgrade its weak reference.
-    _alive: Arc<()>,
 }
 
-/// How often the checkpointer copies the WAL back into the database. A
-/// round copies each page changed since the last one once, and the pages
-/// every group commit changes (the right edges of the id-ordered B-trees,
-/// the audit tail) are the same few: every 100 ms the checkpointer took
-/// 0.07 cores under txload, every second 0.03 (2026-12-03, side by side).
-/// Under that load a second of WAL is ~45 MB, below the writer's backstop.
+/// The checkpointer's longest sleep: with no nudge from the writer (a
+/// quiet database), it still copies the WAL back this often.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1000);
-/// The writer's own automatic checkpoint, in pages: only a backstop, should
-/// the checkpointer fall behind (SQLite's default is 1,000).
-const WRITER_AUTOCHECKPOINT: i64 = 20_000;
+/// WAL size, in frames (pages), past which the writer wakes the checkpointer
+/// after a commit. A round copies each page changed since the last one once;
+/// the pages each group commit changes (the right edges of the id-ordered
+/// B-trees, the audit tail) are mostly the same few, so fewer rounds copy
+/// less in all. Under ingest a second of WAL is ~80 MB, so the 1 s round
+/// alone let the WAL reach the writer's backstop and the writer did the
+/// copying itself: 41% of its CPU in `walCheckpoint` (perf, 2026-12-04).
+/// 16 MiB keeps the copy-back on the checkpointer's core.
+const CHECKPOINT_NUDGE_FRAMES: i32 = 4_096;
+/// The writer's own checkpoint, in frames: only a backstop, should the
+/// checkpointer fall behind, so that the WAL stays bounded (~400 MiB).
+const WRITER_BACKSTOP_FRAMES: i32 = 100_000;
 /// The writer's page cache, in KiB (readers keep 256 MiB each). Every
 /// COMMIT costs SQLite a walk of the writer's whole page-cache hash while
 /// the file is under 1 GiB (`pcache1TruncateUnsafe`: a B-tree rebalance
@@ -117,24 +120,54 @@ const WRITER_AUTOCHECKPOINT: i64 = 20_000;
 pub const WRITER_CACHE_KIB: i64 = 32 * 1024;
 
 /// Runs WAL checkpoints on its own connection, so that the writer thread
-/// (the bottleneck of ingest: measured ~90% of the CPU under load) only
-/// appends to the WAL and the copy-back work runs on another core.
-fn checkpoint_loop(path: PathBuf, alive: std::sync::Weak<()>) {
+/// (the bottleneck of ingest) only appends to the WAL and the copy-back work
+/// runs on another core. A round runs when the writer nudges (the WAL is
+/// past [`CHECKPOINT_NUDGE_FRAMES`]) or [`CHECKPOINT_EVERY`] has passed; the
+/// loop ends when the writer's connection, which holds the nudge sender in
+/// its WAL hook, is closed.
+fn checkpoint_loop(path: PathBuf, nudges: std::sync::mpsc::Receiver<()>) {
+    use std::sync::mpsc::RecvTimeoutError;
     let conn = match open_conn(&path, false) {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, "no checkpointer: the writer checkpoints itself");
+            tracing::warn!(error = %e, "no checkpointer: the writer checkpoints at its backstop only");
             return;
         }
     };
-    while alive.upgrade().is_some() {
-        std::thread::sleep(CHECKPOINT_EVERY);
+    loop {
+        match nudges.recv_timeout(CHECKPOINT_EVERY) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
         // PASSIVE never blocks the writer or readers; what it cannot copy
         // now (pages a reader still needs) it copies on a later round.
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(error = %e, "checkpoint deferred");
         }
     }
+}
+
+/// The writer connection's WAL hook (in place of SQLite's autocheckpoint):
+/// after each commit, wakes the checkpointer once the WAL is past
+/// [`CHECKPOINT_NUDGE_FRAMES`], and checkpoints on the writer itself only
+/// past [`WRITER_BACKSTOP_FRAMES`]. It never reports an error: the commit
+/// has happened by then, and an error here would make SQLite report the
+/// committed statement as failed.
+fn install_wal_hook(
+    conn: &mut Connection,
+    nudge: std::sync::mpsc::SyncSender<()>,
+) -> rusqlite::Result<()> {
+    conn.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, frames| {
+        if frames >= WRITER_BACKSTOP_FRAMES {
+            if let Err(e) = wal.checkpoint() {
+                tracing::debug!(error = %e, "writer backstop checkpoint deferred");
+            }
+        } else if frames >= CHECKPOINT_NUDGE_FRAMES {
+            // Full: a nudge is already pending, which is all it takes.
+            let _ = nudge.try_send(());
+        }
+        Ok(())
+    }))
 }
 
 struct ReaderPool {
@@ -182,33 +215,33 @@ impl SqliteStore {
     pub async fn open(path: &Path) -> anyhow::Result<SqliteStore> {
         let path = path.to_path_buf();
         let p = path.clone();
-        let (writer_conn, readers) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            if let Some(dir) = p.parent() {
-                if !dir.as_os_str().is_empty() {
-                    std::fs::create_dir_all(dir)
-                        .with_context(|| format!("creating {}", dir.display()))?;
+        let (writer_conn, readers, nudges) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                if let Some(dir) = p.parent() {
+                    if !dir.as_os_str().is_empty() {
+                        std::fs::create_dir_all(dir)
+                            .with_context(|| format!("creating {}", dir.display()))?;
+                    }
                 }
-            }
-            let mut w = open_conn(&p, false)?;
-            w.execute_batch(&format!(
-                "PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT}; PRAGMA cache_size=-{WRITER_CACHE_KIB}"
-            ))?;
-            migrate(&mut w)?;
-            let readers = (0..4)
-                .map(|_| open_conn(&p, true))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            Ok((w, readers))
-        })
-        .await??;
+                let mut w = open_conn(&p, false)?;
+                w.execute_batch(&format!("PRAGMA cache_size=-{WRITER_CACHE_KIB}"))?;
+                migrate(&mut w)?;
+                let (nudge, nudges) = std::sync::mpsc::sync_channel(1);
+                install_wal_hook(&mut w, nudge)?;
+                let readers = (0..4)
+                    .map(|_| open_conn(&p, true))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                Ok((w, readers, nudges))
+            })
+            .await??;
         let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || writer_loop(writer_conn, rx))?;
-        let alive = Arc::new(());
-        let (cp_path, weak) = (path.clone(), Arc::downgrade(&alive));
+        let cp_path = path.clone();
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(cp_path, weak))?;
+            .spawn(move || checkpoint_loop(cp_path, nudges))?;
         let n = readers.len();
         Ok(SqliteStore {
             writer: tx,
@@ -217,7 +250,6 @@ impl SqliteStore {
                 permits: Semaphore::new(n),
             }),
             path,
-            _alive: alive,
         })
     }
 
@@ -1819,6 +1851,53 @@ impl Drop for StopOnDrop {
 mod tests {
     use super::*;
     use clinflow_fhir::Json;
+
+    #[test]
+    fn migration_10_keeps_every_version_and_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open_conn(&dir.path().join("v9.db"), false).unwrap();
+        c.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied INTEGER NOT NULL)")
+            .unwrap();
+        for (version, sql) in &MIGRATIONS[..9] {
+            c.execute_batch(sql).unwrap();
+            c.execute("INSERT INTO schema_migrations VALUES (?, 0)", [version])
+                .unwrap();
+        }
+        let body = format!(
+            "{{\"resourceType\":\"Observation\",\"note\":\"{}\"}}",
+            "x".repeat(3000)
+        );
+        c.execute(
+            "INSERT INTO resource_versions VALUES ('Observation', 'o1', 1, 10, 0, ?), ('Observation', 'o1', 2, 20, 1, NULL), ('Patient', 'p1', 1, 30, 0, '{}')",
+            [&body],
+        )
+        .unwrap();
+        migrate(&mut c).unwrap();
+        let rows: Vec<(String, String, i64, i64, i64, Option<String>)> = c
+            .prepare("SELECT rtype, id, vid, last_updated, deleted, body FROM resource_versions ORDER BY rtype, id, vid")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                ("Observation".into(), "o1".into(), 1, 10, 0, Some(body)),
+                ("Observation".into(), "o1".into(), 2, 20, 1, None),
+                ("Patient".into(), "p1".into(), 1, 30, 0, Some("{}".into())),
+            ]
+        );
+        // The key still holds: a version cannot be written twice.
+        let again = c.execute(
+            "INSERT INTO resource_versions VALUES ('Patient', 'p1', 1, 40, 0, '{}')",
+            [],
+        );
+        assert!(
+            matches!(&again, Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation),
+            "{again:?}"
+        );
+    }
 
     #[test]
     fn migration_6_keeps_token_rows_and_records_their_keys() {
